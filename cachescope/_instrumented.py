@@ -1,0 +1,616 @@
+"""``InstrumentedCache``: the seed's cache plus attribution, the pop-order checker, accounting
+and sinks. Same return values and exception types as ``Cache`` for every call."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterator
+
+from ._cache import Cache
+from ._checker import Item, Violation, mismatch_hint, strict_error
+from ._accounting import Stats
+from ._families import FamilyMap
+from ._owners import Attributor
+from ._records import OpRecord, StepInfo
+from ._values import EMPTY, format_summary, measure
+
+__all__ = ["InstrumentedCache"]
+
+log = logging.getLogger("cachescope")
+
+_SINK_EVENTS = ("on_op", "on_violation", "on_step_start", "on_step_end",
+                "on_generation_start", "on_generation_end")
+_TIMELINE_PER_VIOLATION = 12
+_CLEARED_MEMORY = 256
+
+
+class _Queue:
+    """Provenance of one live queue: the pushes not yet popped, and how many pops it has seen."""
+
+    __slots__ = ("items", "pops")
+
+    def __init__(self) -> None:
+        self.items: deque[Item] = deque()
+        self.pops = 0
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors or odd objects in state_ids
+        return a is b
+
+
+class InstrumentedCache(Cache):
+    """A drop-in ``Cache`` that checks pop order and records every op for metrics and traces.
+
+    Keyword options:
+      name: label of this cache in metrics, traces and reports.
+      registry: Prometheus ``CollectorRegistry`` to export to (default: cachescope's own
+        registry, ``cachescope.metrics.REGISTRY``; never the global one). ``metrics=False`` disables.
+      tracer_provider: OpenTelemetry ``TracerProvider`` (default: the global one from the API,
+        a no-op unless the application configured the SDK). ``tracing=False`` disables.
+      strict: raise ``PopOrderError`` at the first violation instead of recording it.
+      family: callable mapping a queue name to its family label (default strips numeric ids).
+      attribution: 'auto' (watch() hooks, else a short stack walk), 'stack', or 'off'.
+      timeline_size: ops kept in the ring buffer for reports.
+      max_violations: violations kept in ``cache.violations`` (all are counted).
+      state_key: the key whose ``set`` marks a step boundary (labml: 'state_ids').
+      const_labels: constant Prometheus labels, e.g. ``{'rank': '0'}``.
+    """
+
+    def __init__(self, *, name: str = "default", registry: Any = None, tracer_provider: Any = None,
+                 strict: bool = False, family: Callable[[Any], str] | None = None,
+                 attribution: str = "auto", timeline_size: int = 256, max_violations: int = 1000,
+                 state_key: str = "state_ids", const_labels: dict[str, str] | None = None,
+                 metrics: bool = True, tracing: bool = True) -> None:
+        super().__init__()
+        self.name = str(name)
+        self.strict = strict
+        self.state_key = state_key
+        self.max_violations = max_violations
+        self.stats = Stats()
+        self.violations: list[Violation] = []
+        self._families = FamilyMap(family)
+        self._attributor = Attributor(attribution)
+        self._timeline: deque[OpRecord] = deque(maxlen=max(1, timeline_size))
+        self._queues: dict[Any, _Queue] = {}
+        self._cleared: dict[Any, tuple[int, int, str | None, str | None]] = {}
+        self._cleared_all: tuple[int, int, str | None, str | None] | None = None
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._step: StepInfo | None = None
+        self._step_index = -1
+        self._step_pops: set[tuple[Any, str | None]] = set()
+        self._generation: dict[str, Any] | None = None
+        self._sinks: list[Any] = []
+        self._dispatch: dict[str, tuple[tuple[Any, Callable[..., None]], ...]] = {
+            ev: () for ev in _SINK_EVENTS}
+        self._sink_failed: set[tuple[int, str]] = set()
+        self.metrics = None
+        self.tracer = None
+        if metrics:
+            from .metrics import MetricsSink
+            self.metrics = self._safe_attach(lambda: MetricsSink(
+                self, registry=registry, const_labels=const_labels))
+        if tracing:
+            from .tracing import TracingSink
+            self.tracer = self._safe_attach(lambda: TracingSink(self, tracer_provider=tracer_provider))
+
+    # ------------------------------------------------------------------ sinks
+    def _safe_attach(self, make: Callable[[], Any]) -> Any:
+        try:
+            sink = make()
+        except ValueError:
+            raise  # bad arguments (e.g. invalid labels) are the caller's to fix
+        except Exception:
+            log.warning("cachescope: could not set up an exporter for cache %r; continuing "
+                        "without it", self.name, exc_info=True)
+            return None
+        self.add_sink(sink)
+        return sink
+
+    def add_sink(self, sink: Any) -> Any:
+        """Send this cache's ops, violations, steps and generations to ``sink`` (see docs/DESIGN.md)."""
+        with self._lock:
+            if sink not in self._sinks:
+                self._sinks.append(sink)
+                self._rebuild_dispatch()
+        return sink
+
+    def remove_sink(self, sink: Any) -> None:
+        with self._lock:
+            if sink in self._sinks:
+                self._sinks.remove(sink)
+                self._rebuild_dispatch()
+
+    @property
+    def sinks(self) -> tuple[Any, ...]:
+        return tuple(self._sinks)
+
+    def _rebuild_dispatch(self) -> None:
+        self._dispatch = {ev: tuple((s, getattr(s, ev)) for s in self._sinks
+                                    if callable(getattr(s, ev, None))) for ev in _SINK_EVENTS}
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for sink, fn in self._dispatch[event]:
+            try:
+                fn(self, *args)
+            except Exception:
+                self._sink_error(sink, event)
+
+    def _sink_error(self, sink: Any, event: str) -> None:
+        name = type(sink).__name__
+        with self._lock:
+            errors = self.stats.telemetry_errors
+            errors[name] = errors.get(name, 0) + 1
+        key = (id(sink), event)
+        if key not in self._sink_failed:
+            self._sink_failed.add(key)
+            log.warning("cachescope: sink %s failed in %s; the decode loop continues and further "
+                        "failures of this sink are counted in cachescope_telemetry_errors_total",
+                        name, event, exc_info=True)
+
+    # ------------------------------------------------------------------ helpers
+    def _record(self, op: str, queue: Any, family: str, owner: str | None, site: str | None,
+                depth: int | None, logical: int = 0, storage: int = 0, value: Any = None,
+                violation: str | None = None, producer: str | None = None) -> OpRecord:
+        self._seq += 1
+        rec = OpRecord(self._seq, time.time(), self._step_index, op,
+                       queue if type(queue) is str else _safe_str(queue), family, owner, site,
+                       depth, logical, storage, value, violation, producer)
+        self._timeline.append(rec)
+        if self._step is not None:
+            self._step.ops += 1
+        return rec
+
+    def _violation(self, v: Violation) -> Violation:
+        """Count and keep a violation (call with the lock held)."""
+        fs = self.stats.family(v.family)
+        fs.violations[v.kind] = fs.violations.get(v.kind, 0) + 1
+        if self._step is not None:
+            self._step.violations += 1
+        if len(self.violations) < self.max_violations:
+            self.violations.append(v)
+        else:
+            self.stats.violations_dropped += 1
+        return v
+
+    def _timeline_for(self, queue: str, seq: int) -> tuple[OpRecord, ...]:
+        recs = [r for r in self._timeline if r.queue == queue or r.seq == seq]
+        return tuple(recs[-_TIMELINE_PER_VIOLATION:])
+
+    def _after(self, rec: OpRecord, violations: list[Violation]) -> None:
+        """Dispatch to sinks (outside the lock), then raise in strict mode."""
+        if self._dispatch["on_op"]:
+            self._emit("on_op", rec)
+        for v in violations:
+            if self._dispatch["on_violation"]:
+                self._emit("on_violation", v)
+
+    # ------------------------------------------------------------------ queue ops
+    def push(self, name: str, value: Any) -> None:
+        owner, site = self._attributor.lookup(1)
+        m = measure(value)
+        with self._lock:
+            existed = name in self._cache
+            super().push(name, value)
+            family = self._families(name)
+            fs = self.stats.family(family)
+            fs.push += 1
+            q = self._queues.get(name)
+            if q is None:
+                q = self._queues[name] = _Queue()
+            depth = len(self._cache[name])
+            if depth == 1:
+                if existed:
+                    fs.empty = max(0, fs.empty - 1)
+                fs.live += 1
+            storage = m.storage if len(m.storages) != 1 else m.storages[0][1]
+            rec = self._record("push", name, family, owner, site, depth, m.logical, storage, m)
+            q.items.append(Item(owner, self._step_index, site, rec.seq, m.logical, m.storages, m))
+            fs.hold(m.logical, m.storages)
+            if self._step is not None:
+                self._step.pushed.add(name)
+        if self._dispatch["on_op"]:
+            self._emit("on_op", rec)
+
+    def pop(self, name: str) -> Any:
+        owner, site = self._attributor.lookup(1)
+        violations: list[Violation] = []
+        with self._lock:
+            try:
+                value = self._cache[name].pop(0)
+            except KeyError as exc:
+                if name in self._cache:
+                    raise  # a plain value that happens to be a dict: the seed's own error
+                v = self._pop_failed("pop_missing", name, owner, site)
+                self._after(self._timeline[-1], [v])
+                self._raise(exc, v)
+            except IndexError as exc:
+                if type(self._cache.get(name)) is not list:
+                    raise
+                v = self._pop_failed("pop_empty", name, owner, site)
+                self._after(self._timeline[-1], [v])
+                self._raise(exc, v)
+            family = self._families(name)
+            fs = self.stats.family(family)
+            fs.pop += 1
+            depth = len(self._cache[name])
+            q = self._queues.get(name)
+            item = q.items.popleft() if q is not None and q.items else None
+            if q is not None:
+                q.pops += 1
+                position = q.pops
+                if not q.items:
+                    del self._queues[name]   # drained: free the bookkeeping
+            else:
+                position = None
+            if depth == 0:
+                fs.live = max(0, fs.live - 1)
+                fs.empty += 1
+            producer = None
+            kind = None
+            m = EMPTY
+            if item is not None:
+                fs.release(item.logical, item.storages)
+                producer = item.owner
+                m = item.summary
+                if (producer is not None and owner is not None and owner != producer
+                        and not self._attributor.same_owner(owner, producer)):
+                    kind = "owner_mismatch"
+            rec = self._record("pop", name, family, owner, site, depth, m.logical,
+                               m.storage, m, kind, producer)
+            step = self._step
+            key = (name, owner)
+            popped_before = key in self._step_pops
+            self._step_pops.add(key)
+            if step is not None:
+                step.popped.add(name)
+            if kind is not None:
+                assert item is not None
+                violations.append(self._violation(Violation(
+                    kind, rec.queue, family, self._step_index, owner, producer, rec.seq, site,
+                    item.site, item.step, item.seq, format_summary(m), depth, position,
+                    mismatch_hint(owner, item, q.items if q is not None else (), popped_before,
+                                  self._step_index),
+                    timeline=self._timeline_for(rec.queue, rec.seq), cache=self.name)))
+        self._after(rec, violations)
+        if violations and self.strict:
+            raise strict_error(violations[0])
+        return value
+
+    def _pop_failed(self, kind: str, name: Any, owner: str | None, site: str | None) -> Violation:
+        """Record a pop of a missing or empty queue (lock held)."""
+        family = self._families(name)
+        fs = self.stats.family(family)
+        fs.pop += 1
+        depth = 0 if kind == "pop_empty" else None
+        rec = self._record("pop", name, family, owner, site, depth, violation=kind)
+        popped_before = (name, owner) in self._step_pops
+        if kind == "pop_empty":
+            pushers = [r.owner for r in self._timeline if r.queue == rec.queue and r.op == "push"]
+            if popped_before:
+                hint = (f"{owner} already popped this queue in this step: the layer ran twice, or "
+                        "the loop did not advance state_ids before running the layers again")
+            elif pushers and owner not in pushers:
+                hint = (f"{owner} never pushed to this queue (its pushes came from "
+                        f"{', '.join(dict.fromkeys(p or '<no module>' for p in pushers))}): it was "
+                        "skipped in the step that filled the queue, so the layers after it are off by one")
+            else:
+                hint = ("more pops than pushes: a layer ran twice, a layer before it was repeated, or "
+                        "state_ids points at a state whose items were already consumed")
+            detail = ""
+        else:
+            cleared = self._cleared.get(name)
+            if cleared is not None:
+                seq, step, by, at = cleared
+                hint = (f"the queue was cleared by {by or '<no module>'} at op #{seq} ({at}), "
+                        f"{'before the first step' if step < 0 else f'step {step}'}, while items "
+                        "were still expected: do not clear KV queues mid-step")
+            elif self._cleared_all is not None:
+                seq, step, by, at = self._cleared_all
+                hint = (f"clear_all() ran at op #{seq} ({at}) by {by or '<no module>'}; nothing was "
+                        "pushed to this queue since")
+            else:
+                hint = ("nothing was ever pushed under this name: state_ids probably points at a "
+                        "state that no step produced (check the (prev, next) the loop sets)")
+            detail = f"state_ids is {self.get_quiet(self.state_key)!r}"
+        v = Violation(kind, rec.queue, family, self._step_index, owner, None, rec.seq, site,
+                      depth=depth, hint=hint, detail=detail,
+                      timeline=self._timeline_for(rec.queue, rec.seq), cache=self.name)
+        return self._violation(v)
+
+    def _raise(self, exc: BaseException, v: Violation) -> None:
+        if self.strict:
+            raise strict_error(v) from exc
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"cachescope: {v.summary()} (see cache.violations for the report)")
+        raise exc
+
+    # ------------------------------------------------------------------ value ops
+    def set(self, key: str, value: Any) -> None:
+        owner, site = self._attributor.lookup(1)
+        violations: list[Violation] = []
+        with self._lock:
+            old = self._cache.get(key, _MISSING) if _hashable(key) else _MISSING
+            super().set(key, value)
+            family = self._families(key)
+            fs = self.stats.family(family)
+            fs.set += 1
+            if type(old) is list:
+                self._forget_queue(key, fs, len(old))
+            if type(value) is list:
+                fs.queue_added(len(value))
+            rec = self._record("set", key, family, owner, site,
+                               len(value) if type(value) is list else None)
+            is_boundary = type(key) is str and key == self.state_key
+            if is_boundary:
+                violations = self._boundary(value, rec, explicit=False)
+        self._after(rec, violations)
+        if is_boundary:
+            self._emit_step_start()
+        if violations and self.strict:
+            raise strict_error(violations[0])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        family = self._families(key)
+        with self._lock:
+            self.stats.family(family).get += 1
+        return self._cache.get(key, default)
+
+    def get_quiet(self, key: str, default: Any = None) -> Any:
+        """``get`` without counting it (for reports and exporters)."""
+        try:
+            return self._cache.get(key, default)
+        except TypeError:
+            return default
+
+    def clear(self, key: str) -> None:
+        owner, site = self._attributor.lookup(1)
+        with self._lock:
+            old = self._cache.get(key, _MISSING) if _hashable(key) else _MISSING
+            super().clear(key)
+            family = self._families(key)
+            fs = self.stats.family(family)
+            fs.clear += 1
+            if type(old) is list:
+                self._forget_queue(key, fs, len(old))
+            rec = self._record("clear", key, family, owner, site, None)
+            if len(self._cleared) >= _CLEARED_MEMORY:
+                self._cleared.pop(next(iter(self._cleared)))
+            self._cleared[key] = (rec.seq, self._step_index, owner, site)
+        self._after(rec, [])
+
+    def clear_all(self) -> None:
+        owner, site = self._attributor.lookup(1)
+        with self._lock:
+            super().clear_all()
+            self._queues.clear()
+            self._cleared.clear()
+            for fs in self.stats.families.values():
+                fs.drop_all()
+            fs = self.stats.family("all")
+            fs.clear_all += 1
+            rec = self._record("clear_all", "*", "all", owner, site, None)
+            self._cleared_all = (rec.seq, self._step_index, owner, site)
+        self._after(rec, [])
+
+    def _forget_queue(self, name: Any, fs: Any, length: int) -> None:
+        """A queue vanished (clear/set over it): release what its items held."""
+        fs.queue_removed(length)
+        q = self._queues.pop(name, None)
+        if q is not None:
+            for item in q.items:
+                fs.release(item.logical, item.storages)
+
+    # ------------------------------------------------------------------ steps
+    def mark_step(self, prev: Any = None, next: Any = None) -> None:  # noqa: A002 - labml's naming
+        """Mark a step boundary explicitly (for loops that do not set ``state_ids``)."""
+        with self._lock:
+            rec = self._record("set", "<mark_step>", "mark_step", None, None, None)
+            violations = self._boundary((prev, next), rec, explicit=True)
+        for v in violations:
+            self._emit("on_violation", v)
+        self._emit_step_start()
+        if violations and self.strict:
+            raise strict_error(violations[0])
+
+    def end_step(self, tokens: int = 0) -> None:
+        """Close the current step (the decode loop calls this after its forward)."""
+        with self._lock:
+            step = self._step
+            if step is None or step.end is not None:
+                return
+            self._close_step(step, tokens)
+        self._emit("on_step_end", step)
+
+    def _close_step(self, step: StepInfo, tokens: int) -> None:
+        step.end = time.perf_counter()
+        step.tokens = tokens
+        self.stats.steps += 1
+        self.stats.tokens += tokens
+
+    def _boundary(self, value: Any, rec: OpRecord, explicit: bool) -> list[Violation]:
+        """A new step begins (lock held): check the step that ended, then open the next."""
+        violations: list[Violation] = []
+        pair = value if isinstance(value, (tuple, list)) and len(value) == 2 else None
+        cur = self._step
+        ended: StepInfo | None = None
+        if cur is not None:
+            same = pair is not None and _same(cur.prev, pair[0]) and _same(cur.next, pair[1])
+            if same:
+                violations += self._restart_check(cur, rec)
+            else:
+                violations += self._leftover_check(cur, rec)
+            if cur.end is None:
+                self._close_step(cur, 0)
+                ended = cur
+        if pair is None:
+            violations.append(self._violation(Violation(
+                "bad_state_ids", rec.queue, rec.family, self._step_index + 1, rec.owner, None,
+                rec.seq, rec.site,
+                hint="set state_ids to a (prev_state, next_state) tuple, e.g. (None, 0) for the "
+                     "prompt and (i, i + 1) for each later token",
+                detail=f"state_ids was set to {_safe_repr(value)} (a {type(value).__name__})",
+                timeline=self._timeline_for(rec.queue, rec.seq), cache=self.name)))
+        self._step_index += 1
+        prev, nxt = pair if pair is not None else (None, None)
+        self._step = StepInfo(self._step_index, prev, nxt, time.perf_counter(), time.time())
+        self._step_pops = set()
+        self._pending_step_end = ended
+        return violations
+
+    def _emit_step_start(self) -> None:
+        ended = getattr(self, "_pending_step_end", None)
+        self._pending_step_end = None
+        if ended is not None and self._dispatch["on_step_end"]:
+            self._emit("on_step_end", ended)
+        if self._dispatch["on_step_start"] and self._step is not None:
+            self._emit("on_step_start", self._step)
+
+    def _leftover_check(self, step: StepInfo, rec: OpRecord) -> list[Violation]:
+        out = []
+        for name in sorted(step.popped, key=_safe_str):
+            q = self._queues.get(name)
+            if q is None or not q.items:
+                continue
+            owners = [i.owner or "<no module>" for i in q.items]
+            first = q.items[0]
+            family = self._families(name)
+            out.append(self._violation(Violation(
+                "leftover", _safe_str(name), family, step.index, None, first.owner, rec.seq,
+                producer_site=first.site, producer_step=first.step, producer_seq=first.seq,
+                value=format_summary(first.summary), depth=len(q.items),
+                detail=f"pushed by {', '.join(owners)}",
+                hint=(f"{len(owners)} item(s) pushed by {', '.join(owners)} were never popped in "
+                      f"step {step.index}: a layer was skipped, or fewer layers ran than pushed"),
+                timeline=self._timeline_for(_safe_str(name), rec.seq), cache=self.name)))
+        return out
+
+    def _restart_check(self, step: StepInfo, rec: OpRecord) -> list[Violation]:
+        unconsumed = [n for n in step.popped if n in self._queues]
+        pushed = [n for n in step.pushed if n in self._queues]
+        state = f"({step.prev!r}, {step.next!r})"
+        if unconsumed or (pushed and not step.popped and step.prev is not None):
+            held = ", ".join(f"{_safe_str(n)!r} holds {len(self._queues[n].items)}"
+                             for n in sorted(pushed + unconsumed, key=_safe_str))
+            kind = "step_restarted"
+            detail = (f"state_ids {state} was set again before step {step.index} finished; {held} "
+                      "item(s) from the failed attempt")
+            hint = ("the retried step will pop the wrong items and queue its pushes behind stale "
+                    "ones: restore the queues (or clear them and re-run the prompt) before retrying")
+            queue = _safe_str(sorted(pushed + unconsumed, key=_safe_str)[0])
+        else:
+            kind = "state_not_advanced"
+            detail = f"state_ids {state} was set again after step {step.index} completed"
+            hint = ("advance state_ids every step: (i, i + 1), so each step pops what the "
+                    "previous one pushed")
+            queue = rec.queue
+        family = self._families(queue) if kind == "step_restarted" else rec.family
+        return [self._violation(Violation(
+            kind, queue, family, step.index + 1, rec.owner, None, rec.seq, rec.site, detail=detail,
+            hint=hint, timeline=self._timeline_for(queue, rec.seq), cache=self.name))]
+
+    @contextlib.contextmanager
+    def generation(self, **info: Any) -> Iterator["InstrumentedCache"]:
+        """Wrap one generation: a ``generate`` span in traces; checks the last step on exit."""
+        self._generation = dict(info)
+        self._emit("on_generation_start", self._generation)
+        error: BaseException | None = None
+        try:
+            yield self
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finish_generation(error)
+
+    def finish_generation(self, error: BaseException | None = None) -> None:
+        violations: list[Violation] = []
+        ended = None
+        with self._lock:
+            step = self._step
+            if step is not None:
+                if error is None:
+                    rec = self._record("set", "<end>", "mark_step", None, None, None)
+                    violations = self._leftover_check(step, rec)
+                if step.end is None:
+                    self._close_step(step, 0)
+                    ended = step
+            self._step = None
+            info = dict(self._generation or {})
+            self._generation = None
+        for v in violations:
+            self._emit("on_violation", v)
+        if ended is not None:
+            self._emit("on_step_end", ended)
+        info["error"] = error
+        self._emit("on_generation_end", info)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def step(self) -> int:
+        """Index of the current decode step (-1 before the first boundary)."""
+        return self._step_index
+
+    @property
+    def current_step(self) -> StepInfo | None:
+        return self._step
+
+    def timeline(self) -> list[OpRecord]:
+        """The most recent ops (bounded ring buffer), oldest first."""
+        with self._lock:
+            return list(self._timeline)
+
+    def report(self) -> str:
+        """Whole-run summary: ops, depth and byte peaks, violations."""
+        from ._report import format_run
+        with self._lock:
+            return format_run(self)
+
+    def reset(self) -> None:
+        """Forget violations, counters and provenance (not the cached values)."""
+        with self._lock:
+            self.violations.clear()
+            self.stats = Stats()
+            self._queues.clear()
+            self._timeline.clear()
+            for name, value in self._cache.items():
+                if type(value) is list:
+                    self.stats.family(self._families(name)).queue_added(len(value))
+
+    def __repr__(self) -> str:
+        return (f"InstrumentedCache(name={self.name!r}, queues={len(self._queues)}, "
+                f"violations={len(self.violations)})")
+
+
+_MISSING = object()
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _safe_str(x: Any) -> str:
+    try:
+        s = x if type(x) is str else str(x)
+    except Exception:
+        s = f"<{type(x).__name__}>"
+    return s if len(s) <= 200 else s[:197] + "..."
+
+
+def _safe_repr(x: Any) -> str:
+    try:
+        s = repr(x)
+    except Exception:
+        s = f"<{type(x).__name__}>"
+    return s if len(s) <= 120 else s[:117] + "..."
