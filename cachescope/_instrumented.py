@@ -195,7 +195,10 @@ class InstrumentedCache(Cache):
     # ------------------------------------------------------------------ queue ops
     def push(self, name: str, value: Any) -> None:
         owner, site = self._attributor.lookup(1)
-        m = measure(value)
+        self._push(name, value, owner, site, measure(value))
+
+    def _push(self, name: Any, value: Any, owner: str | None, site: str | None, m: Any) -> None:
+        """``push`` with attribution and measurement done by the caller (also used by replay)."""
         with self._lock:
             existed = name in self._cache
             super().push(name, value)
@@ -221,6 +224,10 @@ class InstrumentedCache(Cache):
 
     def pop(self, name: str) -> Any:
         owner, site = self._attributor.lookup(1)
+        return self._pop(name, owner, site)
+
+    def _pop(self, name: Any, owner: str | None, site: str | None) -> Any:
+        """``pop`` with attribution done by the caller (also used by replay)."""
         violations: list[Violation] = []
         with self._lock:
             try:
@@ -335,6 +342,9 @@ class InstrumentedCache(Cache):
     # ------------------------------------------------------------------ value ops
     def set(self, key: str, value: Any) -> None:
         owner, site = self._attributor.lookup(1)
+        self._set(key, value, owner, site)
+
+    def _set(self, key: Any, value: Any, owner: str | None, site: str | None) -> None:
         violations: list[Violation] = []
         with self._lock:
             old = self._cache.get(key, _MISSING) if _hashable(key) else _MISSING
@@ -372,6 +382,9 @@ class InstrumentedCache(Cache):
 
     def clear(self, key: str) -> None:
         owner, site = self._attributor.lookup(1)
+        self._clear(key, owner, site)
+
+    def _clear(self, key: Any, owner: str | None, site: str | None) -> None:
         with self._lock:
             old = self._cache.get(key, _MISSING) if _hashable(key) else _MISSING
             super().clear(key)
@@ -388,6 +401,9 @@ class InstrumentedCache(Cache):
 
     def clear_all(self) -> None:
         owner, site = self._attributor.lookup(1)
+        self._clear_all(owner, site)
+
+    def _clear_all(self, owner: str | None, site: str | None) -> None:
         with self._lock:
             super().clear_all()
             self._queues.clear()
