@@ -24,7 +24,7 @@ class OpRecord(NamedTuple):
     depth: int | None        # queue length after the op (None for non-queue keys)
     logical_bytes: int       # tensor bytes of the pushed/popped value
     storage_bytes: int       # distinct storage bytes of the value
-    summary: str | None      # short value summary (shapes, dtype, device) for push/pop
+    value: Any               # push/pop: a ``Measure`` (shapes, dtypes, devices, bytes); else None
     violation: str | None    # violation kind raised by this op, if any
     producer: str | None = None  # for pops: owner that pushed the popped item
 

@@ -80,7 +80,7 @@ class Attention(nn.Module):
 
         qkv = self.qkv(x)  # (B, T, 3*C)
         qkv = qkv.view(B, T, self.n_heads, 3 * self.head_dim)  # (B, T, n_head, 3*head_dim)
-        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(0, 1, 3, 2, 4).reshape(B, T, self.n_heads, 3 * self.head_dim).split(self.head_dim, dim=-1)  # each (B, T, n_head, head_dim), views of qkv
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, T, n_head, head_dim), views of qkv
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, n_head, T, head_dim)
 
         use_cache = bool(cache.get("use_cache", False))
