@@ -293,3 +293,19 @@ def test_config_presets_and_validation() -> None:
         NeoXConfig(use_parallel_residual=False)
     with pytest.raises(ValueError, match="divisible"):
         NeoXConfig(hidden_size=30, num_heads=4)
+
+
+def test_instrumented_cache_sees_a_clean_run() -> None:
+    """An InstrumentedCache records one step per token and no violations for a normal generation."""
+    try:
+        from cachescope._instrumented import InstrumentedCache
+
+        cache = InstrumentedCache(metrics=False, tracing=False)
+    except Exception as exc:  # the core may be mid-development in this repository
+        pytest.skip(f"InstrumentedCache unavailable: {exc}")
+    model = _model("tiny")
+    tokens = generate(model, [1, 2, 3], 6, cache=cache)
+    assert tokens == generate(model, [1, 2, 3], 6, cache=Cache())
+    assert cache.violations == []
+    assert (cache.stats.steps, cache.stats.tokens) == (6, 6)
+    assert not any(name.startswith("attn_kv_") for name in cache._cache)
