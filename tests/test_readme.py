@@ -1,0 +1,53 @@
+"""The README's claims, executed."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import cachescope
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    """The README opens with the set-up-and-run command and the set-up-and-test command."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks[0].strip() == "bash scripts/bootstrap.sh && .venv/bin/cachescope run"
+    assert blocks[1].strip() == "bash scripts/bootstrap.sh test && .venv/bin/python -m pytest -q"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run calls exactly the README's test command."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "bash scripts/bootstrap.sh test && .venv/bin/python -m pytest -q" in ci
+
+
+def test_reordered_layer_example_prints_what_the_readme_says() -> None:
+    """The 'Catching a reordered layer' example reports owner_mismatch at step 1: '2' got '1''s item."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(_python_blocks()[0], "README.md", "exec"), {"__name__": "readme"})
+    finally:
+        cachescope.uninstall()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "owner_mismatch 1 2 1"
+    report = "\n".join(lines[1:])
+    assert "Pop by   2 at step 1" in report
+    assert "Push by  1 at step 0" in report
+    assert "layers ran in a different order" in report
+    assert "Recent ops on 'attn_kv_0'" in report
+
+
+def test_every_violation_kind_is_documented() -> None:
+    """Each kind the checker can report appears in the README's table."""
+    text = README.read_text()
+    for kind in cachescope.KINDS:
+        assert f"| `{kind}` |" in text, kind
