@@ -1,0 +1,344 @@
+"""Prometheus export of what ``InstrumentedCache`` records (names: docs/metrics.md).
+
+Depends on ``prometheus_client`` only. Nothing is registered at import time and nothing runs per
+cache op: one custom collector per registry builds every counter and gauge from ``cache.stats``
+when scraped; the only metric touched during decoding is the step-duration histogram, observed
+once per step through a child bound when the cache is created.
+
+``REGISTRY`` is cachescope's own ``CollectorRegistry`` (the default for ``InstrumentedCache``), not
+``prometheus_client.REGISTRY``: serve it with ``start_metrics_server(port)``, or pass
+``registry=prometheus_client.REGISTRY`` to the cache to join the application's global registry.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import re
+import threading
+import time
+import weakref
+from typing import Any, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, Metric)
+from prometheus_client.samples import Exemplar
+
+from ._records import OPS
+
+__all__ = ["REGISTRY", "MetricsSink", "MetricsServerError", "start_metrics_server",
+           "STEP_BUCKETS"]
+
+#: cachescope's own registry: the default for caches created without ``registry=``.
+REGISTRY = CollectorRegistry()
+
+#: Buckets (seconds) of ``cachescope_decode_step_duration_seconds`` (docs/metrics.md).
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                float("inf"))
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: label names cachescope's metrics use themselves (a constant label may not reuse them)
+_RESERVED = frozenset({"cache", "op", "family", "kind", "state", "sink", "le", "quantile"})
+_MAX_LABEL_VALUE = 256
+
+
+class MetricsServerError(OSError):
+    """The metrics HTTP server could not start (e.g. the port is in use)."""
+
+
+def _check_const_labels(const_labels: dict[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    if not const_labels:
+        return ()
+    if not isinstance(const_labels, dict):
+        raise ValueError(f"const_labels must be a dict of label name -> value, got "
+                         f"{type(const_labels).__name__}")
+    out = []
+    for name, value in const_labels.items():
+        if not isinstance(name, str) or not _LABEL_NAME.match(name):
+            raise ValueError(f"invalid Prometheus label name {name!r} in const_labels: names match "
+                             "[a-zA-Z_][a-zA-Z0-9_]*")
+        if name.startswith("__"):
+            raise ValueError(f"label name {name!r} in const_labels is reserved: names starting "
+                             "with '__' are for Prometheus' internal use")
+        if name in _RESERVED:
+            raise ValueError(f"label name {name!r} in const_labels clashes with a label cachescope "
+                             f"sets itself ({', '.join(sorted(_RESERVED))})")
+        value = str(value)
+        if len(value) > _MAX_LABEL_VALUE:
+            raise ValueError(f"const_labels[{name!r}] is {len(value)} characters long; keep label "
+                             f"values under {_MAX_LABEL_VALUE}")
+        out.append((name, value))
+    return tuple(sorted(out))
+
+
+class _Entry:
+    """One attached cache: a weak reference to it, its label values and its metrics sink."""
+
+    __slots__ = ("ref", "name", "label_values", "sink")
+
+    def __init__(self, ref: weakref.ref, name: str, label_values: tuple[str, ...],
+                 sink: "MetricsSink") -> None:
+        self.ref = ref
+        self.name = name
+        self.label_values = label_values
+        self.sink = sink
+
+
+class _CacheCollector:
+    """The registry's cachescope collector: reads each attached cache's stats at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry, const_names: tuple[str, ...]) -> None:
+        self.const_names = const_names
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self.histogram = Histogram(
+            "cachescope_decode_step_duration_seconds",
+            "Wall time per decode step; exemplars carry the step span's trace_id.",
+            labelnames=("cache",) + const_names, buckets=STEP_BUCKETS, registry=None)
+        registry.register(self)
+        try:
+            registry.register(self.histogram)
+        except Exception:
+            registry.unregister(self)
+            raise
+
+    # -------------------------------------------------------------- attach / detach
+    def attach(self, cache: Any, sink: "MetricsSink", const: tuple[tuple[str, str], ...]) -> Any:
+        names = tuple(n for n, _ in const)
+        if names != self.const_names:
+            raise ValueError(
+                f"cache {cache.name!r}: every cache in one registry must use the same const_labels "
+                f"names (this registry's caches use {list(self.const_names) or 'none'}, got "
+                f"{list(names) or 'none'}); use a separate registry for differently labelled caches")
+        name = str(cache.name)
+        label_values = (name,) + tuple(v for _, v in const)
+        with self._lock:
+            old = self._entries.get(name)
+            if old is not None and old.ref() is not None:
+                # The old cache may be garbage held only by a reference cycle: collect once.
+                self._lock.release()
+                try:
+                    gc.collect()
+                finally:
+                    self._lock.acquire()
+                old = self._entries.get(name)
+            if old is not None and old.ref() is not None:
+                raise ValueError(
+                    f"a cache named {name!r} is already exported to this Prometheus registry: give "
+                    f"each InstrumentedCache a distinct name= (it becomes the 'cache' label), pass "
+                    f"another registry=, or metrics=False")
+            if old is not None:
+                self._forget(old)
+            entry = _Entry(weakref.ref(cache, self._make_reaper(name)), name, label_values, sink)
+            self._entries[name] = entry
+        return self.histogram.labels(*label_values)
+
+    def _make_reaper(self, name: str) -> Any:
+        me = weakref.ref(self)
+
+        def reap(ref: weakref.ref) -> None:
+            coll = me()
+            if coll is None:
+                return
+            with coll._lock:
+                entry = coll._entries.get(name)
+                if entry is not None and entry.ref is ref:
+                    coll._forget(entry)
+        return reap
+
+    def _forget(self, entry: _Entry) -> None:
+        """Drop an entry and its histogram child (lock held)."""
+        if self._entries.get(entry.name) is entry:
+            del self._entries[entry.name]
+        try:
+            self.histogram.remove(*entry.label_values)
+        except KeyError:
+            pass
+
+    def detach(self, sink: "MetricsSink") -> None:
+        with self._lock:
+            for entry in list(self._entries.values()):
+                if entry.sink is sink:
+                    self._forget(entry)
+
+    # -------------------------------------------------------------- collection
+    def _families(self) -> dict[str, Metric]:
+        base = ("cache",) + self.const_names
+        return {
+            "ops": CounterMetricFamily(
+                "cachescope_ops", "Cache operations by op and queue family.",
+                labels=base + ("op", "family")),
+            "depth": GaugeMetricFamily(
+                "cachescope_queue_depth", "Items currently held in the family's queues.",
+                labels=base + ("family",)),
+            "peak_depth": GaugeMetricFamily(
+                "cachescope_queue_depth_peak", "Highest queue depth seen since the cache was created.",
+                labels=base + ("family",)),
+            "bytes": GaugeMetricFamily(
+                "cachescope_tensor_bytes",
+                "Tensor bytes held by queued items (kind=logical: sum of nbytes; "
+                "kind=storage: distinct storages).", labels=base + ("family", "kind")),
+            "peak_bytes": GaugeMetricFamily(
+                "cachescope_tensor_bytes_peak", "Highest value of cachescope_tensor_bytes seen.",
+                labels=base + ("family", "kind")),
+            "queues": GaugeMetricFamily(
+                "cachescope_queues", "Number of queues by state (live: holds items; empty).",
+                labels=base + ("family", "state")),
+            "violations": CounterMetricFamily(
+                "cachescope_violations", "Pop-order violations by kind.",
+                labels=base + ("family", "kind")),
+            "steps": CounterMetricFamily(
+                "cachescope_decode_steps", "Decode steps completed.", labels=base),
+            "tokens": CounterMetricFamily(
+                "cachescope_decode_tokens", "Tokens produced by the decode loop.", labels=base),
+            "errors": CounterMetricFamily(
+                "cachescope_telemetry_errors",
+                "Exporter/sink failures swallowed to protect the decode loop.",
+                labels=base + ("sink",)),
+        }
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families().values())
+
+    def collect(self) -> Iterator[Metric]:
+        fam = self._families()
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in sorted(entries, key=lambda e: e.name):
+            cache = entry.ref()
+            if cache is None:
+                continue
+            snap = _snapshot(cache)
+            del cache
+            if snap is None:
+                continue
+            families, steps, tokens, errors = snap
+            lv = list(entry.label_values)
+            exemplars = entry.sink._violation_exemplars
+            for f in families:
+                (name, ops, depth, peak_depth, logical, storage, peak_logical, peak_storage,
+                 live, empty, violations) = f
+                for op, n in zip(OPS, ops):
+                    if n:
+                        fam["ops"].add_metric(lv + [op, name], n)
+                fam["depth"].add_metric(lv + [name], depth)
+                fam["peak_depth"].add_metric(lv + [name], peak_depth)
+                fam["bytes"].add_metric(lv + [name, "logical"], logical)
+                fam["bytes"].add_metric(lv + [name, "storage"], storage)
+                fam["peak_bytes"].add_metric(lv + [name, "logical"], peak_logical)
+                fam["peak_bytes"].add_metric(lv + [name, "storage"], peak_storage)
+                fam["queues"].add_metric(lv + [name, "live"], live)
+                fam["queues"].add_metric(lv + [name, "empty"], empty)
+                for kind, n in violations:
+                    ex = exemplars.get((name, kind))
+                    fam["violations"].add_metric(
+                        lv + [name, kind], n,
+                        exemplar=Exemplar({"trace_id": ex[0]}, 1.0, ex[1]) if ex else None)
+            fam["steps"].add_metric(lv, steps)
+            fam["tokens"].add_metric(lv, tokens)
+            for sink_name, n in errors:
+                fam["errors"].add_metric(lv + [sink_name], n)
+        yield from fam.values()
+
+
+def _snapshot(cache: Any) -> tuple[list[tuple[Any, ...]], int, int, list[tuple[str, int]]] | None:
+    """Copy the numbers out of ``cache.stats`` under the cache's lock (no metric objects inside)."""
+    lock = getattr(cache, "_lock", None)
+    if lock is None:
+        return None
+    with lock:
+        stats = cache.stats
+        families = [
+            (fs.family, tuple(getattr(fs, op) for op in OPS), fs.depth, fs.peak_depth, fs.logical,
+             fs.storage, fs.peak_logical, fs.peak_storage, fs.live, fs.empty,
+             tuple(fs.violations.items()))
+            for fs in stats.families.values()]
+        errors = list(stats.telemetry_errors.items())
+        return families, stats.steps, stats.tokens, errors
+
+
+_collectors: "weakref.WeakKeyDictionary[CollectorRegistry, _CacheCollector]" = \
+    weakref.WeakKeyDictionary()
+_collectors_lock = threading.Lock()
+
+
+def _collector_for(registry: CollectorRegistry, const_names: tuple[str, ...]) -> _CacheCollector:
+    with _collectors_lock:
+        coll = _collectors.get(registry)
+        if coll is None:
+            coll = _collectors[registry] = _CacheCollector(registry, const_names)
+        return coll
+
+
+class MetricsSink:
+    """Exports one cache to a Prometheus registry (see the module docstring).
+
+    Construction attaches the cache to the registry's collector (so its stats show up at the next
+    scrape) and binds its histogram child; ``on_step_end`` observes the step's duration with the
+    step span's trace id as exemplar; ``on_violation`` remembers the trace id of the last violation
+    per (family, kind) for the violations counter's exemplar. Holds no strong reference to the
+    cache: a dropped cache disappears from the exposition.
+    """
+
+    def __init__(self, cache: Any, registry: CollectorRegistry | None = None,
+                 const_labels: dict[str, str] | None = None) -> None:
+        const = _check_const_labels(const_labels)
+        self.registry = REGISTRY if registry is None else registry
+        self.const_labels = dict(const)
+        self.cache_name = str(cache.name)
+        self._violation_exemplars: dict[tuple[str, str], tuple[str, float]] = {}
+        self._cache_ref = weakref.ref(cache)
+        self._collector = _collector_for(self.registry, tuple(n for n, _ in const))
+        self._hist = self._collector.attach(cache, self, const)
+
+    def on_step_end(self, cache: Any, step: Any) -> None:
+        duration = step.duration
+        if duration is None:
+            return
+        tracer = cache.tracer
+        tid = tracer.trace_id(step) if tracer is not None else None
+        if tid is not None:
+            self._hist.observe(duration, {"trace_id": tid})
+        else:
+            self._hist.observe(duration)
+
+    def on_violation(self, cache: Any, v: Any) -> None:
+        tracer = cache.tracer
+        tid = tracer.trace_id() if tracer is not None else None
+        if tid is not None:
+            self._violation_exemplars[(v.family, v.kind)] = (tid, time.time())
+
+    def close(self) -> None:
+        """Stop exporting this cache (it leaves the exposition at the next scrape)."""
+        self._collector.detach(self)
+
+    def __repr__(self) -> str:
+        return f"MetricsSink(cache={self.cache_name!r})"
+
+
+def start_metrics_server(port: int, addr: str = "127.0.0.1",
+                         registry: CollectorRegistry | None = None) -> tuple[Any, threading.Thread, int]:
+    """Serve ``registry`` (default: cachescope's ``REGISTRY``) on ``http://addr:port/metrics``.
+
+    Returns ``(server, thread, actual_port)``; ``port=0`` picks a free port. Answers OpenMetrics
+    (with exemplars) when the scraper asks for it, the classic text format otherwise. Stop it
+    with ``server.shutdown(); server.server_close()``. A port in use raises ``MetricsServerError``.
+    """
+    from prometheus_client import start_http_server
+
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+    try:
+        server, thread = start_http_server(port, addr=addr,
+                                           registry=REGISTRY if registry is None else registry)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES) or "in use" in str(exc):
+            what = "is in use" if exc.errno != errno.EACCES else "needs privileges"
+            err = MetricsServerError(
+                f"port {port} on {addr} {what}: pick another with --metrics-port or use 0 for a "
+                "free port")
+        else:
+            err = MetricsServerError(f"cannot serve metrics on {addr}:{port}: {exc}")
+        err.errno = exc.errno
+        raise err from exc
+    return server, thread, server.server_port

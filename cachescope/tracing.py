@@ -1,0 +1,256 @@
+"""OpenTelemetry export: a ``generate`` span per generation, a ``decode_step`` child span per step,
+each cache op as a span event on its step, violations as ERROR status plus a report event.
+
+Depends on ``opentelemetry-api`` only. Without a configured SDK (or with ``tracer_provider`` set to
+the API's no-op provider) the spans are non-recording and ``on_op`` returns after one attribute
+check. See docs/tracing.md.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from . import _attributes as A
+from ._records import OpRecord, StepInfo
+
+__all__ = ["TracingSink"]
+
+_NS = 1_000_000_000
+
+
+def _trunc(s: Any, limit: int = A.MAX_STR_LEN) -> str:
+    if type(s) is not str:
+        try:
+            s = str(s)
+        except Exception:
+            s = f"<{type(s).__name__}>"
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _state_value(x: Any) -> int | str | None:
+    """A state id as an attribute value: ints stay ints, anything else becomes a short string."""
+    if x is None:
+        return None
+    if type(x) is int or type(x) is bool:
+        return int(x)
+    if type(x) is str:
+        return _trunc(x)
+    return _trunc(f"<{type(x).__name__}>" if hasattr(x, "shape") else x)  # never tensor contents
+
+
+def _scalar(x: Any) -> bool | int | float | str | None:
+    if type(x) in (bool, int, float):
+        return x
+    if type(x) is str:
+        return _trunc(x)
+    return None
+
+
+def _trace_hex(span: Span) -> str | None:
+    ctx = span.get_span_context()
+    if ctx.is_valid and ctx.trace_flags.sampled:
+        return format(ctx.trace_id, "032x")
+    return None
+
+
+class TracingSink:
+    """Cache sink that turns generations, steps, ops and violations into OpenTelemetry spans.
+
+    ``tracer_provider=None`` uses the global provider (a no-op until the application configures
+    the SDK). Keeps no reference to the cache (only its name) and none to tensors.
+    """
+
+    def __init__(self, cache: Any, tracer_provider: Any = None) -> None:
+        from . import __version__
+        self._tracer = trace.get_tracer("cachescope", __version__, tracer_provider=tracer_provider)
+        self.cache_name = _trunc(getattr(cache, "name", "default"))
+        self._cache_ref = weakref.ref(cache)
+        self._gen_span: Span | None = None
+        self._gen_ctx: otel_context.Context | None = None
+        self._gen_steps = 0
+        self._gen_tokens = 0
+        self._gen_prompt = 0
+        self._step_span: Span | None = None
+        self._step_index: int | None = None
+        # The span that op events go to (the recording step span, else the recording generate
+        # span, else None): ``on_op`` checks only this.
+        self._event_span: Span | None = None
+        self._step_trace: str | None = None          # trace id (hex) of the current step span
+        self._last_trace: tuple[int, str | None] = (-1, None)  # (step index, trace id) last ended
+        self._gen_trace: str | None = None
+
+    # ------------------------------------------------------------------ trace ids (for exemplars)
+    def trace_id(self, step: StepInfo | None = None) -> str | None:
+        """Hex trace id of ``step``'s span (current or just ended), else of the current span."""
+        if step is not None:
+            if self._step_span is not None and self._step_index == step.index:
+                return self._step_trace
+            index, tid = self._last_trace
+            if index == step.index:
+                return tid
+            return None
+        if self._step_span is not None and self._step_trace is not None:
+            return self._step_trace
+        return self._gen_trace
+
+    last_trace_id = trace_id
+
+    # ------------------------------------------------------------------ generations
+    def on_generation_start(self, cache: Any, info: dict[str, Any]) -> None:
+        self._end_step_span(None)
+        self._end_gen_span(None)
+        attrs: dict[str, Any] = {A.CACHE: self.cache_name}
+        for key, value in info.items():
+            v = _scalar(value)
+            if v is None:
+                continue
+            if key == "prompt_tokens":
+                attrs[A.PROMPT_TOKENS] = v
+            elif key == "max_new_tokens":
+                attrs[A.MAX_NEW_TOKENS] = v
+            else:
+                attrs[A.GENERATION_PREFIX + _trunc(key, 64)] = v
+        span = self._tracer.start_span(A.SPAN_GENERATE, attributes=attrs)
+        self._gen_span = span
+        self._gen_ctx = trace.set_span_in_context(span)
+        self._gen_steps = self._gen_tokens = 0
+        prompt = info.get("prompt_tokens")
+        self._gen_prompt = prompt if type(prompt) is int else 0
+        recording = span.is_recording()
+        self._gen_trace = _trace_hex(span) if recording else None
+        if self._step_span is None:
+            self._event_span = span if recording else None
+
+    def on_generation_end(self, cache: Any, info: dict[str, Any]) -> None:
+        self._end_step_span(None)
+        span = self._gen_span
+        if span is None:
+            return
+        error = info.get("error")
+        if span.is_recording():
+            span.set_attribute(A.STEPS, self._gen_steps)
+            span.set_attribute(A.TOKENS, self._gen_tokens)
+            if self._gen_prompt:
+                span.set_attribute(A.SEQ_LEN, self._gen_prompt + self._gen_tokens)
+            if error is not None:
+                if isinstance(error, Exception):
+                    span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, _trunc(f"{type(error).__name__}: {error}")))
+        self._end_gen_span(None)
+
+    def _end_gen_span(self, end_time: int | None) -> None:
+        span = self._gen_span
+        self._gen_span = None
+        self._gen_ctx = None
+        self._gen_trace = None
+        if self._event_span is span:
+            self._event_span = None
+        if span is not None:
+            span.end(end_time=end_time)
+
+    # ------------------------------------------------------------------ steps
+    def on_step_start(self, cache: Any, step: StepInfo) -> None:
+        self._end_step_span(None)
+        attrs: dict[str, Any] = {A.CACHE: self.cache_name, A.STEP: step.index}
+        prev = _state_value(step.prev)
+        if prev is not None:
+            attrs[A.STATE_PREV] = prev
+        nxt = _state_value(step.next)
+        if nxt is not None:
+            attrs[A.STATE_NEXT] = nxt
+        span = self._tracer.start_span(
+            A.SPAN_DECODE_STEP, context=self._gen_ctx, attributes=attrs,
+            start_time=int(step.start_time * _NS))
+        self._step_span = span
+        self._step_index = step.index
+        if span.is_recording():
+            self._event_span = span
+            self._step_trace = _trace_hex(span)
+        else:
+            self._event_span = None
+            self._step_trace = None
+
+    def on_step_end(self, cache: Any, step: StepInfo) -> None:
+        if self._step_span is None or self._step_index != step.index:
+            return
+        span = self._step_span
+        if span.is_recording():
+            span.set_attribute(A.TOKENS, step.tokens)
+            span.set_attribute(A.OPS, step.ops)
+            if step.violations:
+                span.set_attribute(A.VIOLATION_COUNT, step.violations)
+        self._gen_steps += 1
+        self._gen_tokens += step.tokens
+        end_time = None
+        duration = step.duration
+        if duration is not None:
+            end_time = int(step.start_time * _NS) + int(duration * _NS)
+        self._end_step_span(end_time)
+
+    def _end_step_span(self, end_time: int | None) -> None:
+        span = self._step_span
+        if span is None:
+            return
+        self._last_trace = (self._step_index if self._step_index is not None else -1,
+                            self._step_trace)
+        self._step_span = None
+        self._step_index = None
+        self._step_trace = None
+        gen = self._gen_span
+        self._event_span = gen if gen is not None and self._gen_trace is not None else None
+        span.end(end_time=end_time)  # last: a failing span processor leaves the sink consistent
+
+    # ------------------------------------------------------------------ ops and violations
+    def on_op(self, cache: Any, rec: OpRecord) -> None:
+        span = self._event_span
+        if span is None:
+            return
+        attrs: dict[str, Any] = {A.QUEUE: rec.queue if len(rec.queue) <= A.MAX_STR_LEN
+                                 else _trunc(rec.queue), A.FAMILY: rec.family, A.SEQ: rec.seq}
+        if rec.owner is not None:
+            attrs[A.OWNER] = rec.owner if len(rec.owner) <= A.MAX_STR_LEN else _trunc(rec.owner)
+        if rec.depth is not None:
+            attrs[A.DEPTH] = rec.depth
+        if rec.logical_bytes:
+            attrs[A.BYTES_LOGICAL] = rec.logical_bytes
+            attrs[A.BYTES_STORAGE] = rec.storage_bytes
+        if rec.producer is not None:
+            attrs[A.PRODUCER] = _trunc(rec.producer)
+        if rec.violation is not None:
+            attrs[A.VIOLATION_KIND] = rec.violation
+        span.add_event(rec.op, attrs, int(rec.time * _NS))
+
+    def on_violation(self, cache: Any, v: Any) -> None:
+        span = self._event_span
+        if span is None:
+            return
+        try:
+            report = v.report()
+        except Exception:
+            report = str(v)
+        attrs: dict[str, Any] = {
+            A.VIOLATION_KIND: v.kind, A.QUEUE: _trunc(v.queue), A.FAMILY: v.family, A.STEP: v.step,
+            A.VIOLATION_REPORT: _trunc(report, A.MAX_REPORT_LEN),
+        }
+        if v.consumer is not None:
+            attrs[A.OWNER] = _trunc(v.consumer)
+        if v.producer is not None:
+            attrs[A.PRODUCER] = _trunc(v.producer)
+        if v.hint:
+            attrs[A.VIOLATION_HINT] = _trunc(v.hint, 1024)
+        span.add_event(A.EVENT_VIOLATION, attrs)
+        span.set_status(Status(StatusCode.ERROR, _trunc(f"{v.kind} on {v.queue}", 512)))
+
+    def close(self) -> None:
+        """End any open spans (e.g. when the cache is discarded mid-generation)."""
+        self._end_step_span(None)
+        self._end_gen_span(None)
+
+    def __repr__(self) -> str:
+        return f"TracingSink(cache={self.cache_name!r})"
