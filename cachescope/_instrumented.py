@@ -27,6 +27,10 @@ _SINK_EVENTS = ("on_op", "on_violation", "on_step_start", "on_step_end",
 _TIMELINE_PER_VIOLATION = 12
 _CLEARED_MEMORY = 256
 
+#: Called with every new ``InstrumentedCache`` at the end of its ``__init__`` (``cachescope.testing``
+#: uses it to find the caches a test created, for the pytest plugin's strict mode).
+_on_create: list[Callable[["InstrumentedCache"], None]] = []
+
 
 class _Queue:
     """Provenance of one live queue: the pushes not yet popped, and how many pops it has seen."""
@@ -100,6 +104,8 @@ class InstrumentedCache(Cache):
         if tracing:
             from .tracing import TracingSink
             self.tracer = self._safe_attach(lambda: TracingSink(self, tracer_provider=tracer_provider))
+        for hook in _on_create:
+            hook(self)
 
     # ------------------------------------------------------------------ sinks
     def _safe_attach(self, make: Callable[[], Any]) -> Any:
