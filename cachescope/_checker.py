@@ -14,7 +14,7 @@ from typing import Any
 
 from ._records import OpRecord
 
-__all__ = ["Violation", "PopOrderError", "KINDS", "Item"]
+__all__ = ["Violation", "PopOrderError", "KINDS"]
 
 #: Violation kinds and what each means (documented in the README).
 KINDS: dict[str, str] = {
@@ -26,26 +26,6 @@ KINDS: dict[str, str] = {
     "state_not_advanced": "a completed step's state_ids were set again instead of advancing",
     "bad_state_ids": "state_ids was set to something other than a (prev, next) pair",
 }
-
-
-class Item:
-    """Provenance of one queued value: who pushed it, when, where, and what it held."""
-
-    __slots__ = ("owner", "step", "site", "seq", "logical", "storages", "summary")
-
-    def __init__(self, owner: str | None, step: int, site: str | None, seq: int, logical: int,
-                 storages: tuple[tuple[int, int], ...], summary: str | None) -> None:
-        self.owner = owner
-        self.step = step
-        self.site = site
-        self.seq = seq
-        self.logical = logical
-        self.storages = storages
-        self.summary = summary
-
-    @property
-    def storage(self) -> int:
-        return sum(n for _, n in self.storages)
 
 
 @dataclass
@@ -119,7 +99,7 @@ def strict_error(violation: Violation) -> PopOrderError:
     return PopOrderError(violation)
 
 
-def mismatch_hint(consumer: str | None, head: Item, items: Any, popped_by_consumer: bool,
+def mismatch_hint(consumer: str | None, head: OpRecord, items: Any, popped_by_consumer: bool,
                   step: int) -> str:
     """Explain an owner mismatch from the queue's remaining provenance."""
     if popped_by_consumer:

@@ -11,8 +11,8 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 from ._cache import Cache
-from ._checker import Item, Violation, mismatch_hint, strict_error
-from ._accounting import Stats
+from ._checker import Violation, mismatch_hint, strict_error
+from ._accounting import FamilyStats, Stats
 from ._families import FamilyMap
 from ._owners import Attributor
 from ._records import OpRecord, StepInfo
@@ -38,7 +38,7 @@ class _Queue:
     __slots__ = ("items", "pops")
 
     def __init__(self) -> None:
-        self.items: deque[Item] = deque()
+        self.items: deque[OpRecord] = deque()   # push records not yet popped
         self.pops = 0
 
 
@@ -95,6 +95,8 @@ class InstrumentedCache(Cache):
         self._dispatch: dict[str, tuple[tuple[Any, Callable[..., None]], ...]] = {
             ev: () for ev in _SINK_EVENTS}
         self._sink_failed: set[tuple[int, str]] = set()
+        self._op_sinks: tuple[tuple[Any, Callable[..., None]], ...] = ()
+        self._fs_memo: dict[Any, FamilyStats] = {}
         self.metrics = None
         self.tracer = None
         if metrics:
@@ -141,6 +143,7 @@ class InstrumentedCache(Cache):
     def _rebuild_dispatch(self) -> None:
         self._dispatch = {ev: tuple((s, getattr(s, ev)) for s in self._sinks
                                     if callable(getattr(s, ev, None))) for ev in _SINK_EVENTS}
+        self._op_sinks = self._dispatch["on_op"]
 
     def _emit(self, event: str, *args: Any) -> None:
         for sink, fn in self._dispatch[event]:
@@ -199,6 +202,16 @@ class InstrumentedCache(Cache):
                 self._emit("on_violation", v)
 
     # ------------------------------------------------------------------ queue ops
+    def _fstats(self, name: Any) -> FamilyStats:
+        """The family stats for a queue name (memoised; names are hashable once the op succeeded)."""
+        fs = self._fs_memo.get(name)
+        if fs is None:
+            fs = self.stats.family(self._families(name))
+            if len(self._fs_memo) >= 4096:
+                self._fs_memo.clear()
+            self._fs_memo[name] = fs
+        return fs
+
     def push(self, name: str, value: Any) -> None:
         owner, site = self._attributor.lookup(1)
         self._push(name, value, owner, site, measure(value))
@@ -206,26 +219,36 @@ class InstrumentedCache(Cache):
     def _push(self, name: Any, value: Any, owner: str | None, site: str | None, m: Any) -> None:
         """``push`` with attribution and measurement done by the caller (also used by replay)."""
         with self._lock:
-            existed = name in self._cache
-            super().push(name, value)
-            family = self._families(name)
-            fs = self.stats.family(family)
+            cache = self._cache
+            existed = name in cache
+            if not existed:                      # the seed's push, inlined
+                cache[name] = []
+            queue = cache[name]
+            queue.append(value)
+            fs = self._fstats(name)
             fs.push += 1
-            q = self._queues.get(name)
-            if q is None:
-                q = self._queues[name] = _Queue()
-            depth = len(self._cache[name])
+            depth = len(queue)
             if depth == 1:
                 if existed:
                     fs.empty = max(0, fs.empty - 1)
                 fs.live += 1
-            storage = m.storage if len(m.storages) != 1 else m.storages[0][1]
-            rec = self._record("push", name, family, owner, site, depth, m.logical, storage, m)
-            q.items.append(Item(owner, self._step_index, site, rec.seq, m.logical, m.storages, m))
-            fs.hold(m.logical, m.storages)
-            if self._step is not None:
-                self._step.pushed.add(name)
-        if self._dispatch["on_op"]:
+            storages = m.storages
+            storage = storages[0][1] if len(storages) == 1 else m.storage
+            self._seq = seq = self._seq + 1
+            step = self._step
+            rec = _new_record(OpRecord, (
+                seq, _time(), self._step_index, "push", name if type(name) is str else _safe_str(name),
+                fs.family, owner, site, depth, m.logical, storage, m, None, None))
+            self._timeline.append(rec)
+            q = self._queues.get(name)
+            if q is None:
+                q = self._queues[name] = _Queue()
+            q.items.append(rec)                  # provenance: the push record itself
+            fs.hold(m.logical, storages)
+            if step is not None:
+                step.ops += 1
+                step.pushed.add(name)
+        if self._op_sinks:
             self._emit("on_op", rec)
 
     def pop(self, name: str) -> Any:
@@ -234,10 +257,10 @@ class InstrumentedCache(Cache):
 
     def _pop(self, name: Any, owner: str | None, site: str | None) -> Any:
         """``pop`` with attribution done by the caller (also used by replay)."""
-        violations: list[Violation] = []
         with self._lock:
             try:
-                value = self._cache[name].pop(0)
+                queue = self._cache[name]
+                value = queue.pop(0)             # the seed's pop
             except KeyError as exc:
                 if name in self._cache:
                     raise  # a plain value that happens to be a dict: the seed's own error
@@ -250,51 +273,63 @@ class InstrumentedCache(Cache):
                 v = self._pop_failed("pop_empty", name, owner, site)
                 self._after(self._timeline[-1], [v])
                 self._raise(exc, v)
-            family = self._families(name)
-            fs = self.stats.family(family)
+            fs = self._fstats(name)
             fs.pop += 1
-            depth = len(self._cache[name])
-            q = self._queues.get(name)
-            item = q.items.popleft() if q is not None and q.items else None
-            if q is not None:
-                q.pops += 1
-                position = q.pops
-                if not q.items:
-                    del self._queues[name]   # drained: free the bookkeeping
-            else:
-                position = None
+            depth = len(queue)
             if depth == 0:
                 fs.live = max(0, fs.live - 1)
                 fs.empty += 1
-            producer = None
-            kind = None
+            q = self._queues.get(name)
+            item = None
+            position = None
+            if q is not None:
+                items = q.items
+                if items:
+                    item = items.popleft()
+                q.pops = position = q.pops + 1
+                if not items:
+                    del self._queues[name]       # drained: free the bookkeeping
+            producer = kind = None
             m = EMPTY
+            logical = storage = 0
             if item is not None:
-                fs.release(item.logical, item.storages)
+                m = item.value
+                logical, storage = item.logical_bytes, item.storage_bytes
+                fs.release(logical, m.storages)
                 producer = item.owner
-                m = item.summary
-                if (producer is not None and owner is not None and owner != producer
+                if (producer != owner and producer is not None and owner is not None
                         and not self._attributor.same_owner(owner, producer)):
                     kind = "owner_mismatch"
-            rec = self._record("pop", name, family, owner, site, depth, m.logical,
-                               m.storage, m, kind, producer)
-            step = self._step
+            self._seq = seq = self._seq + 1
+            qname = name if type(name) is str else _safe_str(name)
+            rec = _new_record(OpRecord, (
+                seq, _time(), self._step_index, "pop", qname, fs.family, owner, site, depth,
+                logical, storage, m, kind, producer))
+            self._timeline.append(rec)
             key = (name, owner)
-            popped_before = key in self._step_pops
-            self._step_pops.add(key)
+            step_pops = self._step_pops
+            popped_before = key in step_pops
+            step_pops.add(key)
+            step = self._step
             if step is not None:
+                step.ops += 1
                 step.popped.add(name)
+            violation = None
             if kind is not None:
                 assert item is not None
-                violations.append(self._violation(Violation(
-                    kind, rec.queue, family, self._step_index, owner, producer, rec.seq, site,
+                violation = self._violation(Violation(
+                    kind, qname, fs.family, self._step_index, owner, producer, seq, site,
                     item.site, item.step, item.seq, format_summary(m), depth, position,
                     mismatch_hint(owner, item, q.items if q is not None else (), popped_before,
                                   self._step_index),
-                    timeline=self._timeline_for(rec.queue, rec.seq), cache=self.name)))
-        self._after(rec, violations)
-        if violations and self.strict:
-            raise strict_error(violations[0])
+                    timeline=self._timeline_for(qname, seq), cache=self.name))
+        if self._op_sinks:
+            self._emit("on_op", rec)
+        if violation is not None:
+            if self._dispatch["on_violation"]:
+                self._emit("on_violation", violation)
+            if self.strict:
+                raise strict_error(violation)
         return value
 
     def _pop_failed(self, kind: str, name: Any, owner: str | None, site: str | None) -> Violation:
@@ -428,7 +463,7 @@ class InstrumentedCache(Cache):
         q = self._queues.pop(name, None)
         if q is not None:
             for item in q.items:
-                fs.release(item.logical, item.storages)
+                fs.release(item.logical_bytes, item.value.storages)
 
     # ------------------------------------------------------------------ steps
     def mark_step(self, prev: Any = None, next: Any = None) -> None:  # noqa: A002 - labml's naming
@@ -507,7 +542,7 @@ class InstrumentedCache(Cache):
             out.append(self._violation(Violation(
                 "leftover", _safe_str(name), family, step.index, None, first.owner, rec.seq,
                 producer_site=first.site, producer_step=first.step, producer_seq=first.seq,
-                value=format_summary(first.summary), depth=len(q.items),
+                value=format_summary(first.value), depth=len(q.items),
                 detail=f"pushed by {', '.join(owners)}",
                 hint=(f"{len(owners)} item(s) pushed by {', '.join(owners)} were never popped in "
                       f"step {step.index}: a layer was skipped, or fewer layers ran than pushed"),
@@ -600,6 +635,7 @@ class InstrumentedCache(Cache):
         with self._lock:
             self.violations.clear()
             self.stats = Stats()
+            self._fs_memo.clear()
             self._queues.clear()
             self._timeline.clear()
             for name, value in self._cache.items():
@@ -612,6 +648,8 @@ class InstrumentedCache(Cache):
 
 
 _MISSING = object()
+_new_record = tuple.__new__   # builds an OpRecord without the NamedTuple's Python-level __new__
+_time = time.time
 
 
 def _hashable(key: Any) -> bool:

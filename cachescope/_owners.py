@@ -45,7 +45,8 @@ class Attributor:
         self._local = threading.local()
         self._labels: dict[int, tuple[weakref.ref[Any], str]] = {}   # id(module) -> (ref, label)
         self._counters: dict[str, int] = {}
-        self._method_codes: dict[Any, bool] = {}  # code object -> first arg is ``self``
+        self._method_codes: dict[Any, bool] = {}
+        self._sites: dict[tuple[Any, int], str] = {}   # (code, line) -> "file.py:line"  # code object -> first arg is ``self``
         self._watched: dict[int, tuple[WatchHandle, str]] = {}  # id(module) -> (handle, qualname)
         self.aliases: dict[str, str] = {}  # old stack label -> qualified name after watch()
         self._lock = threading.Lock()
@@ -78,7 +79,14 @@ class Attributor:
             frame = sys._getframe(depth + 1)
         except ValueError:
             return None, None
-        site = f"{_short_path(frame.f_code.co_filename)}:{frame.f_lineno}"
+        code = frame.f_code
+        key = (code, frame.f_lineno)
+        site = self._sites.get(key)
+        if site is None:
+            site = f"{_short_path(code.co_filename)}:{frame.f_lineno}"
+            if len(self._sites) >= 16384:
+                self._sites.clear()
+            self._sites[key] = site
         stack = getattr(self._local, "stack", None)
         if stack and self.mode == "auto":
             return stack[-1][1], site
