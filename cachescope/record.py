@@ -1,0 +1,431 @@
+"""Record a decode loop's cache ops to a JSON-lines file, for ``cachescope analyze`` / ``report``.
+
+    with cachescope.record.record(cache, "run.jsonl.gz", model="pythia-70m"):
+        generate(model, prompt, 64, cache=cache)
+
+or, for any loop, ``rec = record_to("run.jsonl")`` ... ``rec.close()`` (also a context manager).
+
+A ``Recorder`` is a sink (docs/DESIGN.md): the cache calls it after every op, violation, step
+and generation. It writes one header line, then one line per event; the format is documented,
+field by field, in docs/record-format.md. No token ids and no tensor contents are written: only
+shapes, dtypes, devices, byte counts, storage identities and the ``state_ids`` values.
+
+Lines are buffered (``buffer_ops`` lines) and written at flush points (a full buffer, the end
+of a generation, ``flush()``, ``close()``). Writing never breaks the decode loop: the first
+write error is logged once, recording stops, and later lines are dropped (counted in
+``lines_dropped``). Paths ending in ``.gz`` are gzip-compressed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gzip
+import io
+import json
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+__all__ = ["FORMAT", "VERSION", "Recorder", "record", "record_to", "encode_value"]
+
+log = logging.getLogger("cachescope")
+
+FORMAT = "cachescope-record"
+VERSION = 1
+
+_MAX_REPR = 1000          # characters kept of repr() of a state value that is not plain JSON
+_MAX_SEQ_ITEMS = 64       # tuples/lists longer than this are written as their repr
+_VALUE_MEMO = 1024        # distinct value summaries whose JSON text is kept
+
+
+def _jsonable(x: Any) -> Any:
+    """``default=`` for json: anything not JSON is written as its (bounded) repr."""
+    try:
+        s = repr(x)
+    except Exception:
+        s = f"<{type(x).__name__}>"
+    return s if len(s) <= _MAX_REPR else s[:_MAX_REPR - 3] + "..."
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), default=_jsonable).encode
+
+
+def encode_value(x: Any, _depth: int = 0) -> Any:
+    """A ``state_ids`` value as JSON that ``analyze`` turns back into an equal-looking value.
+
+    None, bools, ints, floats and strings are written as themselves; lists as JSON arrays;
+    tuples as ``{"tuple": [...]}``; anything else as ``{"repr": repr(x), "type": type name}``.
+    """
+    t = type(x)
+    if x is None or t is bool or t is int or t is float or t is str:
+        return x
+    if (t is tuple or t is list) and len(x) <= _MAX_SEQ_ITEMS and _depth < 4:
+        items = [encode_value(e, _depth + 1) for e in x]
+        return {"tuple": items} if t is tuple else items
+    return {"repr": _jsonable(x), "type": t.__name__}
+
+
+def _host() -> dict[str, Any]:
+    info: dict[str, Any] = {"pid": os.getpid()}
+    for key, fn in (("hostname", socket.gethostname), ("platform", platform.platform),
+                    ("python", platform.python_version)):
+        try:
+            info[key] = fn()
+        except Exception:  # pragma: no cover - exotic platforms
+            info[key] = None
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except Exception:  # pragma: no cover
+        info["torch"] = None
+    return info
+
+
+def _is_binary(f: Any) -> bool:
+    if isinstance(f, io.TextIOBase):
+        return False
+    if isinstance(f, (io.RawIOBase, io.BufferedIOBase)):
+        return True
+    return "b" in str(getattr(f, "mode", ""))
+
+
+class Recorder:
+    """A sink that writes every op, violation, step and generation of one cache as JSON lines.
+
+    ``path_or_file``: a path (``.gz`` for gzip; the file is created or truncated now, so a bad
+    path fails here, before the decode loop) or an open file object (text or binary; flushed
+    but not closed by ``close()``). ``run_info``: JSON-able facts about the run, written to the
+    header (model, prompt length, ...). ``buffer_ops``: lines held in memory between writes.
+
+    Attach with ``recorder.attach(cache)`` (writes the header with the cache's exact state) or
+    ``cache.add_sink(recorder)`` (the header is written at the first event). ``close()``
+    detaches, flushes and closes; a ``with`` block does the same on exit.
+    """
+
+    def __init__(self, path_or_file: str | os.PathLike[str] | IO[Any], *,
+                 run_info: dict[str, Any] | None = None, buffer_ops: int = 1024) -> None:
+        self.run_info = dict(run_info or {})
+        self.buffer_ops = max(1, int(buffer_ops))
+        self.path: Path | None = None
+        self.failed: BaseException | None = None   # the write error that stopped recording
+        self.lines_written = 0
+        self.lines_dropped = 0
+        self.closed = False
+        self._buf: list[str] = []
+        self._lock = threading.Lock()
+        self._cache: Any = None
+        self._header = False
+        self._boundary_pending = False   # a state_ids set was logged; its on_step_start follows
+        self._aliases = 0
+        self._gets = 0
+        self._stats_dirty = False
+        self._values: dict[Any, str] = {}
+        self._strs: dict[Any, str] = {}
+        if isinstance(path_or_file, (str, os.PathLike)):
+            self.path = Path(path_or_file)
+            raw = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self._file: Any = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6) \
+                if self.path.name.endswith(".gz") else raw
+            self._raw: Any = raw
+            self._own = True
+            self._binary = True
+        else:
+            self._file = self._raw = path_or_file
+            self._own = False
+            self._binary = _is_binary(path_or_file)
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, cache: Any) -> "Recorder":
+        """Write the header (if not yet written) and add this recorder as a sink of ``cache``."""
+        with self._lock:
+            if self._cache is not None and self._cache is not cache:
+                raise ValueError(f"this Recorder already records cache {self._cache.name!r}; "
+                                 "use one Recorder per cache")
+            self._cache = cache
+            if not self._header:
+                self._write_header(cache, getattr(cache, "_seq", 0))
+        cache.add_sink(self)
+        return self
+
+    def detach(self) -> None:
+        """Stop receiving events (the file stays open until ``close()``)."""
+        cache = self._cache
+        if cache is not None:
+            with contextlib.suppress(Exception):
+                cache.remove_sink(self)
+
+    def flush(self) -> None:
+        """Write the buffered lines now."""
+        with self._lock:
+            self._flush()
+
+    def close(self) -> None:
+        """Detach, write the remaining lines (and final counters), close the file. Idempotent."""
+        if self.closed:
+            return
+        self.detach()
+        with self._lock:
+            if self.closed:
+                return
+            cache = self._cache
+            if not self._header:
+                self._write_header(cache, getattr(cache, "_seq", 0))
+            if cache is not None and self._stats_dirty:
+                self._write_stats(cache)
+            self._flush()
+            self.closed = True
+            try:
+                if self._own:
+                    self._file.close()
+                    if self._raw is not self._file:
+                        self._raw.close()
+                elif self.failed is None and hasattr(self._file, "flush"):
+                    self._file.flush()
+            except Exception as exc:
+                self._fail(exc)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else type(self._file).__name__
+        return (f"Recorder({where!r}, lines_written={self.lines_written}, "
+                f"failed={self.failed is not None})")
+
+    # ------------------------------------------------------------------ writing
+    def _fail(self, exc: BaseException) -> None:
+        if self.failed is None:
+            self.failed = exc
+            log.warning("cachescope: recorder could not write to %s (%s: %s); recording stopped, "
+                        "the decode loop continues", self.path or type(self._file).__name__,
+                        type(exc).__name__, exc)
+
+    def _add(self, line: str) -> None:
+        """Buffer one line (lock held)."""
+        if self.failed is not None or self.closed:
+            self.lines_dropped += 1
+            return
+        buf = self._buf
+        buf.append(line)
+        if len(buf) >= self.buffer_ops:
+            self._flush()
+
+    def _flush(self) -> None:
+        buf = self._buf
+        if not buf:
+            return
+        self._buf = []
+        if self.failed is not None or self.closed:
+            self.lines_dropped += len(buf)
+            return
+        text = "\n".join(buf) + "\n"
+        try:
+            self._file.write(text.encode("utf-8") if self._binary else text)
+        except Exception as exc:
+            self.lines_dropped += len(buf)
+            self._fail(exc)
+            return
+        self.lines_written += len(buf)
+
+    def _write_header(self, cache: Any, start_seq: int) -> None:
+        self._header = True
+        from . import __version__
+        attributor = getattr(cache, "_attributor", None)
+        timeline = getattr(cache, "_timeline", None)
+        header = {
+            "type": "header", "format": FORMAT, "version": VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "cache": getattr(cache, "name", None),
+            "run": self.run_info,
+            "host": _host(),
+            "cachescope_version": __version__,
+            "state_key": getattr(cache, "state_key", "state_ids"),
+            "timeline_size": getattr(timeline, "maxlen", None),
+            "max_violations": getattr(cache, "max_violations", None),
+            "attribution": getattr(attributor, "mode", None),
+            "start_seq": int(start_seq or 0),
+            "start_step": getattr(cache, "_step_index", -1),
+        }
+        self._add(_dumps(header))
+        aliases = getattr(attributor, "aliases", None)
+        if aliases:
+            self._write_aliases(aliases)
+
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
+        self._aliases = len(aliases)
+        self._add(_dumps({"type": "alias", "aliases": dict(aliases)}))
+
+    def _write_stats(self, cache: Any) -> None:
+        self._stats_dirty = False
+        families = getattr(getattr(cache, "stats", None), "families", {})
+        gets = {name: fs.get for name, fs in list(families.items()) if fs.get}
+        self._add(_dumps({"type": "stats", "gets": gets}))
+
+    def _first(self, cache: Any, start_seq: int) -> bool:
+        """Bind to the first cache seen (header at the first event); False for other caches."""
+        if self._cache is None:
+            self._cache = cache
+        elif self._cache is not cache:
+            return False
+        if not self._header:
+            self._write_header(cache, start_seq)
+        return True
+
+    def _value(self, m: Any) -> str:
+        """JSON text of a ``Measure``'s summary (memoised by content, never by identity)."""
+        key = (m.kind, m.summary, m.truncated)
+        try:
+            return self._values[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable summary (never for torch shapes/dtypes/devices)
+            key = None
+        strs = self._strs
+        tensors = []
+        for shape, dtype, device in m.summary:
+            d = strs.get(dtype)
+            if d is None:
+                d = strs[dtype] = str(dtype).replace("torch.", "")
+            dev = strs.get(device)
+            if dev is None:
+                dev = strs[device] = str(device)
+            tensors.append({"shape": list(shape), "dtype": d, "device": dev})
+        text = _dumps({"kind": m.kind, "tensors": tensors, "truncated": bool(m.truncated)})
+        if key is not None:
+            if len(self._values) >= _VALUE_MEMO:
+                self._values.clear()
+            self._values[key] = text
+        return text
+
+    # ------------------------------------------------------------------ sink protocol
+    def on_op(self, cache: Any, rec: Any) -> None:
+        with self._lock:
+            if self._cache is not cache and not self._first(cache, rec.seq - 1):
+                return
+            op = rec.op
+            d = {"type": "op", "seq": rec.seq, "time": rec.time, "step": rec.step, "op": op,
+                 "queue": rec.queue, "family": rec.family, "owner": rec.owner, "site": rec.site,
+                 "depth": rec.depth, "logical_bytes": rec.logical_bytes,
+                 "storage_bytes": rec.storage_bytes, "violation": rec.violation,
+                 "producer": rec.producer}
+            m = rec.value
+            if op == "push":
+                if m is not None:
+                    d["storages"] = m.storages
+            elif op == "pop":
+                aliases = getattr(getattr(cache, "_attributor", None), "aliases", None)
+                if aliases and len(aliases) != self._aliases:
+                    self._write_aliases(aliases)   # before the pop that may depend on them
+            elif op == "set" and rec.queue == cache.state_key:
+                d["state"] = encode_value(cache.get_quiet(cache.state_key))
+                self._boundary_pending = True
+            text = _dumps(d)
+            if m is not None:
+                text = f'{text[:-1]},"value":{self._value(m)}}}'
+            self._add(text)
+
+    def on_violation(self, cache: Any, v: Any) -> None:
+        with self._lock:
+            if self._cache is not cache and not self._first(cache, v.seq - 1):
+                return
+            self._add(_dumps({"type": "violation", **v.to_dict()}))
+
+    def on_step_start(self, cache: Any, step: Any) -> None:
+        with self._lock:
+            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 1) - 1):
+                return
+            if self._boundary_pending:      # the state_ids set just logged opened this step
+                self._boundary_pending = False
+                return
+            # mark_step(): its boundary record is not sent to on_op; log it so replay repeats it
+            self._add(_dumps({"type": "mark", "seq": getattr(cache, "_seq", None),
+                              "step": step.index, "time": step.start_time,
+                              "prev": encode_value(step.prev), "next": encode_value(step.next)}))
+
+    def on_step_end(self, cache: Any, step: Any) -> None:
+        with self._lock:
+            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 0)):
+                return
+            current = cache.current_step
+            closed = "end_step" if current is step else ("boundary" if current is not None
+                                                          else "generation_end")
+            families = cache.stats.families
+            gets = 0
+            for fs in list(families.values()):
+                gets += fs.get
+            delta, self._gets = gets - self._gets, gets
+            self._stats_dirty = True
+            self._add(_dumps({"type": "step", "index": step.index, "prev": encode_value(step.prev),
+                              "next": encode_value(step.next), "start": step.start_time,
+                              "duration": step.duration, "tokens": step.tokens, "ops": step.ops,
+                              "violations": step.violations, "gets": delta, "closed": closed}))
+
+    def on_generation_start(self, cache: Any, info: dict[str, Any]) -> None:
+        with self._lock:
+            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 0)):
+                return
+            self._add(_dumps({"type": "generation_start", "time": time.time(), "info": info}))
+
+    def on_generation_end(self, cache: Any, info: dict[str, Any]) -> None:
+        with self._lock:
+            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 0)):
+                return
+            info = dict(info)
+            error = info.pop("error", None)
+            self._add(_dumps({"type": "generation_end", "time": time.time(),
+                              "seq": getattr(cache, "_seq", None),
+                              "error": None if error is None else _jsonable(error),
+                              "info": info}))
+            self._write_stats(cache)
+            self._flush()
+
+
+def _resolve(cache: Any) -> Any:
+    from ._instrumented import InstrumentedCache
+    if cache is None:
+        from ._install import installed
+        cache = installed()
+        if cache is None:
+            from ._cache import get_cache
+            cache = get_cache()
+    if not isinstance(cache, InstrumentedCache):
+        raise TypeError(f"recording needs an InstrumentedCache, got {type(cache).__name__}: call "
+                        "cachescope.install() first or pass cache=InstrumentedCache(...)")
+    return cache
+
+
+@contextlib.contextmanager
+def record(cache: Any, path: str | os.PathLike[str] | IO[Any], *, buffer_ops: int = 1024,
+           **info: Any) -> Iterator[Recorder]:
+    """Record ``cache`` to ``path`` for the ``with`` block; ``info`` goes to the header's ``run``.
+
+    The recorder is always detached and closed on exit, also when the block raises.
+    """
+    recorder = Recorder(path, run_info=info, buffer_ops=buffer_ops)
+    try:
+        recorder.attach(_resolve(cache))
+        yield recorder
+    finally:
+        recorder.close()
+
+
+def record_to(path: str | os.PathLike[str] | IO[Any], cache: Any = None, *,
+              run_info: dict[str, Any] | None = None, buffer_ops: int = 1024) -> Recorder:
+    """Start recording ``cache`` (default: the installed one) to ``path``; returns the attached
+    ``Recorder``. Call ``close()`` when the loop is done, or use it as a context manager."""
+    cache = _resolve(cache)
+    recorder = Recorder(path, run_info=run_info, buffer_ops=buffer_ops)
+    try:
+        return recorder.attach(cache)
+    except BaseException:
+        recorder.close()
+        raise
