@@ -98,9 +98,10 @@ Q_BYTES_PER_TOKEN = (
 Q_OPS_RATE = (
     "sum by (cache, family, op) (rate(" + sel("cachescope_ops_total") + "[$__rate_interval]))"
 )
-Q_VIOLATIONS_BY_KIND = f"sum by (cache, family, kind) ({VIOL})"
+#: Every violation kind of a queue family is exported from 0; "> 0" keeps the kinds that happened.
+Q_VIOLATIONS_BY_KIND = f"sum by (cache, family, kind) ({VIOL}) > 0"
 Q_VIOLATIONS_NEW = f"sum by (cache, family, kind) (increase({VIOL}[$__rate_interval]))"
-Q_VIOLATIONS_TABLE = f"sum by (job, instance, cache, family, kind) ({VIOL})"
+Q_VIOLATIONS_TABLE = f"sum by (job, instance, cache, family, kind) ({VIOL}) > 0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,9 +136,11 @@ def timeseries(
     bars: bool = False,
     stepped: bool = False,
     stack: bool = False,
+    no_value: str | None = None,
 ) -> dict:
     """A time-series panel; ``queries`` are (PromQL, legend) pairs."""
     custom: dict[str, Any] = {
+        "axisSoftMin": 0,
         "drawStyle": "bars" if bars else "line",
         "fillOpacity": 60 if bars else 10,
         "lineInterpolation": "stepAfter" if stepped else "linear",
@@ -147,12 +150,12 @@ def timeseries(
         "spanNulls": False,
         "stacking": {"group": "A", "mode": "normal" if stack else "none"},
     }
+    defaults: dict[str, Any] = {"custom": custom, "unit": unit}
+    if no_value is not None:
+        defaults["noValue"] = no_value
     return {
         "description": description,
-        "fieldConfig": {
-            "defaults": {"custom": custom, "min": 0, "unit": unit},
-            "overrides": [],
-        },
+        "fieldConfig": {"defaults": defaults, "overrides": []},
         "options": {
             "legend": {
                 "calcs": ["lastNotNull", "max"],
@@ -208,6 +211,7 @@ def table(title: str, description: str, unit: str, expr: str) -> dict:
         "fieldConfig": {
             "defaults": {
                 "custom": {"align": "auto", "cellOptions": {"type": "auto"}},
+                "noValue": "no violations",
                 "unit": unit,
             },
             "overrides": [],
@@ -246,11 +250,11 @@ def row(title: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout: rows of panels placed at (x, dy, w, h) relative to the row's first line
+# Layout: rows of (panel, (x, dy, w, h)), dy counted from the line below the row header
 # ---------------------------------------------------------------------------------------------
 
 
-def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
+def layout() -> list[tuple[str, list[tuple[dict, tuple[int, int, int, int]]]]]:
     """The dashboard's rows and panels with their positions inside each row."""
     overview = [
         (
@@ -264,7 +268,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "violations",
                 1,
             ),
-            0, 0, 5, 4,
+            (0, 0, 5, 4),
         ),
         (
             stat(
@@ -276,7 +280,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "errors",
                 1,
             ),
-            0, 4, 5, 4,
+            (0, 4, 5, 4),
         ),
         (
             timeseries(
@@ -287,7 +291,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 [(Q_VIOLATIONS_CUMULATIVE_BY_CACHE, "{{cache}}")],
                 stepped=True,
             ),
-            5, 0, 6, 8,
+            (5, 0, 6, 8),
         ),
         (
             timeseries(
@@ -297,7 +301,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "short",
                 [(Q_TOKENS_PER_S, "{{cache}}")],
             ),
-            11, 0, 6, 8,
+            (11, 0, 6, 8),
         ),
         (
             timeseries(
@@ -311,7 +315,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                     (q_step_quantile(0.99), "{{cache}} p99"),
                 ],
             ),
-            17, 0, 7, 8,
+            (17, 0, 7, 8),
         ),
     ]
     queues = [
@@ -324,18 +328,18 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "short",
                 [(Q_DEPTH, "{{cache}} {{family}}"), (Q_DEPTH_PEAK, "{{cache}} {{family}} peak")],
             ),
-            0, 0, 8, 8,
+            (0, 0, 8, 8),
         ),
         (
             timeseries(
                 "Live vs empty queues",
                 "Number of queues that hold items (live) and that are empty. The seed cache "
-                "never deletes an emptied queue, so empty queues grow by one per layer per "
+                "never deletes an emptied queue, so empty attn_kv queues grow by one per "
                 "decoded token until clear_all().",
                 "short",
                 [(Q_QUEUES_BY_STATE, "{{cache}} {{family}} {{state}}")],
             ),
-            8, 0, 8, 8,
+            (8, 0, 8, 8),
         ),
         (
             timeseries(
@@ -345,7 +349,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "short",
                 [(Q_EMPTY_QUEUES_GROWTH, "{{cache}} {{family}}")],
             ),
-            16, 0, 8, 8,
+            (16, 0, 8, 8),
         ),
     ]
     memory = [
@@ -358,7 +362,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "bytes",
                 [(Q_BYTES, "{{cache}} {{family}} {{kind}}")],
             ),
-            0, 0, 8, 8,
+            (0, 0, 8, 8),
         ),
         (
             timeseries(
@@ -367,7 +371,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "bytes",
                 [(Q_BYTES_PEAK, "{{cache}} {{family}} {{kind}} peak")],
             ),
-            8, 0, 8, 8,
+            (8, 0, 8, 8),
         ),
         (
             timeseries(
@@ -379,7 +383,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "bytes",
                 [(Q_BYTES_PER_TOKEN, "{{cache}}")],
             ),
-            16, 0, 8, 8,
+            (16, 0, 8, 8),
         ),
     ]
     operations = [
@@ -391,7 +395,7 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "ops",
                 [(Q_OPS_RATE, "{{cache}} {{family}} {{op}}")],
             ),
-            0, 0, 16, 8,
+            (0, 0, 16, 8),
         ),
         (
             timeseries(
@@ -400,20 +404,22 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 "short",
                 [(Q_STEPS_PER_S, "{{cache}}")],
             ),
-            16, 0, 8, 8,
+            (16, 0, 8, 8),
         ),
     ]
     violations = [
         (
             timeseries(
                 "Violations by kind and family (cumulative)",
-                "Violations since each process started by family and kind (owner_mismatch: "
-                "popped an entry another layer pushed; pop_empty: popped an empty queue; ...).",
+                "Violations since each process started, by family and kind, for the kinds that "
+                "occurred (owner_mismatch: popped an entry another layer pushed; pop_empty: "
+                "popped an empty queue; ... see the README's violation kinds).",
                 "short",
                 [(Q_VIOLATIONS_BY_KIND, "{{cache}} {{family}} {{kind}}")],
                 stepped=True,
+                no_value="no violations",
             ),
-            0, 0, 12, 8,
+            (0, 0, 12, 8),
         ),
         (
             timeseries(
@@ -423,17 +429,17 @@ def layout() -> list[tuple[str, list[tuple[dict, int, int, int, int]]]]:
                 [(Q_VIOLATIONS_NEW, "{{cache}} {{family}} {{kind}}")],
                 bars=True,
             ),
-            12, 0, 12, 8,
+            (12, 0, 12, 8),
         ),
         (
             table(
                 "Violations (current totals)",
-                "Instant totals since each process started, one row per job, instance, cache, "
-                "family and kind.",
+                "Violations since each process started, one row per job, instance, cache, "
+                "family and kind that occurred (empty: no violations).",
                 "short",
                 Q_VIOLATIONS_TABLE,
             ),
-            0, 8, 24, 8,
+            (0, 8, 24, 8),
         ),
     ]
     return [
@@ -456,7 +462,7 @@ def panels() -> list[dict]:
         out.append(r)
         y += 1
         bottom = y
-        for panel, x, dy, w, h in items:
+        for panel, (x, dy, w, h) in items:
             panel["gridPos"] = {"h": h, "w": w, "x": x, "y": y + dy}
             out.append(panel)
             bottom = max(bottom, y + dy + h)
@@ -477,9 +483,7 @@ def query_var(name: str, label: str, query: str, *, multi: bool, include_all: bo
     """A Prometheus label_values() query variable."""
     return {
         "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}
-        if include_all
-        else {},
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if include_all else {},
         "datasource": dict(DATASOURCE),
         "definition": query,
         "hide": 0,
@@ -516,23 +520,32 @@ def templating() -> dict:
                 "type": "datasource",
             },
             query_var(
-                "job", "Job", "label_values(cachescope_ops_total, job)",
-                multi=True, include_all=True,
+                "job",
+                "Job",
+                "label_values(cachescope_ops_total, job)",
+                multi=True,
+                include_all=True,
             ),
             query_var(
-                "instance", "Instance",
+                "instance",
+                "Instance",
                 'label_values(cachescope_ops_total{job=~"$job"}, instance)',
-                multi=True, include_all=True,
+                multi=True,
+                include_all=True,
             ),
             query_var(
-                "cache", "Cache",
+                "cache",
+                "Cache",
                 'label_values(cachescope_ops_total{job=~"$job", instance=~"$instance"}, cache)',
-                multi=True, include_all=True,
+                multi=True,
+                include_all=True,
             ),
             query_var(
-                "family", "Family",
+                "family",
+                "Family",
                 "label_values(cachescope_ops_total{" + BASE + "}, family)",
-                multi=True, include_all=True,
+                multi=True,
+                include_all=True,
             ),
         ]
     }
