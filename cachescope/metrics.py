@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, Metric)
 from prometheus_client.samples import Exemplar
 
+from ._checker import KINDS
 from ._records import OPS
 
 __all__ = ["REGISTRY", "MetricsSink", "MetricsServerError", "start_metrics_server",
@@ -40,6 +41,7 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: label names cachescope's metrics use themselves (a constant label may not reuse them)
 _RESERVED = frozenset({"cache", "op", "family", "kind", "state", "sink", "le", "quantile"})
 _MAX_LABEL_VALUE = 256
+_KINDS = tuple(KINDS)
 
 
 class MetricsServerError(OSError):
@@ -221,27 +223,33 @@ class _CacheCollector:
                 for op, n in zip(OPS, ops):
                     if n:
                         fam["ops"].add_metric(lv + [op, name], n)
-                fam["depth"].add_metric(lv + [name], depth)
-                fam["peak_depth"].add_metric(lv + [name], peak_depth)
-                fam["bytes"].add_metric(lv + [name, "logical"], logical)
-                fam["bytes"].add_metric(lv + [name, "storage"], storage)
-                fam["peak_bytes"].add_metric(lv + [name, "logical"], peak_logical)
-                fam["peak_bytes"].add_metric(lv + [name, "storage"], peak_storage)
-                fam["queues"].add_metric(lv + [name, "live"], live)
-                fam["queues"].add_metric(lv + [name, "empty"], empty)
-                for kind, n in violations:
+                counts = dict(violations)
+                if ops[0] or ops[1] or live or empty or peak_depth:
+                    # A queue family: gauges, and every violation kind from 0 so that the first
+                    # violation is an increase() that alerts can see.
+                    fam["depth"].add_metric(lv + [name], depth)
+                    fam["peak_depth"].add_metric(lv + [name], peak_depth)
+                    fam["bytes"].add_metric(lv + [name, "logical"], logical)
+                    fam["bytes"].add_metric(lv + [name, "storage"], storage)
+                    fam["peak_bytes"].add_metric(lv + [name, "logical"], peak_logical)
+                    fam["peak_bytes"].add_metric(lv + [name, "storage"], peak_storage)
+                    fam["queues"].add_metric(lv + [name, "live"], live)
+                    fam["queues"].add_metric(lv + [name, "empty"], empty)
+                    for kind in _KINDS:
+                        counts.setdefault(kind, 0)
+                for kind, n in sorted(counts.items()):
                     ex = exemplars.get((name, kind))
                     fam["violations"].add_metric(
                         lv + [name, kind], n,
                         exemplar=Exemplar({"trace_id": ex[0]}, 1.0, ex[1]) if ex else None)
             fam["steps"].add_metric(lv, steps)
             fam["tokens"].add_metric(lv, tokens)
-            for sink_name, n in errors:
+            for sink_name, n in sorted(errors.items()):
                 fam["errors"].add_metric(lv + [sink_name], n)
         yield from fam.values()
 
 
-def _snapshot(cache: Any) -> tuple[list[tuple[Any, ...]], int, int, list[tuple[str, int]]] | None:
+def _snapshot(cache: Any) -> tuple[list[tuple[Any, ...]], int, int, dict[str, int]] | None:
     """Copy the numbers out of ``cache.stats`` under the cache's lock (no metric objects inside)."""
     lock = getattr(cache, "_lock", None)
     if lock is None:
@@ -253,7 +261,8 @@ def _snapshot(cache: Any) -> tuple[list[tuple[Any, ...]], int, int, list[tuple[s
              fs.storage, fs.peak_logical, fs.peak_storage, fs.live, fs.empty,
              tuple(fs.violations.items()))
             for fs in stats.families.values()]
-        errors = list(stats.telemetry_errors.items())
+        errors = dict.fromkeys((type(s).__name__ for s in getattr(cache, "_sinks", ())), 0)
+        errors.update(stats.telemetry_errors)
         return families, stats.steps, stats.tokens, errors
 
 

@@ -8,8 +8,7 @@ check. See docs/tracing.md.
 
 from __future__ import annotations
 
-import time
-import weakref
+
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -70,7 +69,6 @@ class TracingSink:
         from . import __version__
         self._tracer = trace.get_tracer("cachescope", __version__, tracer_provider=tracer_provider)
         self.cache_name = _trunc(getattr(cache, "name", "default"))
-        self._cache_ref = weakref.ref(cache)
         self._gen_span: Span | None = None
         self._gen_ctx: otel_context.Context | None = None
         self._gen_steps = 0
