@@ -1,0 +1,507 @@
+"""A catalogue of named faults that reproduce real decode-loop ordering bugs at a chosen step.
+
+Each fault changes, for exactly one decode step, what a labml-style decode loop does with its
+layers or its cache, on any model whose layers live in an ``nn.ModuleList`` or ``nn.Sequential``
+that the model iterates at call time::
+
+    from cachescope.faults import inject, parse_fault
+
+    fault = parse_fault("swap@3:layer=1,other=2")
+    with inject(fault, model.layers, cache, model=model) as handle:
+        generate(model, prompt, 8, cache=cache)     # any loop that sets state_ids each step
+    print(handle.events)                            # what was done, at which step
+
+Steps count the ``set(state_ids, ...)`` calls made inside the ``with`` block, from 0 (the prompt
+step); for a fresh ``InstrumentedCache`` and one generation this is ``cache.step``. Layer
+indices are positions in the container. Everything is restored on exit, also on error.
+See docs/faults.md for the semantics of each fault and the violations it produces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from torch import nn
+
+__all__ = ["FAULTS", "DEFAULT_STEP", "Fault", "FaultEvent", "FaultHandle", "FaultSpec",
+           "InjectedFault", "inject", "parse_fault"]
+
+#: Step a fault fires at when the spec names none (``swap`` = ``swap@2``).
+DEFAULT_STEP = 2
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the ``retry`` fault inside a layer, half-way through a step."""
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """What a named fault does, which parameters it takes and which violations it must produce."""
+
+    name: str
+    doc: str                                   # one line
+    expected_kinds: tuple[str, ...]           # violation kinds it produces (see ``kinds_note``)
+    params: Mapping[str, tuple[type, str]]     # parameter -> (type, one-line doc)
+    min_step: int = 0
+    kinds_note: str = ""
+
+
+FAULTS: dict[str, FaultSpec] = {spec.name: spec for spec in (
+    FaultSpec(
+        "swap", "two layers run in each other's place for one step",
+        ("owner_mismatch",),
+        {"layer": (int, "first layer (default: the first layer that uses the cache)"),
+         "other": (int, "the layer it trades places with (default: the next cache layer)")},
+        kinds_note="owner_mismatch at the step (not at step 0, which pops nothing) and again at the "
+                   "next step, both ways round"),
+    FaultSpec(
+        "skip", "one layer is not run for one step",
+        ("leftover", "owner_mismatch", "pop_empty"),
+        {"layer": (int, "the layer skipped (default: the first layer that uses the cache)")},
+        kinds_note="leftover at the step (not at step 0); at the next step every layer from the "
+                   "skipped one on pops its successor's item (owner_mismatch) and the last pops "
+                   "an empty queue (pop_empty, the IndexError ends the loop); skipping the last "
+                   "layer gives no owner_mismatch"),
+    FaultSpec(
+        "repeat", "one layer runs twice in a row for one step",
+        ("owner_mismatch", "pop_empty"),
+        {"layer": (int, "the layer run twice (default: the first layer that uses the cache)")},
+        kinds_note="the second run pops the next layer's item (owner_mismatch), the last layer "
+                   "pops an empty queue (pop_empty, the IndexError ends the loop); at step 0 the "
+                   "extra push shows up one step later"),
+    FaultSpec(
+        "retry", "the step raises half-way and the loop retries it with the same state_ids",
+        ("step_restarted", "owner_mismatch", "pop_empty"),
+        {"layer": (int, "the layer that raises InjectedFault on the first attempt; the layers "
+                        "before it have run (default: the second layer that uses the cache)")},
+        kinds_note="step_restarted when state_ids is set again, then the retried layers pop the "
+                   "items the failed attempt left (owner_mismatch) and run dry (pop_empty)"),
+    FaultSpec(
+        "stale-state", "the loop sets the previous step's state_ids again instead of advancing",
+        ("state_not_advanced", "pop_empty"),
+        {}, min_step=1,
+        kinds_note="state_not_advanced at the step, then the first layer pops the already drained "
+                   "queue (pop_empty); at step 1 the prompt state (None, 0) is re-used, which "
+                   "pops nothing, and the next step pops a queue that never existed (pop_missing)"),
+    FaultSpec(
+        "clear", "a KV queue is cleared mid-step, before a layer pops it",
+        ("pop_missing",),
+        {"layer": (int, "the queue is cleared just before this layer runs (default: the second "
+                        "layer that uses the cache)"),
+         "queue": (str, "the queue to clear, with {prev}/{next} from state_ids (default "
+                        "attn_kv_{prev}: the queue the step pops)")},
+        min_step=1,
+        kinds_note="pop_missing (the KeyError ends the loop) with a hint naming who cleared it"),
+)}
+
+_SPEC_RE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z_-]*)\s*(?:@\s*(?P<step>[^:]*?)\s*)?"
+                      r"(?::(?P<params>.*))?$")
+
+
+def _valid_names() -> str:
+    return ", ".join(FAULTS)
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault to inject: a catalogue ``name``, the ``step`` it fires at, and its parameters."""
+
+    name: str
+    step: int = DEFAULT_STEP
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name = _canonical(self.name)
+        if name not in FAULTS:
+            raise ValueError(f"unknown fault {self.name!r}; valid faults: {_valid_names()}")
+        object.__setattr__(self, "name", name)
+        spec = FAULTS[name]
+        if isinstance(self.step, bool) or not isinstance(self.step, int):
+            raise ValueError(f"fault {name}: step must be an int, got {self.step!r}")
+        if self.step < spec.min_step:
+            raise ValueError(f"fault {name}: step must be >= {spec.min_step}, got {self.step}"
+                             + (" (step 0 is the prompt: there is no earlier state)"
+                                if spec.min_step == 1 else ""))
+        params = dict(self.params)
+        for key, value in params.items():
+            if key not in spec.params:
+                valid = ", ".join(spec.params) or "none"
+                raise ValueError(f"fault {name} has no parameter {key!r}; its parameters: {valid}")
+            typ = spec.params[key][0]
+            if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"fault {name}: {key} must be an int, got {value!r}")
+            if typ is str and not isinstance(value, str):
+                raise ValueError(f"fault {name}: {key} must be a string, got {value!r}")
+        if name == "swap" and "layer" in params and params.get("other") == params["layer"]:
+            raise ValueError(f"fault swap: layer and other must differ, both are {params['layer']}")
+        object.__setattr__(self, "params", params)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    @property
+    def spec(self) -> FaultSpec:
+        return FAULTS[self.name]
+
+    @property
+    def expected_kinds(self) -> tuple[str, ...]:
+        return self.spec.expected_kinds
+
+    def __str__(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}@{self.step}" + (f":{params}" if params else "")
+
+
+def parse_fault(text: str) -> Fault:
+    """``"swap@3"``, ``"skip@2:layer=1"``, ``"clear@4:layer=2,queue=attn_kv_{prev}"`` -> ``Fault``.
+
+    Syntax: ``NAME[@STEP][:KEY=VALUE,...]``. Raises ``ValueError`` naming the problem (and the
+    valid faults or parameters) for anything else.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty fault spec; expected NAME[@STEP][:KEY=VALUE,...] with NAME one of "
+                         f"{_valid_names()}")
+    m = _SPEC_RE.match(text)
+    if m is None:
+        raise ValueError(f"bad fault spec {text!r}: expected NAME[@STEP][:KEY=VALUE,...], e.g. "
+                         "swap@3 or skip@2:layer=1")
+    name = _canonical(m.group("name"))
+    if name not in FAULTS:
+        raise ValueError(f"unknown fault {m.group('name')!r} in {text!r}; valid faults: {_valid_names()}")
+    spec = FAULTS[name]
+    step = DEFAULT_STEP
+    raw_step = m.group("step")
+    if raw_step is not None:
+        if not re.fullmatch(r"\d+", raw_step):
+            raise ValueError(f"bad step {raw_step!r} in fault spec {text!r}: expected a "
+                             "non-negative integer, e.g. swap@3")
+        step = int(raw_step)
+    params: dict[str, Any] = {}
+    raw_params = m.group("params")
+    if raw_params is not None:
+        for part in raw_params.split(","):
+            key, eq, value = part.partition("=")
+            key, value = key.strip(), value.strip()
+            if not eq or not key or not value:
+                raise ValueError(f"bad parameter {part.strip()!r} in fault spec {text!r}: expected "
+                                 "KEY=VALUE, e.g. skip@2:layer=1")
+            if key not in spec.params:
+                valid = ", ".join(spec.params) or "none"
+                raise ValueError(f"fault {name} has no parameter {key!r}; its parameters: {valid}")
+            if key in params:
+                raise ValueError(f"parameter {key!r} given twice in fault spec {text!r}")
+            if spec.params[key][0] is int:
+                if not re.fullmatch(r"-?\d+", value):
+                    raise ValueError(f"bad value {value!r} for {key} in fault spec {text!r}: "
+                                     "expected an integer layer index")
+                params[key] = int(value)
+            else:
+                params[key] = value
+    return Fault(name, step, params)
+
+
+# ---------------------------------------------------------------------------- injection
+
+@dataclass(frozen=True)
+class FaultEvent:
+    """Something a fault did: at which step (counted in the block) and cache step, and what."""
+
+    fault: Fault
+    step: int
+    cache_step: int | None
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.fault} fired at step {self.step}: {self.what}"
+
+
+class FaultHandle:
+    """What ``inject`` yields: the resolved faults and ``events`` (what was done, when)."""
+
+    def __init__(self, faults: Sequence[Fault], layer_names: Sequence[str]) -> None:
+        self.faults = tuple(faults)
+        self.layer_names = tuple(layer_names)
+        self.events: list[FaultEvent] = []
+        self.steps_seen = 0
+
+    @property
+    def fired(self) -> bool:
+        """Whether every fault fired."""
+        return not self.not_fired()
+
+    def not_fired(self) -> list[Fault]:
+        """The faults that did nothing (their step never came, or nothing to act on)."""
+        done = {id(e.fault) for e in self.events}
+        return [f for f in self.faults if id(f) not in done]
+
+    def __repr__(self) -> str:
+        return f"FaultHandle(faults={[str(f) for f in self.faults]}, events={len(self.events)})"
+
+
+def _touches_cache_deep(module: nn.Module) -> bool:
+    from ._owners import _touches_cache
+    return any(_touches_cache(m) for m in module.modules())
+
+
+class _Injector:
+    def __init__(self, faults: Sequence[Fault], layers: nn.Module, cache: Any,
+                 model: nn.Module | None) -> None:
+        if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+            raise TypeError(f"inject() needs the model's layer container (an nn.ModuleList or "
+                            f"nn.Sequential), got {type(layers).__name__}")
+        self.layers = layers
+        self.cache = cache
+        self.state_key = getattr(cache, "state_key", "state_ids")
+        self.modules = list(layers._modules.values())
+        n = len(self.modules)
+        if n == 0:
+            raise ValueError("inject(): the layer container is empty")
+        cache_layers = [i for i, m in enumerate(self.modules) if _touches_cache_deep(m)] or list(range(n))
+        self.faults = [self._resolve(f, n, cache_layers) for f in faults]
+        self.runner: nn.Module | None = None
+        if any(f.name == "retry" for f in self.faults):
+            runner = model if model is not None else (layers if isinstance(layers, nn.Sequential) else None)
+            if runner is None:
+                raise ValueError("the retry fault needs model=: the module whose forward runs the "
+                                 "layers (the loop retries by calling it again); an nn.Sequential "
+                                 "container is its own runner")
+            self.runner = runner
+        self.handle = FaultHandle(self.faults, [type(m).__name__ for m in self.modules])
+        self._count = 0            # state_ids sets seen in the block
+        self._step = -1
+        self._last_state: Any = None
+        self._have_state = False
+        self._orig_modules = layers._modules
+        self._reordered = False
+        self._hooks: list[Any] = []
+        self._fired: set[int] = set()   # id() of the faults that fired
+        self._saved_set: tuple[bool, Any] | None = None
+        self._saved_forward: tuple[bool, Any] | None = None
+
+    @staticmethod
+    def _resolve(fault: Fault, n: int, cache_layers: list[int]) -> Fault:
+        """Fill in default layer indices and check them against the container."""
+        params = dict(fault.params)
+
+        def norm(key: str, value: int) -> int:
+            idx = value + n if value < 0 else value
+            if not 0 <= idx < n:
+                raise ValueError(f"fault {fault}: {key}={value} is out of range for a container "
+                                 f"of {n} layers (valid: 0..{n - 1})")
+            return idx
+
+        def nth(k: int) -> int:
+            return cache_layers[min(k, len(cache_layers) - 1)]
+
+        if fault.name == "swap":
+            a = norm("layer", params["layer"]) if "layer" in params else nth(0)
+            if "other" in params:
+                b = norm("other", params["other"])
+            else:
+                later = [i for i in cache_layers if i > a] or [i for i in range(n) if i > a]
+                if not later:
+                    raise ValueError(f"fault {fault}: no layer after layer {a} to swap with; "
+                                     "give other=")
+                b = later[0]
+            if a == b:
+                raise ValueError(f"fault {fault}: layer and other must differ, both are {a}")
+            params["layer"], params["other"] = a, b
+        elif fault.name in ("skip", "repeat"):
+            params["layer"] = norm("layer", params["layer"]) if "layer" in params else nth(0)
+        elif fault.name in ("retry", "clear"):
+            params["layer"] = norm("layer", params["layer"]) if "layer" in params else nth(1)
+            if fault.name == "clear":
+                params.setdefault("queue", "attn_kv_{prev}")
+        return Fault(fault.name, fault.step, params)
+
+    # -- set wrapper: step counting, stale-state, per-step layer order -----------------------
+    def _plain_set(self) -> Callable[[Any, Any], None]:
+        saved = self._saved_set
+        assert saved is not None
+        if saved[0]:
+            return saved[1]
+        return type(self.cache).set.__get__(self.cache)
+
+    def _set(self, key: Any, value: Any) -> None:
+        if not (type(key) is str and key == self.state_key):
+            return self._forward_set(key, value)
+        k = self._count
+        self._count += 1
+        self.handle.steps_seen = self._count
+        self._restore_order()
+        stale = [f for f in self.faults if f.name == "stale-state" and f.step == k
+                 and id(f) not in self._fired and self._have_state]
+        meant = value
+        if stale:
+            value = self._last_state
+        try:
+            self._forward_set(key, value)   # may raise in strict mode; the value is set anyway
+        finally:
+            self._last_state = value
+            self._have_state = True
+            self._step = k
+            for f in stale:
+                self._fire(f, k, f"set state_ids to the previous step's {value!r} instead of "
+                                 f"{meant!r}")
+        self._apply_order(k)
+
+    def _forward_set(self, key: Any, value: Any) -> None:
+        """Call the real ``set`` keeping the loop's call site for an ``InstrumentedCache``."""
+        from ._instrumented import InstrumentedCache
+        cache = self.cache
+        assert self._saved_set is not None
+        if not self._saved_set[0] and isinstance(cache, InstrumentedCache):
+            owner, site = cache._attributor.lookup(2)
+            cache._set(key, value, owner, site)
+        else:
+            self._plain_set()(key, value)
+
+    def _cache_step(self) -> int | None:
+        step = getattr(self.cache, "step", None)
+        return step if isinstance(step, int) else None
+
+    def _fire(self, fault: Fault, step: int, what: str) -> None:
+        self._fired.add(id(fault))
+        self.handle.events.append(FaultEvent(fault, step, self._cache_step(), what))
+
+    def _apply_order(self, k: int) -> None:
+        todo = [f for f in self.faults if f.step == k and f.name in ("swap", "skip", "repeat")
+                and id(f) not in self._fired]
+        if not todo:
+            return
+        order = list(range(len(self.modules)))
+        for f in todo:
+            layer = f.params["layer"]
+            if f.name == "swap":
+                other = f.params["other"]
+                order = [other if i == layer else layer if i == other else i for i in order]
+                what = f"layers {layer} and {other} run in each other's place"
+            elif f.name == "skip":
+                order = [i for i in order if i != layer]
+                what = f"layer {layer} not run"
+            else:
+                order = [j for i in order for j in ((i, i) if i == layer else (i,))]
+                what = f"layer {layer} run twice"
+            self._fire(f, k, f"{what} (order {','.join(map(str, order))})")
+        new = OrderedDict((str(pos), self.modules[i]) for pos, i in enumerate(order))
+        self.layers.__dict__["_modules"] = new
+        self._reordered = True
+
+    def _restore_order(self) -> None:
+        if self._reordered:
+            self.layers.__dict__["_modules"] = self._orig_modules
+            self._reordered = False
+
+    # -- per-layer hooks: retry raises, clear clears ------------------------------------------
+    def _make_hook(self, fault: Fault) -> Callable[..., None]:
+        layer = fault.params["layer"]
+
+        def hook(_module: nn.Module, _args: Any) -> None:
+            if self._step != fault.step or id(fault) in self._fired:
+                return
+            if fault.name == "retry":
+                self._fire(fault, self._step, f"raised InjectedFault before layer {layer} "
+                                              f"(layers before it ran); the step is retried")
+                raise InjectedFault(f"injected fault {fault}: step {self._step} failed before "
+                                    f"layer {layer} ran")
+            prev, nxt = (self._last_state if isinstance(self._last_state, (tuple, list))
+                         and len(self._last_state) == 2 else (None, None))
+            name = fault.params["queue"].format(prev=prev, next=nxt)
+            if self.cache.q_size(name) is None:
+                return     # nothing to clear: the fault does not fire (see handle.not_fired())
+            self._fire(fault, self._step, f"cleared queue {name!r} before layer {layer} ran")
+            self.cache.clear(name)
+
+        return hook
+
+    def _retrying_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def retrying(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return forward(*args, **kwargs)
+            except InjectedFault:
+                # The loop's retry: set the same state_ids again, run the step again.
+                self._set(self.state_key, self._last_state)
+                return forward(*args, **kwargs)
+
+        return retrying
+
+    # -- enter / exit -------------------------------------------------------------------------
+    def __enter__(self) -> FaultHandle:
+        cache = self.cache
+        had = "set" in vars(cache)
+        self._saved_set = (had, vars(cache).get("set"))
+        cache.set = self._set
+        try:
+            for f in self.faults:
+                if f.name in ("retry", "clear"):
+                    module = self.modules[f.params["layer"]]
+                    self._hooks.append(module.register_forward_pre_hook(self._make_hook(f),
+                                                                        prepend=True))
+            if self.runner is not None:
+                had_fwd = "forward" in vars(self.runner)
+                self._saved_forward = (had_fwd, vars(self.runner).get("forward"))
+                self.runner.__dict__["forward"] = self._retrying_forward(self.runner.forward)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.handle
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore_order()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._saved_forward is not None and self.runner is not None:
+            had, fwd = self._saved_forward
+            if had:
+                self.runner.__dict__["forward"] = fwd
+            else:
+                self.runner.__dict__.pop("forward", None)
+            self._saved_forward = None
+        if self._saved_set is not None:
+            had, fn = self._saved_set
+            if had:
+                self.cache.set = fn
+            else:
+                vars(self.cache).pop("set", None)
+            self._saved_set = None
+
+
+@contextlib.contextmanager
+def inject(faults: Fault | str | Sequence[Fault | str], layers: nn.ModuleList | nn.Sequential,
+           cache: Any = None, *, model: nn.Module | None = None) -> Iterator[FaultHandle]:
+    """Inject ``faults`` (a ``Fault``, a spec string, or several) into the decode loop(s) run
+    inside the block.
+
+    ``layers``: the container the model iterates (``model.layers``; an ``nn.Sequential`` model
+    itself). ``cache``: the cache the loop and the layers use (default: ``get_cache()``), a plain
+    ``Cache`` or an ``InstrumentedCache``. ``model``: the module whose forward runs the layers,
+    needed by ``retry`` unless ``layers`` is an ``nn.Sequential`` run directly.
+
+    Layer order is changed by swapping the container's module dict for the faulty step only;
+    ``state_ids`` sets are seen by wrapping ``cache.set`` on the instance; ``retry``/``clear``
+    use forward pre-hooks on the chosen layer; ``retry`` also wraps ``model.forward`` so the
+    step is re-run with the same ``state_ids`` after ``InjectedFault``. All undone on exit.
+    """
+    if cache is None:
+        from ._cache import get_cache
+        cache = get_cache()
+    items = [faults] if isinstance(faults, (Fault, str)) else list(faults)
+    resolved = [parse_fault(f) if isinstance(f, str) else f for f in items]
+    for f in resolved:
+        if not isinstance(f, Fault):
+            raise TypeError(f"inject() takes Fault objects or spec strings, got {type(f).__name__}")
+    injector = _Injector(resolved, layers, cache, model)
+    handle = injector.__enter__()
+    try:
+        yield handle
+    finally:
+        injector.__exit__()
