@@ -1,0 +1,232 @@
+"""pytest plugin (``pytest11`` entry point ``cachescope``): fixtures for KV-cache tests and a
+strict mode that fails any test whose caches recorded a pop-order violation.
+
+Fixtures (function scope):
+
+* ``cachescope`` -- a ``cachescope.testing.CacheProbe`` installed as the cache singleton (for
+  cachescope and for labml_nn) for the test, with its own metrics registry and in-memory tracer.
+* ``cachescope_factory`` -- ``factory(**options) -> CacheProbe``: more isolated caches, not
+  installed; closed at teardown.
+* ``cachescope_options`` -- ``InstrumentedCache`` options for both; override it in a conftest.
+
+Strict mode (``--cachescope-strict``, ini ``cachescope_strict = true``, or per test
+``@pytest.mark.cachescope(strict=True)``): a test fails when an ``InstrumentedCache`` created
+during it (or the one installed when it started) recorded a violation the test did not declare
+with ``probe.expect_violations(...)``. The failure message holds the violation reports. Without
+strict mode, a failing test still gets its violation reports in a "cachescope" report section.
+
+Importing this module does not import torch: cachescope is loaded when a test needs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+pytest.register_assert_rewrite("cachescope.testing")
+
+if TYPE_CHECKING:
+    from cachescope.testing import CacheProbe, _CacheTracker
+
+__all__ = ["cachescope", "cachescope_factory", "cachescope_options"]
+
+_MARKER = "cachescope"
+_NAME_LIMIT = 64
+
+
+class _ItemState:
+    __slots__ = ("tracker", "strict", "quiet", "called")
+
+    def __init__(self, tracker: "_CacheTracker", strict: bool, quiet: bool) -> None:
+        self.tracker = tracker
+        self.strict = strict
+        self.quiet = quiet      # marked strict=False: violations are fine, do not list the test
+        self.called = False
+
+
+_STATE = pytest.StashKey[_ItemState]()
+_PASSED_WITH_VIOLATIONS = pytest.StashKey[list]()
+
+
+# --------------------------------------------------------------------------- configuration
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cachescope", "cachescope (KV-cache pop-order checks)")
+    group.addoption(
+        "--cachescope-strict", action="store_true", default=None, dest="cachescope_strict",
+        help="fail every test in which an InstrumentedCache recorded a pop-order violation that "
+             "the test did not declare with probe.expect_violations(); per test: "
+             "@pytest.mark.cachescope(strict=False)")
+    parser.addini("cachescope_strict", type="bool", default=False,
+                  help="default of --cachescope-strict")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cachescope(strict=None, **cache_options): cachescope settings for this test. "
+        "strict=True/False fails (or not) the test on any unexpected cache violation, whatever "
+        "--cachescope-strict says; other keywords are InstrumentedCache options for the "
+        "cachescope and cachescope_factory fixtures (e.g. timeline_size=1024).")
+    config.stash[_PASSED_WITH_VIOLATIONS] = []
+
+
+def _global_strict(config: pytest.Config) -> bool:
+    option = config.getoption("cachescope_strict", default=None)
+    if option is not None:
+        return bool(option)
+    try:
+        return bool(config.getini("cachescope_strict"))
+    except ValueError:  # plugin registered late (pytest_plugins in a test module): no ini option
+        return False
+
+
+def _marker_kwargs(node: pytest.Item) -> dict[str, Any]:
+    """Keyword arguments of the closest ``cachescope`` marker (module, class and function
+    markers merge; the closest wins)."""
+    merged: dict[str, Any] = {}
+    for marker in reversed(list(node.iter_markers(_MARKER))):
+        if marker.args:
+            raise pytest.UsageError(
+                f"{node.nodeid}: @pytest.mark.cachescope takes keyword arguments only "
+                f"(strict=..., InstrumentedCache options), got positional {marker.args!r}")
+        merged.update(marker.kwargs)
+    return merged
+
+
+def _item_strict(item: pytest.Item) -> bool | None:
+    """The marker's ``strict`` (None when the marker does not say)."""
+    strict = _marker_kwargs(item).get("strict")
+    return None if strict is None else bool(strict)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if _global_strict(config):
+        return "cachescope: strict (an unexpected cache violation fails the test)"
+    return None
+
+
+# --------------------------------------------------------------------------- strict mode
+def _failure_text(item: pytest.Item, violations: list[Any], when: str) -> str:
+    from cachescope.testing import _kinds, format_violations
+    caches = ", ".join(dict.fromkeys(repr(v.cache) for v in violations))
+    return (
+        f"cachescope strict mode: {len(violations)} unexpected cache violation(s) {when} "
+        f"{item.name} (cache {caches}: {_kinds(violations)}).\n"
+        "Each one means a layer read another layer's keys/values (or found nothing to read). Fix "
+        "the decode loop; if the test provokes violations on purpose, wrap that code in "
+        "`with cachescope.expect_violations(...)` or mark the test "
+        "@pytest.mark.cachescope(strict=False).\n\n" + format_violations(violations))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    marked = _item_strict(item)
+    strict = _global_strict(item.config) if marked is None else marked
+    # Track caches when strict, or when cachescope is loaded anyway (for failure reports).
+    if strict or "cachescope._instrumented" in sys.modules:
+        from cachescope.testing import _CacheTracker
+        item.stash[_STATE] = _ItemState(_CacheTracker.start(), strict, marked is False)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    state = item.stash.get(_STATE, None)
+    if state is None:
+        return (yield)
+    try:
+        result = yield
+    except BaseException:
+        violations = state.tracker.take_unexpected()
+        if violations:
+            from cachescope.testing import format_violations
+            item.add_report_section("call", "cachescope", format_violations(violations))
+        raise
+    state.called = True
+    violations = state.tracker.take_unexpected()
+    if violations:
+        if state.strict:
+            pytest.fail(_failure_text(item, violations, "during"), pytrace=False)
+        if not state.quiet:
+            item.config.stash.setdefault(_PASSED_WITH_VIOLATIONS, []).append(item.nodeid)
+    return result
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    state = item.stash.get(_STATE, None)
+    if state is None:
+        return (yield)
+    try:
+        result = yield
+    finally:
+        late = state.tracker.take_unexpected()
+        state.tracker.stop()
+        del item.stash[_STATE]
+    if late and state.strict and state.called:
+        pytest.fail(_failure_text(item, late, "in the teardown of"), pytrace=False)
+    return result
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    passed = config.stash.get(_PASSED_WITH_VIOLATIONS, [])
+    if not passed:
+        return
+    shown = ", ".join(passed[:5]) + (f" and {len(passed) - 5} more" if len(passed) > 5 else "")
+    terminalreporter.write_sep("-", "cachescope")
+    terminalreporter.write_line(
+        f"{len(passed)} test(s) passed although their caches recorded unexpected violations: "
+        f"{shown}. Run with --cachescope-strict to fail them, or declare them with "
+        "probe.expect_violations(...).")
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def cachescope_options() -> dict[str, Any]:
+    """``InstrumentedCache`` keyword options for ``cachescope`` and ``cachescope_factory``.
+    Override this fixture (in a conftest, a module or a class) to change them; the
+    ``cachescope`` marker's keywords (other than ``strict``) are applied on top."""
+    return {}
+
+
+@pytest.fixture
+def cachescope_factory(request: pytest.FixtureRequest,
+                       cachescope_options: dict[str, Any]) -> Iterator[Callable[..., "CacheProbe"]]:
+    """``factory(**options) -> CacheProbe``: a new isolated cache (own registry, tracer, op log),
+    not installed as the singleton (``with probe:`` installs it). Options apply over
+    ``cachescope_options`` and the marker's. Every probe is closed at teardown."""
+    from cachescope.testing import CacheProbe
+
+    base = dict(cachescope_options)
+    base.update({k: v for k, v in _marker_kwargs(request.node).items() if k != "strict"})
+    node_name = request.node.name[:_NAME_LIMIT]
+    probes: list[CacheProbe] = []
+
+    def factory(**options: Any) -> CacheProbe:
+        merged = {**base, **options}
+        if "name" not in merged:
+            merged["name"] = node_name if not probes else f"{node_name}-{len(probes) + 1}"
+        probe = CacheProbe(**merged)
+        probes.append(probe)
+        return probe
+
+    try:
+        yield factory
+    finally:
+        for probe in reversed(probes):
+            probe.close()
+
+
+@pytest.fixture
+def cachescope(cachescope_factory: Callable[..., "CacheProbe"]) -> Iterator["CacheProbe"]:
+    """A ``CacheProbe`` whose cache is the process singleton (``cachescope.get_cache()`` and
+    labml_nn's ``get_cache()``) for this test; the previous singleton is restored afterwards."""
+    probe = cachescope_factory()
+    probe.install()
+    try:
+        yield probe
+    finally:
+        probe.uninstall()
