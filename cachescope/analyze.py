@@ -1,0 +1,587 @@
+"""Replay a recorded run (``cachescope.record``) through the same checker, after the fact.
+
+    result = analyze_file("run.jsonl.gz")          # prints the reports; returns AnalysisResult
+
+The file is read line by line (gzip is detected by its magic bytes, whatever the name). Every
+recorded op is fed to a fresh ``InstrumentedCache`` through the same attributed entry points the
+live cache used (``_push``/``_pop``/``_set``/``_clear``/``_clear_all``, ``mark_step``,
+``end_step``, ``finish_generation``), so the violations, their reports (op numbers included) and
+the run summary come out as the live run printed them. Only times differ.
+
+On top of the live output, the analysis prints which owner popped which owner's item in every
+step (a consumers x steps table), and collects per-step series that ``cachescope.plots`` draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from ._families import default_family
+from ._instrumented import InstrumentedCache
+from ._values import Measure
+from .record import FORMAT, VERSION
+
+__all__ = ["AnalysisResult", "RecordFormatError", "analyze_file", "decode_value", "main_analyze",
+           "read_record", "replay"]
+
+_STDOUT: Any = object()
+_PROGRESS_EVERY = 4096        # lines between progress checks
+_MAX_MARKS = 100_000          # violation markers kept for the plots
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class RecordFormatError(ValueError):
+    """The file is not a cachescope record this version can read."""
+
+
+class ReplayedError(Exception):
+    """Stands in for the exception that ended a recorded generation (its repr is the message)."""
+
+
+# ---------------------------------------------------------------------------------------- values
+class _Opaque:
+    """A recorded non-JSON value: compares and prints like the original did (by repr)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is type(self) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+_OPAQUE_TYPES: dict[str, type] = {}
+
+
+def decode_value(x: Any) -> Any:
+    """Inverse of ``cachescope.record.encode_value``: tuples stay tuples, reprs come back as
+    objects whose ``repr()`` and type name are the original's."""
+    if type(x) is list:
+        return [decode_value(e) for e in x]
+    if type(x) is dict:
+        if "tuple" in x:
+            return tuple(decode_value(e) for e in x["tuple"])
+        if "repr" in x:
+            name = str(x.get("type") or "object")
+            cls = _OPAQUE_TYPES.get(name)
+            if cls is None:
+                cls = _OPAQUE_TYPES[name] = type(name, (_Opaque,), {"__slots__": ()})
+            return cls(str(x["repr"]))
+        return {k: decode_value(v) for k, v in x.items()}
+    return x
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_record(path: str | os.PathLike[str],
+                progress: Callable[[float], None] | None = None) -> tuple[dict[str, Any], Iterator[tuple[int, Any]]]:
+    """Open a record: returns ``(header, lines)`` where ``lines`` yields ``(line_number, dict or
+    None)`` for every later line (None for a line that is not valid JSON). Streaming; gzip
+    aware. Raises ``RecordFormatError`` when the file is not a readable cachescope record.
+    ``progress(fraction)`` is called now and then with the share of the file's bytes read."""
+    import json
+
+    path = Path(path)
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the generator / on error
+    try:
+        size = os.fstat(raw.fileno()).st_size
+        magic = raw.read(2)
+        raw.seek(0)
+        stream: Any = io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), 1 << 16) \
+            if magic == _GZIP_MAGIC else raw
+        try:
+            first = stream.readline()
+        except (OSError, EOFError) as exc:
+            raise RecordFormatError(f"{path}: not a cachescope record (cannot decompress: {exc})") from exc
+        if not first.strip():
+            raise RecordFormatError(f"{path}: empty file, not a cachescope record")
+        try:
+            header = json.loads(first)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RecordFormatError(
+                f"{path}: not a cachescope record (the first line is not JSON: {exc}); "
+                "record a run with cachescope.record or `cachescope run --record`") from exc
+        if not isinstance(header, dict) or header.get("type") != "header" \
+                or header.get("format") != FORMAT:
+            found = header.get("format") or header.get("type") if isinstance(header, dict) \
+                else type(header).__name__
+            raise RecordFormatError(
+                f"{path}: not a cachescope record (the first line is not a {FORMAT!r} header; "
+                f"found {found!r})")
+        version = header.get("version")
+        if type(version) is not int or version < 1:
+            raise RecordFormatError(f"{path}: invalid {FORMAT} header: version {version!r}")
+        if version > VERSION:
+            raise RecordFormatError(
+                f"{path}: {FORMAT} version {version} was written by a newer cachescope "
+                f"({header.get('cachescope_version')}); this one reads version {VERSION}: upgrade "
+                "cachescope to analyze it")
+    except BaseException:
+        raw.close()
+        raise
+
+    def lines() -> Iterator[tuple[int, Any]]:
+        loads = json.loads
+        n = 1
+        try:
+            if progress is not None:
+                progress(raw.tell() / size if size else 1.0)
+            for line in stream:
+                n += 1
+                if n % _PROGRESS_EVERY == 0 and progress is not None:
+                    progress(raw.tell() / size if size else 1.0)
+                try:
+                    yield n, loads(line)
+                except ValueError:
+                    if line.strip():
+                        yield n, None
+            if progress is not None:
+                progress(1.0)
+        finally:
+            raw.close()
+
+    return header, lines()
+
+
+# ---------------------------------------------------------------------------------------- replay
+class _Collector:
+    """A sink on the replaying cache: per-step data for the owner table and the plots."""
+
+    def __init__(self) -> None:
+        self.ops_by_step: dict[int, dict[str, int]] = {}
+        self.consumers: dict[Any, None] = {}        # first-seen order
+        self.cells: dict[int, dict[Any, list[tuple[Any, str | None]]]] = {}
+        self.marks: list[tuple[int, int, str, str]] = []   # (step, seq, kind, queue)
+        self.marks_dropped = 0
+        self.series: dict[str, list[tuple[int, int, int, int]]] = {}  # family -> (step, depth, logical, storage)
+        self.last_snapshot = -2
+
+    def on_op(self, cache: Any, rec: Any) -> None:
+        counts = self.ops_by_step.get(rec.step)
+        if counts is None:
+            counts = self.ops_by_step[rec.step] = {}
+        counts[rec.op] = counts.get(rec.op, 0) + 1
+        if rec.op == "pop":
+            owner = rec.owner
+            if owner not in self.consumers:
+                self.consumers[owner] = None
+            row = self.cells.get(rec.step)
+            if row is None:
+                row = self.cells[rec.step] = {}
+            cell = row.get(owner)
+            if cell is None:
+                row[owner] = [(rec.producer, rec.violation)]
+            else:
+                cell.append((rec.producer, rec.violation))
+
+    def on_violation(self, cache: Any, v: Any) -> None:
+        if len(self.marks) < _MAX_MARKS:
+            self.marks.append((v.step, v.seq, v.kind, v.queue))
+        else:
+            self.marks_dropped += 1
+
+    def on_step_end(self, cache: Any, step: Any) -> None:
+        self.snapshot(cache, step.index)
+
+    def snapshot(self, cache: Any, index: int) -> None:
+        if index == self.last_snapshot:
+            return
+        self.last_snapshot = index
+        for name, fs in cache.stats.families.items():
+            if fs.push or fs.pop:
+                series = self.series.get(name)
+                if series is None:
+                    series = self.series[name] = []
+                series.append((index, fs.depth, fs.logical, fs.storage))
+
+
+class _Replayer:
+    """Feeds recorded lines to a fresh ``InstrumentedCache``."""
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        self.header = header
+        self.families: dict[str, str] = {}
+        families = self.families
+        self.cache = cache = InstrumentedCache(
+            name=header.get("cache") or "default", attribution="off", metrics=False, tracing=False,
+            timeline_size=int(header.get("timeline_size") or 256),
+            max_violations=int(header.get("max_violations") or 1000),
+            state_key=header.get("state_key") or "state_ids",
+            family=lambda name: families.get(name) or default_family(name))
+        self.collector = _Collector()
+        cache.add_sink(self.collector)
+        self.notes: list[str] = []
+        self.diverged: str | None = None
+        self.divergences = 0
+        self.ops = 0
+        self.lines = 1
+        self.bad_lines = 0
+        self.logged_violations = 0
+        self.generations = 0
+        self.steps: dict[int, dict[str, Any]] = {}
+        self.unknown: dict[str, int] = {}
+        start_seq = int(header.get("start_seq") or 0)
+        start_step = header.get("start_step")
+        if start_seq:
+            cache._seq = start_seq
+            self.notes.append(
+                f"the recording started at op #{start_seq + 1} of the live cache: items pushed "
+                "before it are unknown, so reports involving them can differ from the live run")
+        if isinstance(start_step, int) and start_step >= 0:
+            cache._step_index = start_step
+        self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            "op": self._op, "step": self._step, "mark": self._mark, "violation": self._violation,
+            "generation_start": self._generation_start, "generation_end": self._generation_end,
+            "alias": self._alias, "stats": self._stats, "header": self._header}
+
+    # -- bookkeeping
+    def _sync(self, seq: Any, what: str) -> None:
+        """Make the next record the cache makes get op number ``seq``; note any gap."""
+        if type(seq) is not int:
+            return
+        cache = self.cache
+        if cache._seq != seq - 1:
+            self.divergences += 1
+            if self.diverged is None:
+                self.diverged = (f"the replay diverged from the recording at {what} #{seq} (replay "
+                                 f"was at op #{cache._seq + 1}): lines are missing from the log, or "
+                                 "it was edited; later op numbers follow the log")
+            cache._seq = seq - 1
+
+    def feed(self, n: int, d: Any) -> None:
+        self.lines = n
+        if type(d) is not dict:
+            self.bad_lines += 1
+            if self.bad_lines == 1:
+                self.notes.append(f"line {n} is not a JSON object (a truncated last line of a killed "
+                                  "run?); skipped")
+            return
+        t = d.get("type")
+        handler = self._handlers.get(t)  # type: ignore[arg-type]
+        if handler is None:
+            self.unknown[str(t)] = self.unknown.get(str(t), 0) + 1
+            return
+        try:
+            handler(d)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.bad_lines += 1
+            if self.bad_lines == 1:
+                self.notes.append(f"line {n} ({t}) is malformed ({type(exc).__name__}: {exc}); skipped")
+
+    # -- handlers
+    def _op(self, d: dict[str, Any]) -> None:
+        seq = d["seq"]
+        op = d["op"]
+        queue = d["queue"]
+        owner = d.get("owner")
+        site = d.get("site")
+        cache = self.cache
+        self._sync(seq, "op")
+        self.ops += 1
+        family = d.get("family")
+        if family is not None:
+            self.families[queue] = family
+        if op == "push":
+            value = d.get("value") or {}
+            storages = d.get("storages")
+            if storages is None:   # not recorded: one storage of its own per push
+                nbytes = d.get("storage_bytes") or 0
+                storages = ((("push", seq), nbytes),) if nbytes else ()
+            else:
+                storages = tuple((k if type(k) is not list else tuple(k), b) for k, b in storages)
+            summary = tuple((tuple(t["shape"]), t["dtype"], t["device"])
+                            for t in value.get("tensors") or ())
+            m = Measure(d.get("logical_bytes") or 0, storages, summary,
+                        value.get("kind") or "NoneType", bool(value.get("truncated")))
+            cache._push(queue, None, owner, site, m)
+        elif op == "pop":
+            try:
+                cache._pop(queue, owner, site)
+            except (IndexError, KeyError):
+                pass   # pop_empty / pop_missing: the live loop saw the same exception
+        elif op == "set":
+            if "state" in d:
+                value = decode_value(d["state"])
+            elif d.get("depth") is not None:
+                value = [None] * int(d["depth"])
+            else:
+                value = _PLAIN
+            cache._set(queue, value, owner, site)
+        elif op == "clear":
+            try:
+                cache._clear(queue, owner, site)
+            except KeyError:
+                pass   # the log is inconsistent: the next op's number shows the gap
+        elif op == "clear_all":
+            cache._clear_all(owner, site)
+        else:
+            self.unknown[f"op {op}"] = self.unknown.get(f"op {op}", 0) + 1
+            cache._seq = seq
+
+    def _mark(self, d: dict[str, Any]) -> None:
+        self._sync(d.get("seq"), "step mark")
+        self.cache.mark_step(decode_value(d.get("prev")), decode_value(d.get("next")))
+
+    def _step(self, d: dict[str, Any]) -> None:
+        index = d["index"]
+        self.steps[index] = {"duration": d.get("duration"), "tokens": d.get("tokens") or 0,
+                             "gets": d.get("gets") or 0, "start": d.get("start")}
+        if d.get("closed", "end_step") == "end_step":
+            cur = self.cache.current_step
+            if cur is not None and cur.index == index and cur.end is None:
+                self.cache.end_step(tokens=int(d.get("tokens") or 0))
+
+    def _violation(self, d: dict[str, Any]) -> None:
+        self.logged_violations += 1
+
+    def _generation_start(self, d: dict[str, Any]) -> None:
+        self.generations += 1
+
+    def _generation_end(self, d: dict[str, Any]) -> None:
+        error = d.get("error")
+        self.cache.finish_generation(None if error is None else ReplayedError(error))
+        seq = d.get("seq")
+        if type(seq) is int and seq != self.cache._seq:
+            self._sync(seq + 1, "generation end at op")
+
+    def _alias(self, d: dict[str, Any]) -> None:
+        self.cache._attributor.aliases.update(d.get("aliases") or {})
+
+    def _stats(self, d: dict[str, Any]) -> None:
+        for family, n in (d.get("gets") or {}).items():
+            self.cache.stats.family(family).get = int(n)
+
+    def _header(self, d: dict[str, Any]) -> None:
+        self.notes.append(f"line {self.lines} is a second header (files concatenated?); the "
+                          "replay goes on as if it were one run")
+
+    def finish(self) -> None:
+        cur = self.cache.current_step
+        if cur is not None:
+            self.collector.snapshot(self.cache, cur.index)
+        if self.diverged:
+            self.notes.append(self.diverged + (f" ({self.divergences} gaps)" if self.divergences > 1 else ""))
+        if self.unknown:
+            self.notes.append("ignored unknown lines: " + ", ".join(
+                f"{k} x{n}" for k, n in sorted(self.unknown.items())))
+        if self.bad_lines > 1:
+            self.notes.append(f"{self.bad_lines} unreadable lines skipped in all")
+
+
+_PLAIN = object()   # stands in for a plain (non-list, non-state) value that was set
+
+
+# ---------------------------------------------------------------------------------------- result
+@dataclass
+class AnalysisResult:
+    """What ``analyze_file`` found. ``cache`` is the replayed ``InstrumentedCache``."""
+
+    path: Path
+    header: dict[str, Any]
+    cache: InstrumentedCache
+    ops: int
+    lines: int
+    generations: int
+    logged_violations: int
+    notes: list[str]
+    consumers: list[Any]
+    cells: dict[int, dict[Any, list[tuple[Any, str | None]]]]
+    ops_by_step: dict[int, dict[str, int]]
+    steps: dict[int, dict[str, Any]]
+    series: dict[str, list[tuple[int, int, int, int]]]
+    marks: list[tuple[int, int, str, str]]
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def violations(self) -> list[Any]:
+        return self.cache.violations
+
+    def reports(self) -> list[str]:
+        """The violation reports, as ``v.report()`` printed them in the live run."""
+        return [v.report() for v in self.cache.violations]
+
+    def summary(self) -> str:
+        """The run summary, as ``cache.report()`` printed it in the live run."""
+        return self.cache.report()
+
+    def title(self) -> str:
+        h = self.header
+        steps = len(self.steps) or self.cache.stats.steps
+        return (f"cachescope analyze: {self.path} (cache {h.get('cache')!r}, recorded "
+                f"{h.get('created')}, cachescope {h.get('cachescope_version')}; {self.ops} ops, "
+                f"{steps} steps)")
+
+    def owner_labels(self) -> dict[Any, str]:
+        """Column label per consumer: ``[0]``, ``[1]``, ... in first-seen order."""
+        return {c: f"[{i}]" for i, c in enumerate(self.consumers)}
+
+    def owner_table(self, max_rows: int = 200) -> str:
+        """Which owner popped which owner's item, per step (identical consecutive rows folded)."""
+        if not self.cells:
+            return "Who popped whose item: no pops were recorded."
+        labels = self.owner_labels()
+        lines = ["Who popped whose item, per step (columns: consumers in first-seen order)",
+                 "  '=' its own item; [n] the item pushed by consumer [n]; * an owner_mismatch;",
+                 "  !empty / !missing a failed pop; ? an item of unknown origin; blank: no pop",
+                 ""]
+        lines += [f"  {labels[c]} {_name(c)}" for c in self.consumers]
+        lines.append("")
+        rows: list[tuple[int, int, tuple[str, ...]]] = []
+        for step in sorted(self.cells):
+            row = self.cells[step]
+            cells = tuple(_cell(c, row.get(c), labels) if c in row else "" for c in self.consumers)
+            if rows and rows[-1][2] == cells and rows[-1][1] == step - 1:
+                rows[-1] = (rows[-1][0], step, cells)
+            else:
+                rows.append((step, step, cells))
+        heads = ["step"] + [labels[c] for c in self.consumers]
+        text_rows = [[(f"{a}" if a == b else f"{a}-{b}")] + list(cells) for a, b, cells in rows]
+        widths = [max(len(h), *(len(r[i]) for r in text_rows)) for i, h in enumerate(heads)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines.append(fmt.format(*heads).rstrip())
+        shown = text_rows if len(text_rows) <= max_rows else text_rows[:max_rows // 2] + [None] + \
+            text_rows[-(max_rows // 2):]
+        for r in shown:
+            if r is None:
+                lines.append(f"... {len(text_rows) - 2 * (max_rows // 2)} row(s) not shown ...")
+            else:
+                lines.append(fmt.format(*r).rstrip())
+        return "\n".join(lines)
+
+    def text(self, quiet: bool = False) -> str:
+        """Everything ``analyze_file`` prints."""
+        parts = [self.title()]
+        parts += [f"note: {n}" for n in self.notes]
+        if not quiet:
+            parts += self.reports()
+        parts.append(self.summary())
+        if not quiet:
+            parts.append(self.owner_table())
+        return "\n\n".join(parts) + "\n"
+
+
+def _name(owner: Any) -> str:
+    return "<no module>" if owner is None else str(owner)
+
+
+def _cell(consumer: Any, pops: list[tuple[Any, str | None]] | None, labels: dict[Any, str]) -> str:
+    out = []
+    for producer, violation in pops or ():
+        if violation in ("pop_empty", "pop_missing"):
+            out.append("!" + violation[4:])
+            continue
+        if producer is None:
+            text = "?"
+        elif producer == consumer:
+            text = "="
+        else:
+            text = labels.get(producer) or str(producer)
+        out.append(("*" + text) if violation == "owner_mismatch" else text)
+    return "+".join(out)
+
+
+# ---------------------------------------------------------------------------------------- API
+def replay(path: str | os.PathLike[str], progress: bool | Callable[[float], None] = False) -> AnalysisResult:
+    """Read and replay a record without printing anything."""
+    path = Path(path)
+    started = time.perf_counter()
+    report_progress = _progress_printer(path) if progress is True else (progress or None)
+    header, lines = read_record(path, report_progress)  # type: ignore[arg-type]
+    r = _Replayer(header)
+    feed = r.feed
+    try:
+        for n, d in lines:
+            feed(n, d)
+    except (OSError, EOFError) as exc:   # a gzip stream cut short by a killed run
+        r.notes.append(f"the file ends early after line {r.lines} ({type(exc).__name__}: {exc}); "
+                       "analyzed what was there")
+    finally:
+        if progress is True:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+    r.finish()
+    c = r.collector
+    return AnalysisResult(
+        path=path, header=header, cache=r.cache, ops=r.ops, lines=r.lines,
+        generations=r.generations, logged_violations=r.logged_violations, notes=r.notes,
+        consumers=list(c.consumers), cells=c.cells, ops_by_step=c.ops_by_step, steps=r.steps,
+        series=c.series, marks=c.marks, seconds=time.perf_counter() - started,
+        extra={"marks_dropped": c.marks_dropped, "bad_lines": r.bad_lines})
+
+
+def _progress_printer(path: Path) -> Callable[[float], None]:
+    last = [-1]
+
+    def show(fraction: float) -> None:
+        pct = int(min(1.0, max(0.0, fraction)) * 100)
+        if pct != last[0]:
+            last[0] = pct
+            sys.stderr.write(f"\ranalyzing {path.name}: {pct:3d}%")
+            sys.stderr.flush()
+    return show
+
+
+def analyze_file(path: str | os.PathLike[str], out: IO[str] | None = _STDOUT, progress: bool = False,
+                 *, quiet: bool = False) -> AnalysisResult:
+    """Replay the record at ``path`` and print (to ``out``; default stdout, None for silence) the
+    violation reports and run summary the live run printed, plus the per-step owner table.
+    ``progress`` shows a percentage on stderr; ``quiet`` prints only the summary.
+    Raises ``RecordFormatError`` for a file that is not a readable record, ``OSError`` when
+    it cannot be opened."""
+    if out is _STDOUT:
+        out = sys.stdout
+    result = replay(path, progress=progress)
+    if out is not None:
+        out.write(result.text(quiet=quiet))
+        with contextlib.suppress(Exception):
+            out.flush()
+    return result
+
+
+def main_analyze(args: Any) -> int:
+    """``cachescope analyze`` entry point. ``args`` (an argparse Namespace) fields:
+
+    - ``file``: path of the record (``.jsonl`` or ``.jsonl.gz``).
+    - ``out``: where to write the text; None or ``'-'`` for stdout.
+    - ``progress``: show a percentage on stderr while reading.
+    - ``quiet``: print only the run summary (no per-violation reports, no owner table).
+
+    Returns 0 when the run had no violations, 1 when it had, 2 when the file could not be read
+    (the reason goes to stderr).
+    """
+    path = getattr(args, "file", None)
+    if not path:
+        sys.stderr.write("cachescope analyze: no record file given\n")
+        return 2
+    dest = getattr(args, "out", None)
+    progress = bool(getattr(args, "progress", False))
+    quiet = bool(getattr(args, "quiet", False))
+    try:
+        if dest in (None, "-"):
+            result = analyze_file(path, out=sys.stdout, progress=progress, quiet=quiet)
+        else:
+            with open(dest, "w", encoding="utf-8") as f:
+                result = analyze_file(path, out=f, progress=progress, quiet=quiet)
+            sys.stderr.write(f"cachescope analyze: wrote {dest}\n")
+    except RecordFormatError as exc:
+        sys.stderr.write(f"cachescope analyze: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"cachescope analyze: cannot read {path}: {exc}\n")
+        return 2
+    return 1 if result.cache.violations or result.cache.stats.violations_dropped else 0
