@@ -33,7 +33,7 @@ __all__ = ["AnalysisResult", "RecordFormatError", "analyze_file", "decode_value"
            "read_record", "replay"]
 
 _STDOUT: Any = object()
-_PROGRESS_EVERY = 4096        # lines between progress checks
+_PROGRESS_EVERY = 1024        # lines between progress checks
 _MAX_MARKS = 100_000          # violation markers kept for the plots
 _GZIP_MAGIC = b"\x1f\x8b"
 

@@ -42,6 +42,7 @@ VERSION = 1
 _MAX_REPR = 1000          # characters kept of repr() of a state value that is not plain JSON
 _MAX_SEQ_ITEMS = 64       # tuples/lists longer than this are written as their repr
 _VALUE_MEMO = 1024        # distinct value summaries whose JSON text is kept
+_STR_MEMO = 4096          # distinct (op, queue, family, owner, site, ...) whose JSON text is kept
 
 
 def _jsonable(x: Any) -> Any:
@@ -69,6 +70,11 @@ def encode_value(x: Any, _depth: int = 0) -> Any:
         items = [encode_value(e, _depth + 1) for e in x]
         return {"tuple": items} if t is tuple else items
     return {"repr": _jsonable(x), "type": t.__name__}
+
+
+def _key(k: Any) -> str:
+    """A storage key as JSON: an int (the storage's address), else its repr as a string."""
+    return str(k) if type(k) is int else _dumps(repr(k))
 
 
 def _host() -> dict[str, Any]:
@@ -127,6 +133,7 @@ class Recorder:
         self._stats_dirty = False
         self._values: dict[Any, str] = {}
         self._strs: dict[Any, str] = {}
+        self._names: dict[Any, str] = {}
         if isinstance(path_or_file, (str, os.PathLike)):
             self.path = Path(path_or_file)
             raw = open(self.path, "wb")  # noqa: SIM115 - closed in close()
@@ -289,7 +296,7 @@ class Recorder:
             pass
         except TypeError:  # unhashable summary (never for torch shapes/dtypes/devices)
             key = None
-        strs = self._strs
+        strs = self._names
         tensors = []
         for shape, dtype, device in m.summary:
             d = strs.get(dtype)
@@ -312,26 +319,38 @@ class Recorder:
             if self._cache is not cache and not self._first(cache, rec.seq - 1):
                 return
             op = rec.op
-            d = {"type": "op", "seq": rec.seq, "time": rec.time, "step": rec.step, "op": op,
-                 "queue": rec.queue, "family": rec.family, "owner": rec.owner, "site": rec.site,
-                 "depth": rec.depth, "logical_bytes": rec.logical_bytes,
-                 "storage_bytes": rec.storage_bytes, "violation": rec.violation,
-                 "producer": rec.producer}
             m = rec.value
+            extra = ""
             if op == "push":
                 if m is not None:
-                    d["storages"] = m.storages
+                    st = m.storages
+                    if len(st) == 1:
+                        extra = f',"storages":[[{_key(st[0][0])},{int(st[0][1])}]]'
+                    else:
+                        extra = ',"storages":[' + ",".join(f"[{_key(k)},{int(n)}]" for k, n in st) + "]"
             elif op == "pop":
                 aliases = getattr(getattr(cache, "_attributor", None), "aliases", None)
                 if aliases and len(aliases) != self._aliases:
                     self._write_aliases(aliases)   # before the pop that may depend on them
             elif op == "set" and rec.queue == cache.state_key:
-                d["state"] = encode_value(cache.get_quiet(cache.state_key))
+                extra = ',"state":' + _dumps(encode_value(cache.get_quiet(cache.state_key)))
                 self._boundary_pending = True
-            text = _dumps(d)
-            if m is not None:
-                text = f'{text[:-1]},"value":{self._value(m)}}}'
-            self._add(text)
+            # The fields that repeat from step to step, as JSON text, memoised together.
+            key = (op, rec.queue, rec.family, rec.owner, rec.site, rec.violation, rec.producer)
+            names = self._strs.get(key)
+            if names is None:
+                names = _dumps({"op": op, "queue": rec.queue, "family": rec.family,
+                                "owner": rec.owner, "site": rec.site, "violation": rec.violation,
+                                "producer": rec.producer})[1:-1]
+                if len(self._strs) >= _STR_MEMO:
+                    self._strs.clear()
+                self._strs[key] = names
+            depth = rec.depth
+            self._add(
+                f'{{"type":"op","seq":{int(rec.seq)},"time":{float(rec.time)!r},"step":{int(rec.step)},'
+                f'{names},"depth":{"null" if depth is None else int(depth)},'
+                f'"logical_bytes":{int(rec.logical_bytes)},"storage_bytes":{int(rec.storage_bytes)}'
+                f'{extra},"value":{"null" if m is None else self._value(m)}}}')
 
     def on_violation(self, cache: Any, v: Any) -> None:
         with self._lock:
