@@ -65,8 +65,11 @@ class TracingSink:
     the SDK). Keeps no reference to the cache (only its name) and none to tensors.
     """
 
-    def __init__(self, cache: Any, tracer_provider: Any = None) -> None:
+    def __init__(self, cache: Any, tracer_provider: Any = None, op_events: bool = True) -> None:
         from . import __version__
+        #: record each cache op as a span event (the main cost of tracing; see docs/tracing.md).
+        #: Takes effect at the next step or generation.
+        self.op_events = bool(op_events)
         self._tracer = trace.get_tracer("cachescope", __version__, tracer_provider=tracer_provider)
         self.cache_name = _trunc(getattr(cache, "name", "default"))
         self._gen_span: Span | None = None
@@ -123,7 +126,7 @@ class TracingSink:
         recording = span.is_recording()
         self._gen_trace = _trace_hex(span) if recording else None
         if self._step_span is None:
-            self._event_span = span if recording else None
+            self._event_span = span if recording and self.op_events else None
 
     def on_generation_end(self, cache: Any, info: dict[str, Any]) -> None:
         self._end_step_span(None)
@@ -168,7 +171,7 @@ class TracingSink:
         self._step_span = span
         self._step_index = step.index
         if span.is_recording():
-            self._event_span = span
+            self._event_span = span if self.op_events else None
             self._step_trace = _trace_hex(span)
         else:
             self._event_span = None
@@ -201,7 +204,8 @@ class TracingSink:
         self._step_index = None
         self._step_trace = None
         gen = self._gen_span
-        self._event_span = gen if gen is not None and self._gen_trace is not None else None
+        self._event_span = (gen if gen is not None and self.op_events and gen.is_recording()
+                            else None)
         span.end(end_time=end_time)  # last: a failing span processor leaves the sink consistent
 
     # ------------------------------------------------------------------ ops and violations
@@ -225,8 +229,8 @@ class TracingSink:
         span.add_event(rec.op, attrs, int(rec.time * _NS))
 
     def on_violation(self, cache: Any, v: Any) -> None:
-        span = self._event_span
-        if span is None:
+        span = self._step_span if self._step_span is not None else self._gen_span
+        if span is None or not span.is_recording():
             return
         try:
             report = v.report()

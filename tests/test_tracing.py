@@ -303,3 +303,21 @@ def test_long_names_are_truncated() -> None:
     (span,) = exporter.get_finished_spans()
     push = next(e for e in span.events if e.name == "push")
     assert len(push.attributes[A.QUEUE]) == A.MAX_STR_LEN
+
+
+def test_op_events_can_be_turned_off() -> None:
+    """With op_events=False steps get spans without op events, and violations are still reported."""
+    provider, exporter = otel_memory()
+    cache = _cache(provider)
+    cache.tracer.op_events = False
+    model = tiny_model()
+    on_step, restore = swap_layers_after(model, 1)
+    try:
+        run_decode(cache, on_step=on_step)
+    finally:
+        restore()
+    spans = exporter.get_finished_spans()
+    steps = _by_name(spans, "decode_step")
+    assert len(steps) == NEW_TOKENS
+    assert {e.name for s in spans for e in s.events} == {A.EVENT_VIOLATION}
+    assert [s.attributes[A.STEP] for s in steps if s.status.status_code is StatusCode.ERROR] == [2]
