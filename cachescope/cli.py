@@ -169,13 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
                                          "FILE' and report what the checker finds.")
     analyze.add_argument("file", metavar="FILE", help="recording (.jsonl or .jsonl.gz)")
     analyze.add_argument("--quiet", action="store_true", help="print only violations")
+    analyze.add_argument("--progress", action="store_true",
+                         help="show a percentage on stderr while reading")
 
     report = sub.add_parser("report", help="draw pictures of a recording",
                             description="Draw queue depth, bytes and violation pictures of a "
                                         "recording into a directory.")
     report.add_argument("file", metavar="FILE", help="recording (.jsonl or .jsonl.gz)")
-    report.add_argument("--out", metavar="DIR", default="cachescope-report",
-                        help="output directory (default: cachescope-report)")
+    report.add_argument("--out", metavar="DIR", default=None,
+                        help="output directory, created if needed (default: FILE's name + "
+                             "'-report', next to it)")
+    report.add_argument("--quiet", action="store_true", help="do not list the files written")
+    report.add_argument("--progress", action="store_true",
+                        help="show a percentage on stderr while reading")
     return parser
 
 
