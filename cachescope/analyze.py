@@ -464,13 +464,16 @@ class AnalysisResult:
         return "\n".join(lines)
 
     def text(self, quiet: bool = False) -> str:
-        """Everything ``analyze_file`` prints."""
-        parts = [self.title()]
+        """Everything ``analyze_file`` prints; ``quiet``: only the violation reports (or one
+        line saying there were none) and the notes."""
+        parts = [] if quiet else [self.title()]
         parts += [f"note: {n}" for n in self.notes]
-        if not quiet:
-            parts += self.reports()
-        parts.append(self.summary())
-        if not quiet:
+        parts += self.reports()
+        if quiet:
+            if not self.cache.violations:
+                parts.append(f"cachescope analyze: {self.path}: no violations")
+        else:
+            parts.append(self.summary())
             parts.append(self.owner_table())
         return "\n\n".join(parts) + "\n"
 
@@ -540,7 +543,7 @@ def analyze_file(path: str | os.PathLike[str], out: IO[str] | None = _STDOUT, pr
                  *, quiet: bool = False) -> AnalysisResult:
     """Replay the record at ``path`` and print (to ``out``; default stdout, None for silence) the
     violation reports and run summary the live run printed, plus the per-step owner table.
-    ``progress`` shows a percentage on stderr; ``quiet`` prints only the summary.
+    ``progress`` shows a percentage on stderr; ``quiet`` prints only the violation reports.
     Raises ``RecordFormatError`` for a file that is not a readable record, ``OSError`` when
     it cannot be opened."""
     if out is _STDOUT:
@@ -559,7 +562,8 @@ def main_analyze(args: Any) -> int:
     - ``file``: path of the record (``.jsonl`` or ``.jsonl.gz``).
     - ``out``: where to write the text; None or ``'-'`` for stdout.
     - ``progress``: show a percentage on stderr while reading.
-    - ``quiet``: print only the run summary (no per-violation reports, no owner table).
+    - ``quiet``: print only the violation reports (one line when there are none): no title,
+      run summary or owner table.
 
     Returns 0 when the run had no violations, 1 when it had, 2 when the file could not be read
     (the reason goes to stderr).

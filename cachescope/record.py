@@ -130,7 +130,6 @@ class Recorder:
         self._boundary_pending = False   # a state_ids set was logged; its on_step_start follows
         self._aliases = 0
         self._gets = 0
-        self._stats_dirty = False
         self._values: dict[Any, str] = {}
         self._strs: dict[Any, str] = {}
         self._names: dict[Any, str] = {}
@@ -183,8 +182,8 @@ class Recorder:
             cache = self._cache
             if not self._header:
                 self._write_header(cache, getattr(cache, "_seq", 0))
-            if cache is not None and self._stats_dirty:
-                self._write_stats(cache)
+            if cache is not None:
+                self._write_stats(cache)   # final get counts (gets are not sent to sinks)
             self._flush()
             self.closed = True
             try:
@@ -272,7 +271,6 @@ class Recorder:
         self._add(_dumps({"type": "alias", "aliases": dict(aliases)}))
 
     def _write_stats(self, cache: Any) -> None:
-        self._stats_dirty = False
         families = getattr(getattr(cache, "stats", None), "families", {})
         gets = {name: fs.get for name, fs in list(families.items()) if fs.get}
         self._add(_dumps({"type": "stats", "gets": gets}))
@@ -382,7 +380,6 @@ class Recorder:
             for fs in list(families.values()):
                 gets += fs.get
             delta, self._gets = gets - self._gets, gets
-            self._stats_dirty = True
             self._add(_dumps({"type": "step", "index": step.index, "prev": encode_value(step.prev),
                               "next": encode_value(step.next), "start": step.start_time,
                               "duration": step.duration, "tokens": step.tokens, "ops": step.ops,
