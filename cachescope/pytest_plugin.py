@@ -15,12 +15,10 @@ during it (or the one installed when it started) recorded a violation the test d
 with ``probe.expect_violations(...)``. The failure message holds the violation reports. Without
 strict mode, a failing test still gets its violation reports in a "cachescope" report section.
 
-Importing this module does not import torch: cachescope is loaded when a test needs it.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -38,17 +36,15 @@ _NAME_LIMIT = 64
 
 
 class _ItemState:
-    __slots__ = ("tracker", "strict", "quiet", "called")
+    __slots__ = ("tracker", "strict", "called")
 
-    def __init__(self, tracker: "_CacheTracker", strict: bool, quiet: bool) -> None:
+    def __init__(self, tracker: "_CacheTracker", strict: bool) -> None:
         self.tracker = tracker
         self.strict = strict
-        self.quiet = quiet      # marked strict=False: violations are fine, do not list the test
         self.called = False
 
 
 _STATE = pytest.StashKey[_ItemState]()
-_PASSED_WITH_VIOLATIONS = pytest.StashKey[list]()
 
 
 # --------------------------------------------------------------------------- configuration
@@ -70,7 +66,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "strict=True/False fails (or not) the test on any unexpected cache violation, whatever "
         "--cachescope-strict says; other keywords are InstrumentedCache options for the "
         "cachescope and cachescope_factory fixtures (e.g. timeline_size=1024).")
-    config.stash[_PASSED_WITH_VIOLATIONS] = []
 
 
 def _global_strict(config: pytest.Config) -> bool:
@@ -125,10 +120,8 @@ def _failure_text(item: pytest.Item, violations: list[Any], when: str) -> str:
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     marked = _item_strict(item)
     strict = _global_strict(item.config) if marked is None else marked
-    # Track caches when strict, or when cachescope is loaded anyway (for failure reports).
-    if strict or "cachescope._instrumented" in sys.modules:
-        from cachescope.testing import _CacheTracker
-        item.stash[_STATE] = _ItemState(_CacheTracker.start(), strict, marked is False)
+    from cachescope.testing import _CacheTracker
+    item.stash[_STATE] = _ItemState(_CacheTracker.start(), strict)
     return (yield)
 
 
@@ -147,11 +140,8 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         raise
     state.called = True
     violations = state.tracker.take_unexpected()
-    if violations:
-        if state.strict:
-            pytest.fail(_failure_text(item, violations, "during"), pytrace=False)
-        if not state.quiet:
-            item.config.stash.setdefault(_PASSED_WITH_VIOLATIONS, []).append(item.nodeid)
+    if violations and state.strict:
+        pytest.fail(_failure_text(item, violations, "during"), pytrace=False)
     return result
 
 
@@ -169,18 +159,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if late and state.strict and state.called:
         pytest.fail(_failure_text(item, late, "in the teardown of"), pytrace=False)
     return result
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    passed = config.stash.get(_PASSED_WITH_VIOLATIONS, [])
-    if not passed:
-        return
-    shown = ", ".join(passed[:5]) + (f" and {len(passed) - 5} more" if len(passed) > 5 else "")
-    terminalreporter.write_sep("-", "cachescope")
-    terminalreporter.write_line(
-        f"{len(passed)} test(s) passed although their caches recorded unexpected violations: "
-        f"{shown}. Run with --cachescope-strict to fail them, or declare them with "
-        "probe.expect_violations(...).")
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import os
 
 import prometheus_client
 import pytest
@@ -16,17 +14,6 @@ from cachescope.neox import NeoXConfig, NeoXModel
 from cachescope.testing import CacheProbe, Op, capture
 
 
-
-def _plugin_autoloaded() -> bool:
-    """Whether pytest loads cachescope's plugin itself (package installed with its entry point)."""
-    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        return False
-    return any(ep.value == "cachescope.pytest_plugin"
-               for ep in importlib.metadata.entry_points(group="pytest11"))
-
-
-# Load the plugin (for the cachescope marker) unless its entry point does.
-pytest_plugins = [] if _plugin_autoloaded() else ["cachescope.pytest_plugin"]
 
 LAYERS = [f"layers.{i}.attention" for i in range(4)]
 
@@ -196,7 +183,6 @@ def test_assertions_pass_on_a_correct_decode() -> None:
     probe.assert_pop_order("attn_kv", LAYERS * 4)
 
 
-@pytest.mark.cachescope(strict=False)
 def test_assert_no_violations_shows_the_reports() -> None:
     """The failure message holds the violation report: both owners, the kind and the hint."""
     with capture() as probe:
@@ -210,7 +196,6 @@ def test_assert_no_violations_shows_the_reports() -> None:
     assert "Hint:" in text
 
 
-@pytest.mark.cachescope(strict=False)
 def test_assert_no_violations_limits_full_reports() -> None:
     """Past max_reports, violations get one summary line each."""
     with capture() as probe:
@@ -280,7 +265,6 @@ def test_assert_max_depth_and_bytes_report_the_peak() -> None:
         probe.assert_max_bytes("attn_kv", 1, kind="nbytes")
 
 
-@pytest.mark.cachescope(strict=False)
 def test_assert_pop_order_shows_the_difference() -> None:
     """A wrong pop order is reported at the first differing pop, with who pushed each item."""
     with capture() as probe:
