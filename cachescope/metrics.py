@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import errno
 import gc
+import inspect
 import re
+import socket
 import threading
 import time
 import weakref
+from socketserver import ThreadingMixIn
 from typing import Any, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, Metric)
-from prometheus_client.samples import Exemplar
+from prometheus_client.samples import Exemplar, Sample
 
 from ._checker import KINDS
 from ._records import OPS
@@ -239,14 +243,28 @@ class _CacheCollector:
                         counts.setdefault(kind, 0)
                 for kind, n in sorted(counts.items()):
                     ex = exemplars.get((name, kind))
-                    fam["violations"].add_metric(
-                        lv + [name, kind], n,
-                        exemplar=Exemplar({"trace_id": ex[0]}, 1.0, ex[1]) if ex else None)
+                    _add_counter(fam["violations"], lv + [name, kind], n,
+                                 Exemplar({"trace_id": ex[0]}, 1.0, ex[1]) if ex and n else None)
             fam["steps"].add_metric(lv, steps)
             fam["tokens"].add_metric(lv, tokens)
             for sink_name, n in sorted(errors.items()):
                 fam["errors"].add_metric(lv + [sink_name], n)
         yield from fam.values()
+
+
+_COUNTER_EXEMPLARS = "exemplar" in inspect.signature(CounterMetricFamily.add_metric).parameters
+
+
+def _add_counter(fam: CounterMetricFamily, values: list[str], n: float,
+                 exemplar: Exemplar | None) -> None:
+    """``fam.add_metric`` with an exemplar (prometheus_client < 0.22 lacks the argument)."""
+    if exemplar is None:
+        fam.add_metric(values, n)
+    elif _COUNTER_EXEMPLARS:
+        fam.add_metric(values, n, exemplar=exemplar)
+    else:
+        fam.samples.append(Sample(fam.name + "_total", dict(zip(fam._labelnames, values)), n,
+                                  None, exemplar))
 
 
 def _snapshot(cache: Any) -> tuple[list[tuple[Any, ...]], int, int, dict[str, int]] | None:
@@ -325,24 +343,46 @@ class MetricsSink:
         return f"MetricsSink(cache={self.cache_name!r})"
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        pass
+
+
+def _server_class(addr: str, port: int) -> type:
+    """A threading WSGI server for ``addr``'s address family (IPv4 or IPv6)."""
+    family = socket.AF_INET
+    try:
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError:
+        pass
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = family
+
+    return Server
+
+
 def start_metrics_server(port: int, addr: str = "127.0.0.1",
                          registry: CollectorRegistry | None = None) -> tuple[Any, threading.Thread, int]:
     """Serve ``registry`` (default: cachescope's ``REGISTRY``) on ``http://addr:port/metrics``.
 
-    Returns ``(server, thread, actual_port)``; ``port=0`` picks a free port. Answers OpenMetrics
-    (with exemplars) when the scraper asks for it, the classic text format otherwise. Stop it
-    with ``server.shutdown(); server.server_close()``. A port in use raises ``MetricsServerError``.
+    Returns ``(server, thread, actual_port)``; ``port=0`` picks a free port. The page comes from
+    ``prometheus_client.make_wsgi_app``, which negotiates the format: OpenMetrics (with exemplars)
+    when the scraper's ``Accept`` asks for it, the classic text format otherwise. The server runs in
+    a daemon thread; stop it with ``server.shutdown(); server.server_close()``. A port in use
+    raises ``MetricsServerError``.
     """
-    from prometheus_client import start_http_server
+    from prometheus_client import make_wsgi_app
 
-    if not isinstance(port, int) or not 0 <= port <= 65535:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
+    app = make_wsgi_app(REGISTRY if registry is None else registry)
     try:
-        server, thread = start_http_server(port, addr=addr,
-                                           registry=REGISTRY if registry is None else registry)
+        server = make_server(addr, port, app, _server_class(addr, port), handler_class=_QuietHandler)
     except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES) or "in use" in str(exc):
-            what = "is in use" if exc.errno != errno.EACCES else "needs privileges"
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            what = "is in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
             err = MetricsServerError(
                 f"port {port} on {addr} {what}: pick another with --metrics-port or use 0 for a "
                 "free port")
@@ -350,4 +390,6 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1",
             err = MetricsServerError(f"cannot serve metrics on {addr}:{port}: {exc}")
         err.errno = exc.errno
         raise err from exc
+    thread = threading.Thread(target=server.serve_forever, name="cachescope-metrics", daemon=True)
+    thread.start()
     return server, thread, server.server_port
