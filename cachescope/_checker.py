@@ -100,17 +100,29 @@ def strict_error(violation: Violation) -> PopOrderError:
 
 
 def mismatch_hint(consumer: str | None, head: OpRecord, items: Any, popped_by_consumer: bool,
-                  step: int) -> str:
-    """Explain an owner mismatch from the queue's remaining provenance."""
+                  step: int, *, taken_by: str | None = None, restarted: bool = False) -> str:
+    """Explain an owner mismatch from the queue's remaining provenance.
+
+    ``taken_by``: who popped the consumer's own item earlier in this step, if anyone (a swap
+    when it is the owner of the item the consumer got);
+    ``restarted``: this step re-ran the previous one with the same state_ids (step_restarted).
+    """
     if popped_by_consumer:
         return (f"{consumer} already popped this queue in step {step}: the layer ran twice "
                 "(a repeated call, or a retry without a new state_ids); every later pop is now shifted")
+    if restarted:
+        return (f"step {step} is a retry of step {step - 1} with the same state_ids: the layers that "
+                f"ran before the failure already popped their items, so {consumer} gets "
+                f"{head.owner}'s; restore the queues (or clear them and re-run the prompt) before retrying")
+    if taken_by is not None and taken_by == head.owner:
+        return (f"layers ran in a different order than when the items were pushed (step {head.step}): "
+                f"{taken_by} ran in {consumer}'s place and popped its item earlier in step {step}")
     own = next((i for i in items if i.owner == consumer), None)
     if own is not None and own.step != head.step:
         return (f"the queue mixes items from steps {head.step} and {own.step}: a step was retried "
                 "without clearing what the failed attempt pushed; clear the next-state queue before retrying")
     if own is not None:
-        return (f"layers ran in a different order than when the items were pushed (step {head.step}): "
-                f"{consumer}'s own item is queued behind {head.owner}'s")
+        return (f"layers ran in a different order than when the items were pushed (step {head.step}), "
+                f"or a layer was skipped: {consumer}'s own item is queued behind {head.owner}'s")
     return (f"{consumer} has no item in this queue: it (or a layer before it) was skipped or added "
             f"in step {head.step}, so every later layer is off by one")

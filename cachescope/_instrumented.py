@@ -90,6 +90,7 @@ class InstrumentedCache(Cache):
         self._step: StepInfo | None = None
         self._step_index = -1
         self._step_pops: set[tuple[Any, str | None]] = set()
+        self._restarted_step: int | None = None   # index of the last step opened by a retry
         self._generation: dict[str, Any] | None = None
         self._sinks: list[Any] = []
         self._dispatch: dict[str, tuple[tuple[Any, Callable[..., None]], ...]] = {
@@ -321,7 +322,8 @@ class InstrumentedCache(Cache):
                     kind, qname, fs.family, self._step_index, owner, producer, seq, site,
                     item.site, item.step, item.seq, format_summary(m), depth, position,
                     mismatch_hint(owner, item, q.items if q is not None else (), popped_before,
-                                  self._step_index),
+                                  self._step_index, taken_by=self._taken_by(qname, owner, seq),
+                                  restarted=self._restarted_step == self._step_index),
                     timeline=self._timeline_for(qname, seq), cache=self.name))
         if self._op_sinks:
             self._emit("on_op", rec)
@@ -549,6 +551,16 @@ class InstrumentedCache(Cache):
                 timeline=self._timeline_for(_safe_str(name), rec.seq), cache=self.name)))
         return out
 
+    def _taken_by(self, queue: str, owner: str | None, seq: int) -> str | None:
+        """Who popped ``owner``'s item of ``queue`` earlier in this step (violation path only)."""
+        for r in reversed(self._timeline):
+            if r.step != self._step_index:
+                break
+            if (r.op == "pop" and r.queue == queue and r.seq != seq and r.producer == owner
+                    and r.owner != owner):
+                return r.owner
+        return None
+
     def _restart_check(self, step: StepInfo, rec: OpRecord) -> list[Violation]:
         unconsumed = [n for n in step.popped if n in self._queues]
         pushed = [n for n in step.pushed if n in self._queues]
@@ -557,6 +569,7 @@ class InstrumentedCache(Cache):
             held = ", ".join(f"{_safe_str(n)!r} holds {len(self._queues[n].items)}"
                              for n in sorted(pushed + unconsumed, key=_safe_str))
             kind = "step_restarted"
+            self._restarted_step = step.index + 1
             detail = (f"state_ids {state} was set again before step {step.index} finished; {held} "
                       "item(s) from the failed attempt")
             hint = ("the retried step will pop the wrong items and queue its pushes behind stale "
