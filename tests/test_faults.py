@@ -189,6 +189,7 @@ def test_swap(which: str, installed: InstrumentedCache) -> None:
     assert [(e.step, e.cache_step) for e in handle.events] == [(3, 3)]
     assert "order 0,2,1,3" in handle.events[0].what
     assert "layers ran in a different order" in cache.violations[0].hint
+    assert f"{L[2]} ran in {L[1]}'s place" in cache.violations[1].hint
 
 
 @pytest.mark.parametrize("which", MODELS)
@@ -239,6 +240,7 @@ def test_retry(which: str, installed: InstrumentedCache) -> None:
     restarted = cache.violations[0]
     assert restarted.queue == "attn_kv_1" and "(1, 2)" in restarted.detail
     assert [e.step for e in handle.events] == [2]
+    assert "step 3 is a retry of step 2" in cache.violations[1].hint
 
 
 @pytest.mark.parametrize("which", MODELS)
