@@ -19,7 +19,9 @@ def default_family(name: Any) -> str:
     """Strip trailing numeric ids from a queue name: ``attn_kv_17`` -> ``attn_kv``, ``kv.3.1`` -> ``kv``."""
     if not isinstance(name, str):
         return f"<{type(name).__name__}>"
-    family = _TRAILING_IDS.sub("", name) or "<numeric>"
+    family = _TRAILING_IDS.sub("", name)
+    if not family:
+        return "<numeric>"  # an all-digit name; like the <type> labels, not sanitised
     return _UNSAFE.sub("_", family)[:MAX_LABEL_LEN]
 
 
