@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "FILE' and report what the checker finds.")
     analyze.add_argument("file", metavar="FILE", help="recording (.jsonl or .jsonl.gz)")
     analyze.add_argument("--quiet", action="store_true", help="print only violations")
+    analyze.add_argument("--out", metavar="FILE", default=None,
+                         help="write the analysis to FILE instead of stdout ('-': stdout)")
     analyze.add_argument("--progress", action="store_true",
                          help="show a percentage on stderr while reading")
 

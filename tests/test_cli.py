@@ -244,6 +244,20 @@ def test_record_then_analyze_and_report_delegate(capsys: pytest.CaptureFixture[s
     assert run(capsys, "report", str(path), "--out", str(tmp_path / "pics"))[0] == 0
     assert [(c, ns.file) for c, ns in calls] == [("analyze", str(path)), ("report", str(path))]
     assert calls[0][1].quiet is True and calls[1][1].out == str(tmp_path / "pics")
+    assert calls[0][1].out is None and calls[1][1].quiet is False
+
+
+def test_analyze_a_real_recording(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A faulty run recorded with --record is analyzed by the real analyze module: exit 1, same kinds."""
+    pytest.importorskip("cachescope.analyze")
+    path = tmp_path / "run.jsonl.gz"
+    rc, out, _ = run(capsys, "run", "--max-new-tokens", "6", "--fault", "swap@2", "--record",
+                     str(path), "--json")
+    assert rc == 1
+    kinds = set(json.loads(out)["violations_by_kind"])
+    rc, out, err = run(capsys, "analyze", str(path), "--quiet")
+    assert rc == 1, err
+    assert all(k in out for k in kinds)
 
 
 def test_console_traces(capsys: pytest.CaptureFixture[str]) -> None:
