@@ -310,3 +310,25 @@ def test_serve_exposes_metrics_and_stops_on_sigterm() -> None:
     assert proc.returncode == 0, err
     assert "result:" in out and "owner_mismatch" in out
     assert "Traceback" not in err
+
+
+def test_run_from_a_hugging_face_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--checkpoint DIR`` decodes with the loaded model (its shapes in the summary); a fault still maps to its layers."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
+        use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(config).eval().save_pretrained(tmp_path)
+    rc, out, err = run(capsys, "run", "--checkpoint", str(tmp_path), "--max-new-tokens", "4")
+    assert rc == 0, err
+    assert f"checkpoint {tmp_path} (3 layers, hidden 32, vocab 128)" in out
+    rc, out, _ = run(capsys, "run", "--checkpoint", str(tmp_path), "--max-new-tokens", "4",
+                     "--fault", "swap@1:layer=1,other=2", "--json")
+    assert rc == 1
+    s = json.loads(out)
+    assert [(v["consumer"], v["producer"]) for v in s["violations"] if v["step"] == 1] == [
+        ("layers.2.attention", "layers.1.attention"), ("layers.1.attention", "layers.2.attention")]
+    rc, _, err = run(capsys, "run", "--checkpoint", str(tmp_path), "--prompt-ids", "1,200")
+    assert rc == 2 and "vocabulary of 128" in err
