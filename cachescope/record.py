@@ -72,9 +72,9 @@ def encode_value(x: Any, _depth: int = 0) -> Any:
     return {"repr": _jsonable(x), "type": t.__name__}
 
 
-def _key(k: Any) -> str:
+def _key(k: Any) -> Any:
     """A storage key as JSON: an int (the storage's address), else its repr as a string."""
-    return str(k) if type(k) is int else _dumps(repr(k))
+    return k if type(k) is int else _dumps(repr(k))
 
 
 def _host() -> dict[str, Any]:
@@ -324,8 +324,11 @@ class Recorder:
                     st = m.storages
                     if len(st) == 1:
                         extra = f',"storages":[[{_key(st[0][0])},{int(st[0][1])}]]'
+                    elif len(st) == 2:
+                        (k0, n0), (k1, n1) = st
+                        extra = f',"storages":[[{_key(k0)},{int(n0)}],[{_key(k1)},{int(n1)}]]'
                     else:
-                        extra = ',"storages":[' + ",".join(f"[{_key(k)},{int(n)}]" for k, n in st) + "]"
+                        extra = ',"storages":[' + ",".join([f"[{_key(k)},{int(n)}]" for k, n in st]) + "]"
             elif op == "pop":
                 aliases = getattr(getattr(cache, "_attributor", None), "aliases", None)
                 if aliases and len(aliases) != self._aliases:
@@ -333,20 +336,29 @@ class Recorder:
             elif op == "set" and rec.queue == cache.state_key:
                 extra = ',"state":' + _dumps(encode_value(cache.get_quiet(cache.state_key)))
                 self._boundary_pending = True
-            # The fields that repeat from step to step, as JSON text, memoised together.
-            key = (op, rec.queue, rec.family, rec.owner, rec.site, rec.violation, rec.producer)
-            names = self._strs.get(key)
+            # Fields that repeat from op to op, as JSON text, memoised (queue names change every
+            # step but each is used by every layer, so it has a memo of its own).
+            memo = self._strs
+            queue = rec.queue
+            qtext = memo.get(queue)
+            if qtext is None:
+                qtext = _dumps(queue)
+                if len(memo) >= _STR_MEMO:
+                    memo.clear()
+                memo[queue] = qtext
+            key = (op, rec.family, rec.owner, rec.site, rec.violation, rec.producer)
+            names = memo.get(key)
             if names is None:
-                names = _dumps({"op": op, "queue": rec.queue, "family": rec.family,
-                                "owner": rec.owner, "site": rec.site, "violation": rec.violation,
+                names = _dumps({"op": op, "family": rec.family, "owner": rec.owner,
+                                "site": rec.site, "violation": rec.violation,
                                 "producer": rec.producer})[1:-1]
-                if len(self._strs) >= _STR_MEMO:
-                    self._strs.clear()
-                self._strs[key] = names
+                if len(memo) >= _STR_MEMO:
+                    memo.clear()
+                memo[key] = names
             depth = rec.depth
             self._add(
                 f'{{"type":"op","seq":{int(rec.seq)},"time":{float(rec.time)!r},"step":{int(rec.step)},'
-                f'{names},"depth":{"null" if depth is None else int(depth)},'
+                f'"queue":{qtext},{names},"depth":{"null" if depth is None else int(depth)},'
                 f'"logical_bytes":{int(rec.logical_bytes)},"storage_bytes":{int(rec.storage_bytes)}'
                 f'{extra},"value":{"null" if m is None else self._value(m)}}}')
 
