@@ -130,6 +130,7 @@ class Recorder:
         self._boundary_pending = False   # a state_ids set was logged; its on_step_start follows
         self._aliases = 0
         self._gets = 0
+        self._stats_at = -1
         self._values: dict[Any, str] = {}
         self._strs: dict[Any, str] = {}
         self._names: dict[Any, str] = {}
@@ -182,7 +183,7 @@ class Recorder:
             cache = self._cache
             if not self._header:
                 self._write_header(cache, getattr(cache, "_seq", 0))
-            if cache is not None:
+            if cache is not None and self._stats_at != self._lines():
                 self._write_stats(cache)   # final get counts (gets are not sent to sinks)
             self._flush()
             self.closed = True
@@ -274,6 +275,10 @@ class Recorder:
         families = getattr(getattr(cache, "stats", None), "families", {})
         gets = {name: fs.get for name, fs in list(families.items()) if fs.get}
         self._add(_dumps({"type": "stats", "gets": gets}))
+        self._stats_at = self._lines()
+
+    def _lines(self) -> int:
+        return self.lines_written + self.lines_dropped + len(self._buf)
 
     def _first(self, cache: Any, start_seq: int) -> bool:
         """Bind to the first cache seen (header at the first event); False for other caches."""
