@@ -338,9 +338,12 @@ class Recorder:
                 aliases = getattr(getattr(cache, "_attributor", None), "aliases", None)
                 if aliases and len(aliases) != self._aliases:
                     self._write_aliases(aliases)   # before the pop that may depend on them
-            elif op == "set" and rec.queue == cache.state_key:
-                extra = ',"state":' + _dumps(encode_value(cache.get_quiet(cache.state_key)))
-                self._boundary_pending = True
+            elif op == "set":
+                if rec.family == "mark_step" and rec.queue in ("<mark_step>", "<end>"):
+                    return   # a boundary's own record: replayed from the mark / generation_end line
+                if rec.queue == cache.state_key:
+                    extra = ',"state":' + _dumps(encode_value(cache.get_quiet(cache.state_key)))
+                    self._boundary_pending = True
             # Fields that repeat from op to op, as JSON text, memoised (queue names change every
             # step but each is used by every layer, so it has a memo of its own).
             memo = self._strs

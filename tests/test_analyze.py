@@ -17,7 +17,7 @@ from cachescope import InstrumentedCache, watch
 from cachescope._values import measure
 from cachescope.analyze import RecordFormatError, analyze_file, main_analyze, read_record
 from cachescope.neox import NeoXConfig, NeoXModel
-from cachescope.record import Recorder, record
+from cachescope.record import record
 
 MODEL = NeoXModel(NeoXConfig(num_layers=4))
 LAYERS = list(MODEL.layers)
@@ -289,3 +289,17 @@ def test_read_record_is_lazy(tmp_path):
     rest = list(lines)
     assert sum(d["type"] == "op" for _, d in rest) == live._seq - 1   # minus the '<end>' record
     assert all(json.dumps(d) for _, d in rest)
+
+
+def test_replay_with_default_exporters_attached(tmp_path):
+    """With the metrics and tracing sinks attached (default construction) the replay still matches."""
+    pytest.importorskip("cachescope.metrics")
+    pytest.importorskip("cachescope.tracing")
+    cache = InstrumentedCache(name="record-default-exporters")
+    path = tmp_path / "default.jsonl"
+    with watch(MODEL, cache), record(cache, path):
+        decode(cache, fault=swap)
+    result = analyze_file(path, out=None)
+    assert result.notes == [] and cache.violations
+    assert result.reports() == [v.report() for v in cache.violations]
+    assert result.summary() == cache.report()
