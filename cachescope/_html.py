@@ -32,6 +32,7 @@ table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.sub { padding-left: 1.8em; color: #444; }
 pre { background: #f8f8f8; border: 1px solid #e5e5e5; padding: .8em; overflow-x: auto;
       font-size: 12px; line-height: 1.35; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
@@ -46,9 +47,17 @@ def _e(x: Any) -> str:
 
 
 def _row(*cells: Any, head: bool = False, num: Sequence[int] = ()) -> str:
+    """A table row; a first cell starting with two spaces is drawn indented (a sub-item)."""
     tag = "th" if head else "td"
-    return "<tr>" + "".join(
-        f'<{tag}{" class=num" if i in num else ""}>{_e(c)}</{tag}>' for i, c in enumerate(cells)) + "</tr>"
+    out = []
+    for i, c in enumerate(cells):
+        classes = ["num"] if i in num else []
+        if i == 0 and isinstance(c, str) and c.startswith("  "):
+            classes.append("sub")
+            c = c.strip()
+        attr = f' class="{" ".join(classes)}"' if classes else ""
+        out.append(f"<{tag}{attr}>{_e(c)}</{tag}>")
+    return "<tr>" + "".join(out) + "</tr>"
 
 
 def _img(path: Path) -> str:
