@@ -92,6 +92,7 @@ class InstrumentedCache(Cache):
         self._step_pops: set[tuple[Any, str | None]] = set()
         self._restarted_step: int | None = None   # index of the last step opened by a retry
         self._generation: dict[str, Any] | None = None
+        self._loop_ends_steps = False   # set once the decode loop calls end_step()
         self._sinks: list[Any] = []
         self._dispatch: dict[str, tuple[tuple[Any, Callable[..., None]], ...]] = {
             ev: () for ev in _SINK_EVENTS}
@@ -482,6 +483,7 @@ class InstrumentedCache(Cache):
     def end_step(self, tokens: int = 0) -> None:
         """Close the current step (the decode loop calls this after its forward)."""
         with self._lock:
+            self._loop_ends_steps = True
             step = self._step
             if step is None or step.end is not None:
                 return
@@ -562,10 +564,15 @@ class InstrumentedCache(Cache):
         return None
 
     def _restart_check(self, step: StepInfo, rec: OpRecord) -> list[Violation]:
+        if not step.pushed and not step.popped:
+            return []  # nothing ran under these state_ids: setting them again is harmless
         unconsumed = [n for n in step.popped if n in self._queues]
         pushed = [n for n in step.pushed if n in self._queues]
         state = f"({step.prev!r}, {step.next!r})"
-        if unconsumed or (pushed and not step.popped and step.prev is not None):
+        # A loop that closes its steps (end_step) tells us whether this one finished; otherwise
+        # only unconsumed items in a queue the step popped show that it stopped half-way.
+        unfinished = self._loop_ends_steps and step.end is None
+        if unconsumed or (pushed and unfinished):
             held = ", ".join(f"{_safe_str(n)!r} holds {len(self._queues[n].items)}"
                              for n in sorted(pushed + unconsumed, key=_safe_str))
             kind = "step_restarted"
@@ -588,8 +595,13 @@ class InstrumentedCache(Cache):
 
     @contextlib.contextmanager
     def generation(self, **info: Any) -> Iterator["InstrumentedCache"]:
-        """Wrap one generation: a ``generate`` span in traces; checks the last step on exit."""
+        """Wrap one generation: a ``generate`` span in traces; checks the last step on exit.
+
+        Inside a generation the loop is expected to call ``end_step()`` after each step's
+        forward, so a step that raised (never ended) and is set up again counts as a restart.
+        """
         self._generation = dict(info)
+        self._loop_ends_steps = True   # generation() loops close their steps with end_step()
         self._emit("on_generation_start", self._generation)
         error: BaseException | None = None
         try:

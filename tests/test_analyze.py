@@ -96,8 +96,8 @@ def retry(c, i, s, layers):
 
 
 def marked(c, i, s, layers):
-    if i == 2:
-        c.mark_step(1, 2)
+    if i == 2:   # an explicit boundary that repeats the completed step's (prev, next)
+        c.mark_step(0, 1)
     return s, layers
 
 
