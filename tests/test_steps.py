@@ -23,7 +23,7 @@ def test_retry_of_the_prompt_step_is_a_restart(model: NeoXModel) -> None:
     """A prompt step that raised half-way and is retried is step_restarted, not state_not_advanced."""
     cache = InstrumentedCache(metrics=False, tracing=False)
     with watch(model, cache):
-        with pytest.raises(IndexError), inject("retry@0:layer=2", model.layers, cache, model=model):
+        with inject("retry@0:layer=2", model.layers, cache, model=model):
             generate(model, [1, 2, 3], 4, cache=cache)
     assert _kinds(cache)[0] == ("step_restarted", 1)
     assert "state_not_advanced" not in {k for k, _ in _kinds(cache)}
