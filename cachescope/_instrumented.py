@@ -277,7 +277,8 @@ class InstrumentedCache(Cache):
                 self._raise(exc, v)
             fs = self._fstats(name)
             fs.pop += 1
-            depth = len(queue)
+            # a plain value with its own pop() (a dict...) is not a queue and may have no len()
+            depth = len(queue) if type(queue) is list else None
             if depth == 0:
                 fs.live = max(0, fs.live - 1)
                 fs.empty += 1
