@@ -371,7 +371,7 @@ class InstrumentedCache(Cache):
             else:
                 hint = ("nothing was ever pushed under this name: state_ids probably points at a "
                         "state that no step produced (check the (prev, next) the loop sets)")
-            detail = f"state_ids is {self.get_quiet(self.state_key)!r}"
+            detail = f"state_ids is {_safe_repr(self.get_quiet(self.state_key))}"
         v = Violation(kind, rec.queue, family, self._step_index, owner, None, rec.seq, site,
                       depth=depth, hint=hint, detail=detail,
                       timeline=self._timeline_for(rec.queue, rec.seq), cache=self.name)
@@ -569,7 +569,7 @@ class InstrumentedCache(Cache):
             return []  # nothing ran under these state_ids: setting them again is harmless
         unconsumed = [n for n in step.popped if n in self._queues]
         pushed = [n for n in step.pushed if n in self._queues]
-        state = f"({step.prev!r}, {step.next!r})"
+        state = f"({_safe_repr(step.prev)}, {_safe_repr(step.next)})"
         # A loop that closes its steps (end_step) tells us whether this one finished; otherwise
         # only unconsumed items in a queue the step popped show that it stopped half-way.
         unfinished = self._loop_ends_steps and step.end is None
