@@ -95,12 +95,10 @@ class _CacheCollector:
 
     def __init__(self, registry: CollectorRegistry, const_names: tuple[str, ...]) -> None:
         self.const_names = const_names
+        self._registry = weakref.ref(registry)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
-        self.histogram = Histogram(
-            "cachescope_decode_step_duration_seconds",
-            "Wall time per decode step; exemplars carry the step span's trace_id.",
-            labelnames=("cache",) + const_names, buckets=STEP_BUCKETS, registry=None)
+        self.histogram = self._new_histogram(const_names)
         registry.register(self)
         try:
             registry.register(self.histogram)
@@ -108,36 +106,58 @@ class _CacheCollector:
             registry.unregister(self)
             raise
 
+    @staticmethod
+    def _new_histogram(const_names: tuple[str, ...]) -> Histogram:
+        return Histogram(
+            "cachescope_decode_step_duration_seconds",
+            "Wall time per decode step; exemplars carry the step span's trace_id.",
+            labelnames=("cache",) + const_names, buckets=STEP_BUCKETS, registry=None)
+
+    def _live(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.ref() is not None
+
+    def _relabel(self, const_names: tuple[str, ...]) -> None:
+        """No live cache left: switch to other constant label names (lock held)."""
+        registry = self._registry()
+        hist = self._new_histogram(const_names)
+        if registry is not None:
+            registry.unregister(self.histogram)
+            registry.register(hist)
+        self._entries.clear()
+        self.histogram = hist
+        self.const_names = const_names
+
     # -------------------------------------------------------------- attach / detach
     def attach(self, cache: Any, sink: "MetricsSink", const: tuple[tuple[str, str], ...]) -> Any:
         names = tuple(n for n, _ in const)
-        if names != self.const_names:
-            raise ValueError(
-                f"cache {cache.name!r}: every cache in one registry must use the same const_labels "
-                f"names (this registry's caches use {list(self.const_names) or 'none'}, got "
-                f"{list(names) or 'none'}); use a separate registry for differently labelled caches")
         name = str(cache.name)
         label_values = (name,) + tuple(v for _, v in const)
         with self._lock:
-            old = self._entries.get(name)
-            if old is not None and old.ref() is not None:
-                # The old cache may be garbage held only by a reference cycle: collect once.
-                self._lock.release()
-                try:
-                    gc.collect()
-                finally:
-                    self._lock.acquire()
-                old = self._entries.get(name)
-            if old is not None and old.ref() is not None:
+            suspect = self._live(name) or (names != self.const_names and any(
+                e.ref() is not None for e in self._entries.values()))
+        if suspect:
+            gc.collect()  # the other cache may be garbage held only by a reference cycle
+        with self._lock:
+            if self._live(name):
                 raise ValueError(
                     f"a cache named {name!r} is already exported to this Prometheus registry: give "
                     f"each InstrumentedCache a distinct name= (it becomes the 'cache' label), pass "
                     f"another registry=, or metrics=False")
+            if names != self.const_names:
+                if any(e.ref() is not None for e in self._entries.values()):
+                    raise ValueError(
+                        f"cache {name!r}: every cache in one registry must use the same const_labels "
+                        f"names (this registry's caches use {list(self.const_names) or 'none'}, got "
+                        f"{list(names) or 'none'}); use a separate registry for differently "
+                        "labelled caches")
+                self._relabel(names)
+            old = self._entries.get(name)
             if old is not None:
                 self._forget(old)
             entry = _Entry(weakref.ref(cache, self._make_reaper(name)), name, label_values, sink)
             self._entries[name] = entry
-        return self.histogram.labels(*label_values)
+            return self.histogram.labels(*label_values)
 
     def _make_reaper(self, name: str) -> Any:
         me = weakref.ref(self)
@@ -158,7 +178,7 @@ class _CacheCollector:
             del self._entries[entry.name]
         try:
             self.histogram.remove(*entry.label_values)
-        except KeyError:
+        except (KeyError, ValueError):
             pass
 
     def detach(self, sink: "MetricsSink") -> None:

@@ -152,7 +152,14 @@ def test_const_labels_on_every_sample_and_validated() -> None:
         with pytest.raises(ValueError):
             _cache(CollectorRegistry(), const_labels=bad)
     with pytest.raises(ValueError, match="same const_labels names"):
-        _cache(reg, "other", const_labels={"rank": "4"})
+        _cache(reg, "other", const_labels={"node": "4"})
+    _cache(reg, "other", const_labels={"rank": "4", "host": "n2"})  # same names: fine
+    del cache
+    gc.collect()
+    # once no cache with the old label names is alive, the registry takes new ones
+    fresh = _cache(reg, "fresh", const_labels={"zone": "z"})
+    run_decode(fresh, new_tokens=1)
+    assert _value(reg, "cachescope_decode_step_duration_seconds_count", cache="fresh", zone="z") == 1
 
 
 def test_nothing_in_the_global_registry() -> None:
