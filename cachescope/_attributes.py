@@ -52,7 +52,7 @@ STEPS = "cachescope.steps"                  # decode steps in the generation
 SEQ_LEN = "cachescope.seq_len"              # prompt + generated tokens
 PROMPT_TOKENS = "cachescope.prompt_tokens"
 MAX_NEW_TOKENS = "cachescope.max_new_tokens"
-GENERATION_PREFIX = "cachescope.generation."  # other scalar keys of generation(**info)
+GENERATION_PREFIX = "cachescope.generation."  # other numeric keys of generation(**info)
 
 MAX_STR_LEN = 256        # queue names, owners, sites, state ids
 MAX_REPORT_LEN = 8192    # violation report text

@@ -43,12 +43,9 @@ def _state_value(x: Any) -> int | str | None:
     return _trunc(f"<{type(x).__name__}>" if hasattr(x, "shape") else x)  # never tensor contents
 
 
-def _scalar(x: Any) -> bool | int | float | str | None:
-    if type(x) in (bool, int, float):
-        return x
-    if type(x) is str:
-        return _trunc(x)
-    return None
+def _number(x: Any) -> bool | int | float | None:
+    """Numbers and flags only: strings in ``generation(**info)`` may be prompt text."""
+    return x if type(x) in (bool, int, float) else None
 
 
 def _trace_hex(span: Span) -> str | None:
@@ -108,7 +105,7 @@ class TracingSink:
         self._end_gen_span(None)
         attrs: dict[str, Any] = {A.CACHE: self.cache_name}
         for key, value in info.items():
-            v = _scalar(value)
+            v = _number(value)
             if v is None:
                 continue
             if key == "prompt_tokens":

@@ -321,3 +321,18 @@ def test_op_events_can_be_turned_off() -> None:
     assert len(steps) == NEW_TOKENS
     assert {e.name for s in spans for e in s.events} == {A.EVENT_VIOLATION}
     assert [s.attributes[A.STEP] for s in steps if s.status.status_code is StatusCode.ERROR] == [2]
+
+
+def test_generation_info_keeps_numbers_only() -> None:
+    """generation(**info) numbers become attributes; strings and lists (prompt text, token ids) do not."""
+    provider, exporter = otel_memory()
+    cache = _cache(provider)
+    with cache.generation(prompt_tokens=3, temperature=0.5, greedy=True, prompt="secret text",
+                          ids=[1, 2, 3]):
+        pass
+    (gen,) = exporter.get_finished_spans()
+    assert gen.attributes[A.PROMPT_TOKENS] == 3
+    assert gen.attributes[A.GENERATION_PREFIX + "temperature"] == 0.5
+    assert gen.attributes[A.GENERATION_PREFIX + "greedy"] is True
+    assert not any("secret" in str(v) for v in gen.attributes.values())
+    assert A.GENERATION_PREFIX + "ids" not in gen.attributes
