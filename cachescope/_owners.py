@@ -45,8 +45,11 @@ class Attributor:
         self._local = threading.local()
         self._labels: dict[int, tuple[weakref.ref[Any], str]] = {}   # id(module) -> (ref, label)
         self._counters: dict[str, int] = {}
-        self._method_codes: dict[Any, bool] = {}
-        self._sites: dict[tuple[Any, int], str] = {}   # (code, line) -> "file.py:line"  # code object -> first arg is ``self``
+        # Memos keyed by id(code): hashing a code object is not cached by CPython and costs
+        # O(size of its constants), recursively (a module's code hashes every function in it).
+        # The value holds the code object, so its id cannot be reused while the entry exists.
+        self._method_codes: dict[int, tuple[Any, bool]] = {}  # id(code) -> (code, first arg is self)
+        self._sites: dict[tuple[int, int], tuple[Any, str]] = {}  # (id(code), lasti) -> (code, "file.py:line")
         self._watched: dict[int, tuple[WatchHandle, str]] = {}  # id(module) -> (handle, qualname)
         self.aliases: dict[str, str] = {}  # old stack label -> qualified name after watch()
         self._lock = threading.Lock()
@@ -80,13 +83,15 @@ class Attributor:
         except ValueError:
             return None, None
         code = frame.f_code
-        key = (code, frame.f_lineno)
-        site = self._sites.get(key)
-        if site is None:
+        key = (id(code), frame.f_lasti)
+        entry = self._sites.get(key)
+        if entry is not None and entry[0] is code:
+            site = entry[1]
+        else:
             site = f"{_short_path(code.co_filename)}:{frame.f_lineno}"
             if len(self._sites) >= 16384:
                 self._sites.clear()
-            self._sites[key] = site
+            self._sites[key] = (code, site)
         stack = getattr(self._local, "stack", None)
         if stack and self.mode == "auto":
             return stack[-1][1], site
@@ -98,12 +103,12 @@ class Attributor:
             if frame is None:
                 return None
             code = frame.f_code
-            is_method = codes.get(code)
-            if is_method is None:
-                is_method = code.co_argcount > 0 and code.co_varnames[0] == "self"
+            entry = codes.get(id(code))
+            if entry is None or entry[0] is not code:
+                entry = (code, code.co_argcount > 0 and code.co_varnames[0] == "self")
                 if len(codes) < 65536:
-                    codes[code] = is_method
-            if is_method:
+                    codes[id(code)] = entry
+            if entry[1]:
                 obj = frame.f_locals.get("self")
                 if isinstance(obj, nn.Module):
                     return self.label(obj)
