@@ -134,11 +134,13 @@ class _CacheCollector:
         name = str(cache.name)
         label_values = (name,) + tuple(v for _, v in const)
         with self._lock:
+            self._purge()
             suspect = self._live(name) or (names != self.const_names and any(
                 e.ref() is not None for e in self._entries.values()))
         if suspect:
             gc.collect()  # the other cache may be garbage held only by a reference cycle
         with self._lock:
+            self._purge()
             if self._live(name):
                 raise ValueError(
                     f"a cache named {name!r} is already exported to this Prometheus registry: give "
@@ -155,22 +157,19 @@ class _CacheCollector:
             old = self._entries.get(name)
             if old is not None:
                 self._forget(old)
-            entry = _Entry(weakref.ref(cache, self._make_reaper(name)), name, label_values, sink)
+            entry = _Entry(weakref.ref(cache), name, label_values, sink)
             self._entries[name] = entry
             return self.histogram.labels(*label_values)
 
-    def _make_reaper(self, name: str) -> Any:
-        me = weakref.ref(self)
+    def _purge(self) -> None:
+        """Forget caches that were garbage-collected (lock held).
 
-        def reap(ref: weakref.ref) -> None:
-            coll = me()
-            if coll is None:
-                return
-            with coll._lock:
-                entry = coll._entries.get(name)
-                if entry is not None and entry.ref is ref:
-                    coll._forget(entry)
-        return reap
+        Done here, at attach/scrape time, rather than in a weakref callback: a callback runs inside
+        whatever allocation triggered the collection, possibly while this lock (or the histogram's)
+        is held by the same thread, and would deadlock.
+        """
+        for entry in [e for e in self._entries.values() if e.ref() is None]:
+            self._forget(entry)
 
     def _forget(self, entry: _Entry) -> None:
         """Drop an entry and its histogram child (lock held)."""
@@ -229,6 +228,7 @@ class _CacheCollector:
     def collect(self) -> Iterator[Metric]:
         fam = self._families()
         with self._lock:
+            self._purge()  # also drops dead caches' histogram children before they are collected
             entries = list(self._entries.values())
         for entry in sorted(entries, key=lambda e: e.name):
             cache = entry.ref()

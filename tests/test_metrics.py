@@ -304,3 +304,33 @@ def test_metrics_false_and_prompt_len_unaffected() -> None:
     cache = InstrumentedCache(name="nometrics", metrics=False, tracing=False)
     assert cache.metrics is None
     assert run_decode(cache, prompt=PROMPT) == run_decode(Cache(), prompt=PROMPT)
+
+
+def test_garbage_collection_during_attach_does_not_deadlock() -> None:
+    """Caches that die in reference cycles while others attach or scrape never deadlock the registry."""
+    import threading
+
+    reg = CollectorRegistry()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            old = gc.get_threshold()
+            gc.set_threshold(1, 1, 1)  # collect on nearly every allocation
+            try:
+                for i in range(300):
+                    c = _cache(reg, f"c{i % 7}")
+                    c.cycle = c  # only the cyclic collector can free it
+                    del c
+                    if i % 10 == 0:
+                        generate_latest(reg)
+            finally:
+                gc.set_threshold(*old)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "attach/scrape deadlocked while the garbage collector ran"
+    assert not errors, errors
