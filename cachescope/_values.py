@@ -28,10 +28,14 @@ class Measure(NamedTuple):
 
     @property
     def storage(self) -> int:
-        return sum(n for _, n in self.storages)
+        s = self.storages
+        if len(s) == 2:                      # the (k, v) fast path: no generator frame
+            return s[0][1] + s[1][1]
+        return sum(n for _, n in s)
 
 
 EMPTY = Measure(0, (), (), "NoneType")
+_new_measure = tuple.__new__   # builds a Measure without the NamedTuple's Python-level __new__
 
 
 def _storage_of(t: torch.Tensor) -> tuple[int, int]:
@@ -55,13 +59,25 @@ def measure(value: Any) -> Measure:
     if type(value) is tuple and len(value) == 2:
         a, b = value
         if isinstance(a, _Tensor) and isinstance(b, _Tensor):
+            # _storage_of and Measure(...) inlined: this runs once per push, right after the
+            # model's matmuls have evicted the CPU caches, where every Python call is costly.
             try:
-                sa, sb = _storage_of(a), _storage_of(b)
-                storages = (sa,) if sa[0] == sb[0] else (sa, sb)
-                return Measure(a.nbytes + b.nbytes, storages,
-                               ((a.shape, a.dtype, a.device), (b.shape, b.dtype, b.device)), "tuple[2]")
-            except Exception:
-                pass
+                ua, ub = a.untyped_storage(), b.untyped_storage()
+                ka, kb = ua._cdata, ub._cdata
+                sa = (ka, ua.nbytes())
+                storages = (sa,) if ka == kb else (sa, (kb, ub.nbytes()))
+                return _new_measure(Measure, (
+                    a.nbytes + b.nbytes, storages,
+                    ((a.shape, a.dtype, a.device), (b.shape, b.dtype, b.device)), "tuple[2]", False))
+            except Exception:  # exotic tensors: the same with _storage_of's per-tensor fallback
+                try:
+                    sa, sb = _storage_of(a), _storage_of(b)
+                    storages = (sa,) if sa[0] == sb[0] else (sa, sb)
+                    return Measure(a.nbytes + b.nbytes, storages,
+                                   ((a.shape, a.dtype, a.device), (b.shape, b.dtype, b.device)),
+                                   "tuple[2]")
+                except Exception:
+                    pass
     if isinstance(value, _Tensor):
         try:
             return Measure(_tensor_nbytes(value), (_storage_of(value),),
