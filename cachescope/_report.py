@@ -13,6 +13,20 @@ if TYPE_CHECKING:
 __all__ = ["format_violation", "one_line", "format_op", "format_run"]
 
 _RULE = "=" * 78
+_MAX_NAME = 120   # queue names longer than this are cut in reports
+
+
+def _name(queue: Any) -> str:
+    """A queue name as shown in reports: at most ``_MAX_NAME`` characters, control characters
+    escaped (a name is user data: it must not flood a report or forge lines in it)."""
+    text = queue if isinstance(queue, str) else str(queue)
+    if len(text) > _MAX_NAME:
+        text = text[:_MAX_NAME - 3] + "..."
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _quoted(queue: Any) -> str:
+    return f"'{_name(queue)}'"
 
 
 def _step(step: int | None) -> str:
@@ -31,7 +45,7 @@ def one_line(v: "Violation") -> str:
         "state_not_advanced": v.detail or "state_ids not advanced",
         "bad_state_ids": v.detail or "state_ids is not a (prev, next) pair",
     }.get(v.kind, v.detail)
-    return f"{v.kind} on {v.queue!r} at {_step(v.step)}: {who}"
+    return f"{v.kind} on {_quoted(v.queue)} at {_step(v.step)}: {who}"
 
 
 def format_op(rec: "OpRecord", mark: bool = False) -> str:
@@ -42,13 +56,13 @@ def format_op(rec: "OpRecord", mark: bool = False) -> str:
         extra = f" (item of {rec.producer})"
     depth = "" if rec.depth is None else f" depth={rec.depth}"
     flag = f"  <-- {rec.violation}" if rec.violation else ""
-    return (f"{arrow} #{rec.seq:<6} {_step(rec.step):<14} {rec.op:<9} {rec.queue:<14} "
+    return (f"{arrow} #{rec.seq:<6} {_step(rec.step):<14} {rec.op:<9} {_name(rec.queue):<14} "
             f"{who}{extra}{depth}{flag}")
 
 
 def format_violation(v: "Violation") -> str:
     from ._checker import KINDS
-    lines = [_RULE, f"cachescope: {v.kind} on queue {v.queue!r} (family {v.family}) "
+    lines = [_RULE, f"cachescope: {v.kind} on queue {_quoted(v.queue)} (family {v.family}) "
              f"at {_step(v.step)}  [cache {v.cache}]", f"  {KINDS.get(v.kind, '')}", ""]
     if v.kind in ("owner_mismatch", "pop_empty", "pop_missing"):
         nth = f" (pop #{v.position} of this queue)" if v.position else ""
@@ -67,7 +81,7 @@ def format_violation(v: "Violation") -> str:
     if v.detail and v.kind not in ("owner_mismatch",):
         lines += ["", f"  {v.detail}"]
     if v.timeline:
-        lines += ["", f"  Recent ops on {v.queue!r} and its step (oldest first):"]
+        lines += ["", f"  Recent ops on {_quoted(v.queue)} and its step (oldest first):"]
         lines += [format_op(rec, mark=(rec.seq == v.seq)) for rec in v.timeline]
     lines += ["", f"  Hint: {v.hint}" if v.hint else "", _RULE]
     return "\n".join(line for line in lines if line is not None)
