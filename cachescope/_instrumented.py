@@ -16,7 +16,7 @@ from ._accounting import FamilyStats, Stats
 from ._families import FamilyMap
 from ._owners import Attributor
 from ._records import OpRecord, StepInfo
-from ._values import EMPTY, format_summary, measure
+from ._values import EMPTY, _Tensor, format_summary, measure
 
 __all__ = ["InstrumentedCache"]
 
@@ -696,7 +696,29 @@ def _safe_str(x: Any) -> str:
 
 def _safe_repr(x: Any) -> str:
     try:
-        s = repr(x)
+        s = _repr_no_data(x, 0)
     except Exception:
         s = f"<{type(x).__name__}>"
     return s if len(s) <= 120 else s[:117] + "..."
+
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _repr_no_data(x: Any, depth: int) -> str:
+    """repr() for reports that never prints data: tensors (state ids may be token-id tensors) show
+    as shape and dtype, other objects by type; plain scalars and their tuples/lists/dicts as is."""
+    if isinstance(x, _Tensor):
+        return f"<Tensor {list(x.shape)} {str(x.dtype).replace('torch.', '')}>"
+    if type(x) in _PLAIN:
+        return repr(x)
+    if type(x) in (tuple, list, dict) and depth < 3:
+        items = list(x.items())[:8] if type(x) is dict else list(x[:8])
+        more = ", ..." if len(x) > 8 else ""
+        if type(x) is dict:
+            return "{" + ", ".join(f"{_repr_no_data(k, depth + 1)}: {_repr_no_data(v, depth + 1)}"
+                                   for k, v in items) + more + "}"
+        inner = ", ".join(_repr_no_data(i, depth + 1) for i in items) + more
+        return f"({inner},)" if type(x) is tuple and len(x) == 1 else (
+            f"({inner})" if type(x) is tuple else f"[{inner}]")
+    return f"<{type(x).__name__}>"
