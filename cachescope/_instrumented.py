@@ -26,6 +26,7 @@ _SINK_EVENTS = ("on_op", "on_violation", "on_step_start", "on_step_end",
                 "on_generation_start", "on_generation_end")
 _TIMELINE_PER_VIOLATION = 12
 _CLEARED_MEMORY = 256
+_STEP_MEMORY = 4096   # queue names remembered per step (a loop with no step boundaries stays bounded)
 
 #: Called with every new ``InstrumentedCache`` at the end of its ``__init__`` (``cachescope.testing``
 #: uses it to find the caches a test created, for the pytest plugin's strict mode).
@@ -53,7 +54,9 @@ class InstrumentedCache(Cache):
     """A drop-in ``Cache`` that checks pop order and records every op for metrics and traces.
 
     Keyword options:
-      name: label of this cache in metrics, traces and reports.
+      name: label of this cache in metrics, traces and reports (default: 'default', or
+        'default-2', 'default-3', ... while an earlier unnamed cache is still exported to the
+        same registry; an explicit name that is taken raises ValueError).
       registry: Prometheus ``CollectorRegistry`` to export to (default: cachescope's own
         registry, ``cachescope.metrics.REGISTRY``; never the global one). ``metrics=False`` disables.
       tracer_provider: OpenTelemetry ``TracerProvider`` (default: the global one from the API,
@@ -67,13 +70,13 @@ class InstrumentedCache(Cache):
       const_labels: constant Prometheus labels, e.g. ``{'rank': '0'}``.
     """
 
-    def __init__(self, *, name: str = "default", registry: Any = None, tracer_provider: Any = None,
+    def __init__(self, *, name: str | None = None, registry: Any = None, tracer_provider: Any = None,
                  strict: bool = False, family: Callable[[Any], str] | None = None,
                  attribution: str = "auto", timeline_size: int = 256, max_violations: int = 1000,
                  state_key: str = "state_ids", const_labels: dict[str, str] | None = None,
                  metrics: bool = True, tracing: bool = True) -> None:
         super().__init__()
-        self.name = str(name)
+        self.name = "default" if name is None else str(name)
         self.strict = strict
         self.state_key = state_key
         self.max_violations = max_violations
@@ -102,9 +105,16 @@ class InstrumentedCache(Cache):
         self.metrics = None
         self.tracer = None
         if metrics:
-            from .metrics import MetricsSink
-            self.metrics = self._safe_attach(lambda: MetricsSink(
-                self, registry=registry, const_labels=const_labels))
+            from .metrics import CacheNameTaken, MetricsSink
+            for n in range(2, 10_000):
+                try:
+                    self.metrics = self._safe_attach(lambda: MetricsSink(
+                        self, registry=registry, const_labels=const_labels))
+                    break
+                except CacheNameTaken:
+                    if name is not None:
+                        raise  # an explicit name that is taken is the caller's to fix
+                    self.name = f"default-{n}"   # unnamed caches get the next free name
         if tracing:
             from .tracing import TracingSink
             self.tracer = self._safe_attach(lambda: TracingSink(self, tracer_provider=tracer_provider))
@@ -249,7 +259,8 @@ class InstrumentedCache(Cache):
             fs.hold(m.logical, storages)
             if step is not None:
                 step.ops += 1
-                step.pushed.add(name)
+                if len(step.pushed) < _STEP_MEMORY:
+                    step.pushed.add(name)
         if self._op_sinks:
             self._emit("on_op", rec)
 
@@ -312,11 +323,14 @@ class InstrumentedCache(Cache):
             key = (name, owner)
             step_pops = self._step_pops
             popped_before = key in step_pops
+            if len(step_pops) >= _STEP_MEMORY:
+                step_pops.clear()                # no step boundary for a long time
             step_pops.add(key)
             step = self._step
             if step is not None:
                 step.ops += 1
-                step.popped.add(name)
+                if len(step.popped) < _STEP_MEMORY:
+                    step.popped.add(name)
             violation = None
             if kind is not None:
                 assert item is not None
