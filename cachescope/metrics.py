@@ -142,7 +142,7 @@ class _CacheCollector:
         with self._lock:
             self._purge()
             if self._live(name):
-                raise ValueError(
+                raise CacheNameTaken(
                     f"a cache named {name!r} is already exported to this Prometheus registry: give "
                     f"each InstrumentedCache a distinct name= (it becomes the 'cache' label), pass "
                     f"another registry=, or metrics=False")
@@ -315,6 +315,10 @@ def _collector_for(registry: CollectorRegistry, const_names: tuple[str, ...]) ->
         if coll is None:
             coll = _collectors[registry] = _CacheCollector(registry, const_names)
         return coll
+
+
+class CacheNameTaken(ValueError):
+    """Another live cache already exports under this name to the registry."""
 
 
 class MetricsSink:

@@ -62,3 +62,19 @@ def test_completed_step_set_again_is_state_not_advanced() -> None:
     with pytest.raises(IndexError):
         layers(x)
     assert _kinds(cache)[-1] == ("pop_empty", 2)
+
+
+def test_unnamed_caches_get_distinct_names_while_alive() -> None:
+    """Two unnamed caches alive at once export as 'default' and 'default-2'; an explicit clash raises."""
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    a = InstrumentedCache(registry=reg, tracing=False)
+    b = InstrumentedCache(registry=reg, tracing=False)
+    assert (a.name, b.name) == ("default", "default-2")
+    with pytest.raises(ValueError, match="already exported"):
+        InstrumentedCache(name="default", registry=reg, tracing=False)
+    a.push("attn_kv_0", 1)
+    b.push("attn_kv_0", 1)
+    assert reg.get_sample_value(
+        "cachescope_ops_total", {"cache": "default-2", "op": "push", "family": "attn_kv"}) == 1
