@@ -51,3 +51,24 @@ def test_every_violation_kind_is_documented() -> None:
     text = README.read_text()
     for kind in cachescope.KINDS:
         assert f"| `{kind}` |" in text, kind
+
+
+def test_reference_model_snippet_runs() -> None:
+    """The reference-model snippet generates 8 greedy tokens and leaves the cache clean."""
+    block = next(b for b in _python_blocks() if "from cachescope.neox import" in b)
+    scope: dict = {"__name__": "readme"}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert len(scope["tokens"]) == 8
+    assert cachescope.get_cache().q_size("attn_kv_0") is None
+
+
+def test_readme_command_lines_use_real_options() -> None:
+    """Every `cachescope ...` line in the README parses with the real CLI's argument parser."""
+    from cachescope.cli import build_parser
+
+    parser = build_parser()
+    text = README.read_text()
+    lines = [ln.split("#")[0].strip() for ln in text.splitlines() if ln.startswith("cachescope ")]
+    assert len(lines) >= 8
+    for line in lines:
+        parser.parse_args(line.split()[1:])
