@@ -160,8 +160,6 @@ class Equivalence(RuleBasedStateMachine):
         elif isinstance(a, (list, tuple)):
             for x, y in zip(a, b):
                 self._register(x, y, seen)
-        elif isinstance(a, _PopNoLen):
-            pass
 
     def _same(self, a, b) -> bool:
         return a is b or self.twin.get(id(a)) is b

@@ -3,9 +3,7 @@ and no device synchronisation on GPU."""
 
 from __future__ import annotations
 
-import gc
 import logging
-import re
 
 import pytest
 import torch
@@ -434,4 +432,3 @@ def test_instrumented_decode_never_synchronises_cuda():
             torch.cuda.set_sync_debug_mode(0)
     assert c.violations == []
     assert c.stats.family("attn_kv").logical > 0
-    gc.collect()
