@@ -22,9 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import sys
+
 import pytest
 
-pytest.register_assert_rewrite("cachescope.testing")
+if "cachescope.testing" not in sys.modules:  # else it is too late, and pytest would warn
+    pytest.register_assert_rewrite("cachescope.testing")
 
 if TYPE_CHECKING:
     from cachescope.testing import CacheProbe, _CacheTracker

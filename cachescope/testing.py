@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import importlib.util
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -67,11 +68,15 @@ class _OpLog:
 
 # --------------------------------------------------------------------------- caches a test creates
 class _Tracked:
-    __slots__ = ("cache", "checked")
+    """A cache seen by a tracker. Holds the cache's violation list, never the cache itself (a
+    test's caches must stay collectable: exporters and tests rely on weak references)."""
 
-    def __init__(self, cache: InstrumentedCache, checked: int) -> None:
-        self.cache = cache
-        self.checked = checked   # violations before this index were seen already
+    __slots__ = ("ref", "violations", "checked")
+
+    def __init__(self, cache: InstrumentedCache) -> None:
+        self.ref = weakref.ref(cache)
+        self.violations = cache.violations
+        self.checked = len(cache.violations)   # violations before this index were seen already
 
 
 class _CacheTracker:
@@ -81,6 +86,7 @@ class _CacheTracker:
 
     def __init__(self) -> None:
         self._tracked: list[_Tracked] = []
+        self._prune_at = 1024
         self._expected: dict[int, Any] = {}   # id(violation) -> violation (kept alive for the id)
 
     @classmethod
@@ -88,7 +94,7 @@ class _CacheTracker:
         tracker = cls()
         current = _install.installed()
         if current is not None:
-            tracker._tracked.append(_Tracked(current, len(current.violations)))
+            tracker._tracked.append(_Tracked(current))
         _trackers.append(tracker)
         return tracker
 
@@ -99,8 +105,11 @@ class _CacheTracker:
         self._expected.clear()
 
     def add(self, cache: InstrumentedCache) -> None:
-        if all(t.cache is not cache for t in self._tracked):
-            self._tracked.append(_Tracked(cache, 0))
+        tracked = self._tracked
+        if len(tracked) >= self._prune_at:   # a test that makes many caches: forget dead, quiet ones
+            tracked[:] = [t for t in tracked if t.ref() is not None or len(t.violations) > t.checked]
+            self._prune_at = max(1024, 2 * len(tracked))
+        tracked.append(_Tracked(cache))
 
     def expect(self, violations: Iterable[Any]) -> None:
         for v in violations:
@@ -110,7 +119,7 @@ class _CacheTracker:
         """Violations recorded since the last call that nobody declared expected."""
         out = []
         for t in self._tracked:
-            found = t.cache.violations
+            found = t.violations
             if len(found) < t.checked:   # cache.reset() emptied the list
                 t.checked = 0
             out += [v for v in found[t.checked:] if id(v) not in self._expected]

@@ -308,3 +308,22 @@ def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     """The cachescope marker is documented in --markers (so --strict-markers accepts it)."""
     result = pytester.runpytest(*PLUGIN, *FAST, "--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.cachescope(strict=None, **cache_options)*"])
+
+
+def test_tracking_keeps_no_cache_alive(pytester: pytest.Pytester) -> None:
+    """Strict mode holds no reference to a test's caches, yet still sees their violations after GC."""
+    result = _run(pytester, '''
+import gc
+import weakref
+
+def test_collectable():
+    cache = cs.InstrumentedCache(name="gone", metrics=False, tracing=False)
+    ref = weakref.ref(cache)
+    with pytest.raises(KeyError):
+        cache.pop("never_pushed")
+    del cache
+    gc.collect()
+    assert ref() is None
+''', "--cachescope-strict")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*(cache 'gone': pop_missing x1)*"])

@@ -1,0 +1,112 @@
+"""cachescope on labml.ai's unmodified GPT-NeoX attention layers, through the pytest fixture."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from cachescope.testing import capture
+
+try:
+    from labml_nn.neox.model import AttentionLayer
+    from labml_nn.neox.utils import cache as labml_cache
+except Exception as exc:  # labml_nn is installed with --no-deps: a missing dependency shows up here
+    if os.environ.get("CI"):
+        raise
+    pytest.skip(f"labml_nn.neox is not importable here ({exc!r}); install labml-nn and labml "
+                "(scripts/bootstrap.sh test)", allow_module_level=True)
+
+
+def _plugin_autoloaded() -> bool:
+    """Whether pytest loads cachescope's plugin itself (package installed with its entry point)."""
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return False
+    return any(ep.value == "cachescope.pytest_plugin"
+               for ep in importlib.metadata.entry_points(group="pytest11"))
+
+
+# The cachescope fixture comes from the plugin; load it here unless its entry point does.
+pytest_plugins = [] if _plugin_autoloaded() else ["cachescope.pytest_plugin"]
+
+# labml's attention wraps its einsums in torch.cuda.amp.autocast, deprecated in recent torch.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+N_LAYERS, HIDDEN, HEADS = 4, 32, 4
+NAMES = [f"layers.{i}" for i in range(N_LAYERS)]
+
+
+@pytest.fixture
+def layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[AttentionLayer(n_hidden=HIDDEN, n_heads=HEADS) for _ in range(N_LAYERS)])
+
+
+def labml_decode(layers: nn.Sequential, tokens: torch.Tensor, prompt_len: int,
+                 swap_at: int | None = None) -> list[torch.Tensor]:
+    """labml's decode loop: the prompt with state_ids (None, 0), then one token per step with
+    (i, i + 1), everything through labml's own ``get_cache()``. ``swap_at``: the step at which
+    layers 1 and 2 run in the wrong order. Returns each step's output for the last position."""
+    cache = labml_cache.get_cache()
+    cache.set("use_cache", True)
+    outputs = []
+    with torch.no_grad():
+        cache.set("state_ids", (None, 0))
+        outputs.append(layers(tokens[:, :prompt_len])[:, -1])
+        for i in range(tokens.shape[1] - prompt_len):
+            cache.set("state_ids", (i, i + 1))
+            run = layers
+            if i + 1 == swap_at:
+                run = nn.Sequential(layers[0], layers[2], layers[1], *layers[3:])
+            outputs.append(run(tokens[:, prompt_len + i:prompt_len + i + 1])[:, -1])
+    return outputs
+
+
+def test_labml_uses_the_fixture_cache(cachescope) -> None:
+    """install() hands labml_nn's get_cache() the fixture's cache, and a nested capture() too."""
+    assert labml_cache.get_cache() is cachescope.cache
+    with capture() as inner:
+        assert labml_cache.get_cache() is inner.cache
+    assert labml_cache.get_cache() is cachescope.cache
+
+
+def test_correct_labml_loop_has_no_violations(cachescope, layers: nn.Sequential) -> None:
+    """A correct labml decode loop: no violation, exact op counts, FIFO per layer, same outputs."""
+    cachescope.watch(layers, prefix="layers.")
+    tokens = torch.randn(1, 8, HIDDEN)
+    cached = labml_decode(layers, tokens, prompt_len=5)
+
+    cachescope.assert_no_violations()
+    steps = len(cached)
+    cachescope.assert_op_counts(family="attn_kv", push=N_LAYERS * steps, pop=N_LAYERS * (steps - 1))
+    cachescope.assert_pop_order("attn_kv_0", NAMES)
+    cachescope.assert_pop_order("attn_kv", NAMES * (steps - 1))
+    cachescope.assert_max_depth("attn_kv", N_LAYERS)
+    cachescope.assert_drained(ignore=f"attn_kv_{steps - 1}")  # labml leaves the last step's queue
+
+    # The instrumented cache is a drop-in: recomputing without the cache gives the same outputs.
+    labml_cache.get_cache().set("use_cache", False)
+    with torch.no_grad():
+        full = layers(tokens)
+    torch.testing.assert_close(cached[-1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_swapped_pair_is_detected_with_module_names(cachescope, layers: nn.Sequential) -> None:
+    """Running layers 1 and 2 in swapped order is caught, naming both layers as watch() named them."""
+    cachescope.watch(layers, prefix="layers.")
+    tokens = torch.randn(1, 7, HIDDEN)
+    with cachescope.expect_violations("owner_mismatch") as caught:
+        labml_decode(layers, tokens, prompt_len=4, swap_at=2)
+
+    first = caught[0]
+    assert (first.queue, first.step) == ("attn_kv_1", 2)
+    assert (first.consumer, first.producer) == ("layers.2", "layers.1")
+    assert {(v.consumer, v.producer) for v in caught} >= {("layers.2", "layers.1"),
+                                                           ("layers.1", "layers.2")}
+    report = first.report()
+    assert "Pop by   layers.2 at step 2" in report and "Push by  layers.1 at step 1" in report
+    cachescope.assert_pop_order("attn_kv_1", ["layers.0", "layers.2", "layers.1", "layers.3"])
+    cachescope.assert_no_violations()  # everything that happened was expected
