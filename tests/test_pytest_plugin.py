@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import os
 from pathlib import Path
 
@@ -327,3 +328,23 @@ def test_collectable():
 ''', "--cachescope-strict")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*(cache 'gone': pop_missing x1)*"])
+
+
+def _doc_blocks() -> list[str]:
+    text = (REPO / "docs" / "testing.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_docs_example_test_passes(pytester: pytest.Pytester) -> None:
+    """The copy-pasteable example in docs/testing.md passes as written, also in strict mode."""
+    pytester.makepyfile(test_kv_cache=_doc_blocks()[0])
+    result = pytester.runpytest(*PLUGIN, *FAST, "--cachescope-strict")
+    result.assert_outcomes(passed=2)
+
+
+def test_docs_capture_example_runs() -> None:
+    """The 'Without pytest' example in docs/testing.md runs and restores the singleton."""
+    block = next(b for b in _doc_blocks() if "capture()" in b)
+    namespace: dict = {}
+    exec(compile(block, "docs/testing.md", "exec"), namespace)
+    assert namespace["probe"].violations == []
