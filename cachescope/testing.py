@@ -28,7 +28,7 @@ from ._owners import WatchHandle, watch
 from ._records import OPS, OpRecord
 from ._values import format_bytes
 
-__all__ = ["CacheProbe", "Op", "capture", "DEFAULT_MAX_OPS"]
+__all__ = ["CacheProbe", "Op", "capture", "format_violations", "DEFAULT_MAX_OPS"]
 
 #: Ops a probe keeps in ``probe.ops`` (the cache's own timeline is a short ring buffer).
 DEFAULT_MAX_OPS = 200_000
