@@ -9,6 +9,8 @@ from pathlib import Path
 
 import cachescope
 
+pytest_plugins = ["pytester"]
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -72,3 +74,11 @@ def test_readme_command_lines_use_real_options() -> None:
     assert len(lines) >= 8
     for line in lines:
         parser.parse_args(line.split()[1:])
+
+
+def test_readme_pytest_example_passes(pytester) -> None:
+    """The README's pytest example passes when run by pytest with the installed plugin."""
+    block = next(b for b in _python_blocks() if "def test_decode(cachescope)" in b)
+    pytester.makepyfile(test_example=block)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
