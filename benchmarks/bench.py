@@ -122,9 +122,9 @@ def machine() -> dict[str, Any]:
                                 capture_output=True, timeout=10).stdout.strip() or "n/a"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
                                 "cachescope"], cwd=ROOT, text=True, capture_output=True,
-                               timeout=10).stdout.strip()
-        if dirty:
-            files = ", ".join(line[3:] for line in dirty.splitlines())
+                               timeout=10).stdout
+        files = ", ".join(line[3:] for line in dirty.splitlines() if line.strip())
+        if files:
             commit += f" (uncommitted changes in {files})"
     except Exception:
         pass
@@ -949,6 +949,14 @@ def fmt_ci(o: dict[str, float], key: str = "") -> str:
     return f"{pct(o['median'])} [{pct(o['lo'])}, {pct(o['hi'])}]"
 
 
+def ci_note(o: dict[str, float], limit: float) -> str:
+    if o["hi"] <= limit:
+        return "whole CI within the limit"
+    if o["lo"] > limit:
+        return "whole CI above the limit"
+    return "CI crosses the limit"
+
+
 def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     decode = {d["preset"]: d for d in res.get("decode", [])}
@@ -965,8 +973,7 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         o = d["modes"]["default"][f"overhead_{metric}"]
         add(f"default-mode overhead, {preset}", f"<= {limit:.0%}", fmt_ci(o),
-            o["median"] <= limit, "CI upper bound under the limit" if o["hi"] <= limit
-            else "CI upper bound above the limit")
+            o["median"] <= limit, ci_note(o, limit))
     for preset, limit in TARGET_TRACE_ALL.items():
         d = decode.get(preset)
         if d is None or "trace-all" not in d["modes"]:
@@ -974,7 +981,7 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         o = d["modes"]["trace-all"][f"overhead_{metric}"]
         add(f"tracing every step, {preset}", f"<= {limit:.0%}", fmt_ci(o), o["median"] <= limit,
-            "CI upper bound under the limit" if o["hi"] <= limit else "CI upper bound above the limit")
+            ci_note(o, limit))
     ops = res.get("ops")
     if ops:
         for row in ops["rows"]:
