@@ -237,7 +237,7 @@ class InstrumentedCache(Cache):
                 cache[name] = []
             queue = cache[name]
             queue.append(value)
-            fs = self._fstats(name)
+            fs = self._fs_memo.get(name) or self._fstats(name)
             fs.push += 1
             depth = len(queue)
             if depth == 1:
@@ -286,7 +286,7 @@ class InstrumentedCache(Cache):
                 v = self._pop_failed("pop_empty", name, owner, site)
                 self._after(self._timeline[-1], [v])
                 self._raise(exc, v)
-            fs = self._fstats(name)
+            fs = self._fs_memo.get(name) or self._fstats(name)
             fs.pop += 1
             # a plain value with its own pop() (a dict...) is not a queue and may have no len()
             depth = len(queue) if type(queue) is list else None
@@ -427,9 +427,16 @@ class InstrumentedCache(Cache):
             raise strict_error(violations[0])
 
     def get(self, key: str, default: Any = None) -> Any:
-        family = self._families(key)
+        try:
+            fs = self._fs_memo.get(key)
+        except TypeError:   # unhashable: counted, then the seed's get raises the same TypeError
+            fs = False
         with self._lock:
-            self.stats.family(family).get += 1
+            if fs is None:
+                fs = self._fstats(key)
+            elif fs is False:
+                fs = self.stats.family(self._families(key))
+            fs.get += 1
         return self._cache.get(key, default)
 
     def get_quiet(self, key: str, default: Any = None) -> Any:

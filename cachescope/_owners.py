@@ -85,16 +85,23 @@ class Attributor:
         code = frame.f_code
         key = (id(code), frame.f_lasti)
         entry = self._sites.get(key)
-        if entry is not None and entry[0] is code:
-            site = entry[1]
-        else:
-            site = f"{_short_path(code.co_filename)}:{frame.f_lineno}"
+        if entry is None or entry[0] is not code:
+            entry = (code, f"{_short_path(code.co_filename)}:{frame.f_lineno}",
+                     code.co_argcount > 0 and code.co_varnames[0] == "self")
             if len(self._sites) >= 16384:
                 self._sites.clear()
-            self._sites[key] = (code, site)
+            self._sites[key] = entry
+        site = entry[1]
         stack = getattr(self._local, "stack", None)
         if stack and self.mode == "auto":
             return stack[-1][1], site
+        if entry[2]:
+            # Fast path: the caller is a method of an already-labelled module (the usual case:
+            # an attention layer's forward). Anything else takes the full walk below.
+            obj = frame.f_locals.get("self")
+            known = self._labels.get(id(obj))
+            if known is not None and known[0]() is obj:
+                return known[1], site
         return self._from_frames(frame), site
 
     def _from_frames(self, frame: Any) -> str | None:
