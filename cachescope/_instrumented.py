@@ -14,9 +14,10 @@ from ._cache import Cache
 from ._checker import Violation, mismatch_hint, strict_error
 from ._accounting import FamilyStats, Stats
 from ._families import FamilyMap
-from ._owners import Attributor
-from ._records import OpRecord, StepInfo
-from ._values import EMPTY, _Tensor, format_summary, measure
+from ._owners import AttribState, Attributor, _short_path
+from ._records import OpRecord, StepInfo, _Queue
+from ._values import EMPTY, Measure, _Tensor, format_summary, measure
+from . import _hot as hotpath
 
 __all__ = ["InstrumentedCache"]
 
@@ -31,16 +32,6 @@ _STEP_MEMORY = 4096   # queue names remembered per step (a loop with no step bou
 #: Called with every new ``InstrumentedCache`` at the end of its ``__init__`` (``cachescope.testing``
 #: uses it to find the caches a test created, for the pytest plugin's strict mode).
 _on_create: list[Callable[["InstrumentedCache"], None]] = []
-
-
-class _Queue:
-    """Provenance of one live queue: the pushes not yet popped, and how many pops it has seen."""
-
-    __slots__ = ("items", "pops")
-
-    def __init__(self) -> None:
-        self.items: deque[OpRecord] = deque()   # push records not yet popped
-        self.pops = 0
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -68,13 +59,16 @@ class InstrumentedCache(Cache):
       max_violations: violations kept in ``cache.violations`` (all are counted).
       state_key: the key whose ``set`` marks a step boundary (labml: 'state_ids').
       const_labels: constant Prometheus labels, e.g. ``{'rank': '0'}``.
+      speedups: use the C fast path for push/pop/get when it is built (default True; results
+        are identical either way, see docs/DESIGN.md).
     """
 
     def __init__(self, *, name: str | None = None, registry: Any = None, tracer_provider: Any = None,
                  strict: bool = False, family: Callable[[Any], str] | None = None,
                  attribution: str = "auto", timeline_size: int = 256, max_violations: int = 1000,
                  state_key: str = "state_ids", const_labels: dict[str, str] | None = None,
-                 metrics: bool = True, tracing: bool = True) -> None:
+                 metrics: bool = True, tracing: bool = True, speedups: bool = True) -> None:
+        self._hot: Any = hotpath.PyHot()   # until __init__ has the structures the fast path needs
         super().__init__()
         self.name = "default" if name is None else str(name)
         self.strict = strict
@@ -86,13 +80,11 @@ class InstrumentedCache(Cache):
         self._attributor = Attributor(attribution)
         self._timeline: deque[OpRecord] = deque(maxlen=max(1, timeline_size))
         self._queues: dict[Any, _Queue] = {}
+        self._fs_memo: dict[Any, FamilyStats] = {}
+        self._lock = threading.RLock()
+        self._hot = hotpath.make(self, speedups)
         self._cleared: dict[Any, tuple[int, int, str | None, str | None]] = {}
         self._cleared_all: tuple[int, int, str | None, str | None] | None = None
-        self._lock = threading.RLock()
-        self._seq = 0
-        self._step: StepInfo | None = None
-        self._step_index = -1
-        self._step_pops: set[tuple[Any, str | None]] = set()
         self._restarted_step: int | None = None   # index of the last step opened by a retry
         self._generation: dict[str, Any] | None = None
         self._loop_ends_steps = False   # set once the decode loop calls end_step()
@@ -101,7 +93,7 @@ class InstrumentedCache(Cache):
             ev: () for ev in _SINK_EVENTS}
         self._sink_failed: set[tuple[int, str]] = set()
         self._op_sinks: tuple[tuple[Any, Callable[..., None]], ...] = ()
-        self._fs_memo: dict[Any, FamilyStats] = {}
+        self._dynamic_op_sinks = False
         self.metrics = None
         self.tracer = None
         if metrics:
@@ -120,6 +112,54 @@ class InstrumentedCache(Cache):
             self.tracer = self._safe_attach(lambda: TracingSink(self, tracer_provider=tracer_provider))
         for hook in _on_create:
             hook(self)
+
+    # ------------------------------------------------------------------ state the fast path shares
+    # Stored on self._hot (the C object when the extension is built), so that the Python methods
+    # and the C fast path read and write the same values.
+    @property
+    def _cache(self) -> dict[Any, Any]:
+        return self._hot.cache_dict
+
+    @_cache.setter
+    def _cache(self, value: dict[Any, Any]) -> None:   # Cache.__init__ and clear_all rebind it
+        self._hot.cache_dict = value
+
+    @property
+    def _seq(self) -> int:
+        return self._hot.seq
+
+    @_seq.setter
+    def _seq(self, value: int) -> None:
+        self._hot.seq = value
+
+    @property
+    def _step(self) -> StepInfo | None:
+        return self._hot.step
+
+    @_step.setter
+    def _step(self, value: StepInfo | None) -> None:
+        self._hot.step = value
+
+    @property
+    def _step_index(self) -> int:
+        return self._hot.step_index
+
+    @_step_index.setter
+    def _step_index(self, value: int) -> None:
+        self._hot.step_index = value
+
+    @property
+    def _step_pops(self) -> set[tuple[Any, str | None]]:
+        return self._hot.step_pops
+
+    @_step_pops.setter
+    def _step_pops(self, value: set[tuple[Any, str | None]]) -> None:
+        self._hot.step_pops = value
+
+    @property
+    def speedups_active(self) -> bool:
+        """Whether push/pop/get take the C fast path (``cachescope._speedups``)."""
+        return not isinstance(self._hot, hotpath.PyHot) and bool(self._hot.enabled)
 
     # ------------------------------------------------------------------ sinks
     def _safe_attach(self, make: Callable[[], Any]) -> Any:
@@ -156,6 +196,16 @@ class InstrumentedCache(Cache):
         self._dispatch = {ev: tuple((s, getattr(s, ev)) for s in self._sinks
                                     if callable(getattr(s, ev, None))) for ev in _SINK_EVENTS}
         self._op_sinks = self._dispatch["on_op"]
+        self._sync_op_sinks()
+
+    def _sync_op_sinks(self) -> None:
+        """Tell the fast path whether any sink wants ``on_op`` now, and whether one needs full
+        value summaries (``Measure.summary``; the fast path leaves it None otherwise)."""
+        self._dynamic_op_sinks = any(hasattr(s, "wants_ops") for s, _ in self._op_sinks)
+        wanted = [s for s, _ in self._op_sinks if getattr(s, "wants_ops", True)]
+        self._hot.op_sinks = 1 if wanted else 0
+        self._hot.full_measure = 1 if any(getattr(s, "needs_values", True) for s, _ in
+                                          self._op_sinks) else 0
 
     def _emit(self, event: str, *args: Any) -> None:
         for sink, fn in self._dispatch[event]:
@@ -163,6 +213,8 @@ class InstrumentedCache(Cache):
                 fn(self, *args)
             except Exception:
                 self._sink_error(sink, event)
+        if self._dynamic_op_sinks and event != "on_op":
+            self._sync_op_sinks()   # e.g. the tracer records ops only while a span records
 
     def _sink_error(self, sink: Any, event: str) -> None:
         name = type(sink).__name__
@@ -336,7 +388,8 @@ class InstrumentedCache(Cache):
                 assert item is not None
                 violation = self._violation(Violation(
                     kind, qname, fs.family, self._step_index, owner, producer, seq, site,
-                    item.site, item.step, item.seq, format_summary(m), depth, position,
+                    item.site, item.step, item.seq,
+                    format_summary(m if m.summary is not None else measure(value)), depth, position,
                     mismatch_hint(owner, item, q.items if q is not None else (), popped_before,
                                   self._step_index, taken_by=self._taken_by(qname, owner, seq),
                                   restarted=self._restarted_step == self._step_index),
@@ -564,11 +617,16 @@ class InstrumentedCache(Cache):
                 continue
             owners = [i.owner or "<no module>" for i in q.items]
             first = q.items[0]
+            held = first.value
+            if held.summary is None:   # measured by the fast path: shapes come from the value
+                queue = self._cache.get(name)
+                if type(queue) is list and len(queue) == len(q.items):
+                    held = measure(queue[0])
             family = self._families(name)
             out.append(self._violation(Violation(
                 "leftover", _safe_str(name), family, step.index, None, first.owner, rec.seq,
                 producer_site=first.site, producer_step=first.step, producer_seq=first.seq,
-                value=format_summary(first.value), depth=len(q.items),
+                value=format_summary(held), depth=len(q.items),
                 detail=f"pushed by {', '.join(owners)}",
                 hint=(f"{len(owners)} item(s) pushed by {', '.join(owners)} were never popped in "
                       f"step {step.index}: a layer was skipped, or fewer layers ran than pushed"),

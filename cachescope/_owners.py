@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["Attributor", "WatchHandle", "watch"]
+__all__ = ["AttribState", "Attributor", "WatchHandle", "watch"]
 
 _MAX_FRAMES = 6      # frames walked above the cache method when looking for a module
 _CACHE_API = frozenset({"push", "pop", "get_cache", "q_size"})
@@ -35,13 +35,27 @@ def _short_path(path: str, _memo: dict[str, str] = {}) -> str:
         return short
 
 
+_MODES = {"off": 0, "auto": 1, "stack": 2}
+
+
+class AttribState:
+    """What the C fast path (``_speedups``) reads on every op: the mode and active watch()es."""
+
+    __slots__ = ("mode", "watching")
+
+    def __init__(self, mode: int) -> None:
+        self.mode = mode        # _MODES value
+        self.watching = 0       # active WatchHandles (the per-thread owner stack may be in use)
+
+
 class Attributor:
     """Finds the owner and call site of a cache op. One per ``InstrumentedCache``."""
 
     def __init__(self, mode: str = "auto") -> None:
-        if mode not in ("auto", "stack", "off"):
+        if mode not in _MODES:
             raise ValueError(f"attribution must be 'auto', 'stack' or 'off', got {mode!r}")
-        self.mode = mode
+        self.state = AttribState(_MODES[mode])
+        self._mode = mode
         self._local = threading.local()
         self._labels: dict[int, tuple[weakref.ref[Any], str]] = {}   # id(module) -> (ref, label)
         self._counters: dict[str, int] = {}
@@ -53,6 +67,17 @@ class Attributor:
         self._watched: dict[int, tuple[WatchHandle, str]] = {}  # id(module) -> (handle, qualname)
         self.aliases: dict[str, str] = {}  # old stack label -> qualified name after watch()
         self._lock = threading.Lock()
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"attribution must be 'auto', 'stack' or 'off', got {mode!r}")
+        self._mode = mode
+        self.state.mode = _MODES[mode]
 
     # -- owner stack maintained by watch() hooks ------------------------------------------------
     def _stack(self) -> list[tuple[int, str]]:
@@ -76,7 +101,7 @@ class Attributor:
     # -- lookup -----------------------------------------------------------------------------------
     def lookup(self, depth: int) -> tuple[str | None, str | None]:
         """(owner, site) for the frame ``depth`` levels above the caller of this method."""
-        if self.mode == "off":
+        if self._mode == "off":
             return None, None
         try:
             frame = sys._getframe(depth + 1)
@@ -93,7 +118,7 @@ class Attributor:
             self._sites[key] = entry
         site = entry[1]
         stack = getattr(self._local, "stack", None)
-        if stack and self.mode == "auto":
+        if stack and self._mode == "auto":
             return stack[-1][1], site
         if entry[2]:
             # Fast path: the caller is a method of an already-labelled module (the usual case:
@@ -148,8 +173,9 @@ class Attributor:
             ref = weakref.ref(module)
         except TypeError:
             return label
-        if len(self._labels) > 65536:
-            self._labels = {k: v for k, v in self._labels.items() if v[0]() is not None}
+        if len(self._labels) > 65536:   # in place: the C fast path holds this dict
+            for k in [k for k, v in self._labels.items() if v[0]() is None]:
+                del self._labels[k]
         self._labels[key] = (ref, label)
         return label
 
@@ -172,6 +198,7 @@ class WatchHandle:
             if _touches_cache(module):
                 self._hook(module, name)
         self.active = True
+        attributor.state.watching += 1
 
     @property
     def hooked(self) -> list[str]:
@@ -202,6 +229,7 @@ class WatchHandle:
         if not self.active:
             return
         self.active = False
+        self._attributor.state.watching = max(0, self._attributor.state.watching - 1)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-__all__ = ["OpRecord", "StepInfo", "OPS"]
+__all__ = ["OpRecord", "StepInfo", "OPS", "_Queue"]
 
 OPS = ("push", "pop", "set", "get", "clear", "clear_all")
 
@@ -29,7 +30,7 @@ class OpRecord(NamedTuple):
     producer: str | None = None  # for pops: owner that pushed the popped item
 
 
-@dataclass
+@dataclass(slots=True)   # slots: the C fast path updates ops/pushed/popped in place
 class StepInfo:
     """A decode step: from one step boundary (``state_ids`` set / ``mark_step``) to the next."""
 
@@ -48,3 +49,13 @@ class StepInfo:
     @property
     def duration(self) -> float | None:
         return None if self.end is None else self.end - self.start
+
+
+class _Queue:
+    """Provenance of one live queue: the pushes not yet popped, and how many pops it has seen."""
+
+    __slots__ = ("items", "pops")
+
+    def __init__(self) -> None:
+        self.items: deque[OpRecord] = deque()   # push records not yet popped
+        self.pops = 0

@@ -22,7 +22,9 @@ _Tensor = torch.Tensor
 class Measure(NamedTuple):
     logical: int                                  # sum of tensor.nbytes
     storages: tuple[tuple[int, int], ...]          # distinct (storage key, storage nbytes)
-    summary: tuple[tuple[tuple[int, ...], Any, Any], ...]  # (shape, dtype, device) per tensor
+    # (shape, dtype, device) per tensor; None when the C fast path measured only the bytes
+    # (a (k, v) push with no sink that needs shapes: reports re-measure the value they hold)
+    summary: tuple[tuple[tuple[int, ...], Any, Any], ...] | None
     kind: str                                      # outer container kind, e.g. 'tuple[2]', 'Tensor', 'NoneType'
     truncated: bool = False
 
@@ -140,7 +142,7 @@ def format_bytes(n: int) -> str:
 def format_summary(m: Measure) -> str:
     """``tuple[2](Tensor[1, 8, 7, 16] float32 cpu, ...) 7.0 KiB logical / 14.0 KiB storage``."""
     parts = [f"Tensor[{', '.join(map(str, shape))}] {str(dtype).replace('torch.', '')} {device}"
-             for shape, dtype, device in m.summary]
+             for shape, dtype, device in (m.summary or ())]
     inner = f"({', '.join(parts)})" if parts else ""
     more = " (truncated)" if m.truncated else ""
     return (f"{m.kind}{inner} {format_bytes(m.logical)} logical / "

@@ -53,6 +53,8 @@ class Op(NamedTuple):
 class _OpLog:
     """Sink that appends every op to a list, up to ``limit`` entries."""
 
+    needs_values = False   # on_op reads no Measure summaries
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.ops: list[Op] = []

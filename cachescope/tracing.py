@@ -62,6 +62,14 @@ class TracingSink:
     the SDK). Keeps no reference to the cache (only its name) and none to tensors.
     """
 
+    #: ``on_op`` reads bytes and names only, never ``rec.value.summary`` (see _hot.py).
+    needs_values = False
+
+    @property
+    def wants_ops(self) -> bool:
+        """Whether ``on_op`` would record anything now (the cache skips calling it otherwise)."""
+        return self._event_span is not None
+
     def __init__(self, cache: Any, tracer_provider: Any = None, op_events: bool = True) -> None:
         from . import __version__
         #: record each cache op as a span event (the main cost of tracing; see docs/tracing.md).

@@ -1,0 +1,90 @@
+"""The state ``InstrumentedCache`` shares with its C fast path (``_speedups.c``).
+
+``InstrumentedCache`` keeps the values every op updates (op number, current step, the step's
+pops, the seed's dict) on one object, ``cache._hot``: the C ``Hot`` when the extension is built
+(CPython 3.11), else ``PyHot`` with the same attributes. With ``Hot``, the instance attributes
+``push``, ``pop`` and ``get`` are its methods, so the common case of each op runs in C with no
+Python frame; every other case calls the Python method, which does all the work.
+
+Set ``CACHESCOPE_PURE_PYTHON=1`` (or pass ``speedups=False``) to run without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+import torch
+
+__all__ = ["AVAILABLE", "PyHot", "make"]
+
+try:
+    from . import _speedups
+except ImportError:   # not built (no compiler at install time, another interpreter)
+    _speedups = None  # type: ignore[assignment]
+
+#: Whether the C fast path is built for this interpreter.
+AVAILABLE = bool(getattr(_speedups, "AVAILABLE", 0))
+_configured = False
+
+
+class PyHot:
+    """The pure-Python stand-in for ``_speedups.Hot``: the same attributes, no fast path."""
+
+    __slots__ = ("cache_dict", "seq", "step", "step_index", "step_pops", "op_sinks",
+                 "full_measure", "enabled")
+
+    def __init__(self, cache_dict: dict[Any, Any] | None = None) -> None:
+        self.cache_dict: dict[Any, Any] = {} if cache_dict is None else cache_dict
+        self.seq = 0
+        self.step: Any = None
+        self.step_index = -1
+        self.step_pops: set[Any] = set()
+        self.op_sinks = 0
+        self.full_measure = 1
+        self.enabled = 0
+
+
+def _disabled_by_env() -> bool:
+    return os.environ.get("CACHESCOPE_PURE_PYTHON", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _configure() -> None:
+    global _configured
+    if not _configured:
+        from ._accounting import FamilyStats
+        from ._owners import AttribState
+        from ._records import OpRecord, StepInfo, _Queue
+        from ._values import Measure
+        _speedups.configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure,
+                            torch.Tensor, deque)
+        _configured = True
+
+
+def make(cache: Any, speedups: bool = True) -> Any:
+    """The shared-state object for ``cache`` (its structures must exist already); installs the
+    fast methods on the instance when the C path is used."""
+    placeholder = cache._hot
+    if not (speedups and AVAILABLE) or _disabled_by_env():
+        return PyHot(placeholder.cache_dict)
+    from ._instrumented import InstrumentedCache
+    from ._owners import _short_path
+    from ._values import measure
+    cls = type(cache)
+    # A subclass that overrides an op keeps its override (and the Python path for every op).
+    if any(getattr(cls, op) is not getattr(InstrumentedCache, op) for op in ("push", "pop", "get")):
+        return PyHot(placeholder.cache_dict)
+    _configure()
+    attributor = cache._attributor
+    hot = _speedups.Hot(
+        cache=cache, cache_dict=placeholder.cache_dict, queues=cache._queues,
+        fs_memo=cache._fs_memo, timeline=cache._timeline, labels=attributor._labels,
+        local=attributor._local, astate=attributor.state, lock=cache._lock,
+        slow_push=InstrumentedCache.push, slow_pop=InstrumentedCache.pop,
+        slow_get=InstrumentedCache.get, fstats="_fstats", emit=InstrumentedCache._emit,
+        measure=measure, short_path=_short_path)
+    cache.__dict__["push"] = hot.push
+    cache.__dict__["pop"] = hot.pop
+    cache.__dict__["get"] = hot.get
+    return hot

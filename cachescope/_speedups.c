@@ -1,0 +1,1094 @@
+/* cachescope._speedups: the common case of push, pop and get in C.
+ *
+ * InstrumentedCache (cachescope/_instrumented.py) is the specification; this file only takes
+ * its fast path, for the case a decode loop hits on every op:
+ *   - a str queue name, a list queue, and an owner found by one frame lookup: the caller is a
+ *     method of an already-labelled nn.Module (or a watch() hook named it, or attribution is off);
+ *   - push: the value is measured here when it is a (Tensor, Tensor) tuple, else by measure();
+ *   - pop: the popped item was pushed by the same owner (no violation).
+ * Anything else (a new call site or module, an empty or missing queue, a mismatch, odd names or
+ * values) returns the call to the Python method, which then does all of the work. Both paths
+ * update the same Python objects under the cache's lock, so reports, metrics and replays cannot
+ * tell which one ran; tests run the suite's equivalence checks with and without this module.
+ *
+ * Reading the caller's `self` needs the interpreter's frame layout, so this is built for
+ * CPython 3.11 only; elsewhere AVAILABLE is False and the pure-Python path runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && !defined(PYPY_VERSION)
+#define CS_ACCEL 1
+#define Py_BUILD_CORE 1
+#include "internal/pycore_code.h"
+#include "internal/pycore_frame.h"
+#undef Py_BUILD_CORE
+#else
+#define CS_ACCEL 0
+#endif
+
+#if CS_ACCEL
+
+#define MEMO_SIZE 1024      /* call sites remembered (direct-mapped) */
+#define STEP_MEMORY 4096    /* as _STEP_MEMORY in _instrumented.py */
+
+typedef struct {
+    PyCodeObject *code;     /* strong reference: the pointer cannot be reused while cached */
+    int lasti;
+    int is_method;          /* first argument is named self */
+    int self_is_cell;
+    PyObject *site;         /* "file.py:123" */
+} SiteEntry;
+
+/* Offsets of __slots__ members, read once from the classes' member descriptors. */
+static Py_ssize_t off_fs_family, off_fs_push, off_fs_pop, off_fs_get, off_fs_depth,
+    off_fs_peak_depth, off_fs_logical, off_fs_storage, off_fs_peak_logical, off_fs_peak_storage,
+    off_fs_live, off_fs_empty, off_fs_storages;
+static Py_ssize_t off_q_items, off_q_pops;
+static Py_ssize_t off_st_ops, off_st_pushed, off_st_popped;
+static Py_ssize_t off_at_mode, off_at_watching;
+static PyTypeObject *FamilyStatsType, *QueueType, *StepType, *AttribStateType;
+static PyTypeObject *RecordType, *MeasureType, *TensorType;
+static PyObject *DequeType;
+static int configured = 0;
+
+static PyObject *s_push, *s_pop, *s_append, *s_popleft, *s_stack, *s_tuple2, *s_nbytes,
+    *s_untyped_storage, *s_cdata, *s_on_op;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *wr;            /* weakref to the InstrumentedCache */
+    PyObject *cache;         /* the seed's dict (InstrumentedCache._cache) */
+    PyObject *queues;        /* name -> _Queue (provenance) */
+    PyObject *fs_memo;       /* name -> FamilyStats */
+    PyObject *timeline;      /* deque(maxlen=...) of OpRecord */
+    PyObject *labels;        /* Attributor._labels: id(module) -> (weakref, label) */
+    PyObject *local;         /* Attributor._local (threading.local with .stack) */
+    PyObject *astate;        /* Attributor.state (mode, watching) */
+    PyObject *acquire, *release;   /* the cache's RLock methods */
+    PyObject *slow_push, *slow_pop, *slow_get, *fstats, *emit, *measure, *short_path;
+    PyObject *step;          /* StepInfo or None */
+    PyObject *step_pops;     /* set of (name, owner) popped in this step */
+    long long seq;
+    long long step_index;
+    int op_sinks;            /* some sink wants on_op now */
+    int full_measure;        /* some sink needs full Measure summaries */
+    int enabled;
+    SiteEntry memo[MEMO_SIZE];
+} Hot;
+
+/* ------------------------------------------------------------------ small helpers */
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+
+static int
+slot_add(PyObject *obj, Py_ssize_t off, long long d)
+{
+    PyObject *old = SLOT(obj, off);
+    if (old == NULL || !PyLong_CheckExact(old)) {
+        PyErr_SetString(PyExc_TypeError, "cachescope: counter slot is not an int");
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(old);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    PyObject *nv = PyLong_FromLongLong(v + d);
+    if (nv == NULL)
+        return -1;
+    SLOT(obj, off) = nv;
+    Py_DECREF(old);
+    return 0;
+}
+
+static long long
+slot_get(PyObject *obj, Py_ssize_t off)
+{
+    PyObject *v = SLOT(obj, off);
+    if (v == NULL || !PyLong_CheckExact(v))
+        return 0;
+    return PyLong_AsLongLong(v);
+}
+
+static int
+slot_set(PyObject *obj, Py_ssize_t off, long long value)
+{
+    PyObject *nv = PyLong_FromLongLong(value);
+    if (nv == NULL)
+        return -1;
+    PyObject *old = SLOT(obj, off);
+    SLOT(obj, off) = nv;
+    Py_XDECREF(old);
+    return 0;
+}
+
+static double
+now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *
+new_tuple_of(PyTypeObject *type, Py_ssize_t n)
+{
+    return type->tp_alloc(type, n);   /* a tuple subclass: items are set with PyTuple_SET_ITEM */
+}
+
+static int
+lock(Hot *h)
+{
+    PyObject *r = PyObject_CallNoArgs(h->acquire);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static void
+unlock(Hot *h)
+{
+    PyObject *exc_t, *exc_v, *exc_tb;
+    PyErr_Fetch(&exc_t, &exc_v, &exc_tb);
+    PyObject *r = PyObject_CallNoArgs(h->release);
+    if (r == NULL)
+        PyErr_WriteUnraisable(h->release);
+    Py_XDECREF(r);
+    PyErr_Restore(exc_t, exc_v, exc_tb);
+}
+
+/* ------------------------------------------------------------------ attribution */
+
+/* 1: found (new references in *owner, *site); 0: take the Python path; -1: error. */
+static int
+attribute(Hot *h, PyObject **owner, PyObject **site)
+{
+    long mode = (long)slot_get(h->astate, off_at_mode);   /* 0 off, 1 auto, 2 stack */
+    if (mode == 0) {
+        *owner = Py_NewRef(Py_None);
+        *site = Py_NewRef(Py_None);
+        return 1;
+    }
+    PyThreadState *ts = PyThreadState_Get();
+    _PyInterpreterFrame *f = ts->cframe->current_frame;
+    while (f != NULL && _PyFrame_IsIncomplete(f))
+        f = f->previous;
+    if (f == NULL)
+        return 0;
+    PyCodeObject *code = f->f_code;
+    int lasti = _PyInterpreterFrame_LASTI(f);
+    size_t slot = ((((size_t)code) >> 4) ^ ((size_t)lasti * 2654435761u)) & (MEMO_SIZE - 1);
+    SiteEntry *e = &h->memo[slot];
+    if (e->code != code || e->lasti != lasti) {
+        int line = PyCode_Addr2Line(code, lasti * (int)sizeof(_Py_CODEUNIT));
+        PyObject *path = PyObject_CallOneArg(h->short_path, code->co_filename);
+        if (path == NULL)
+            return -1;
+        PyObject *s = PyUnicode_FromFormat("%U:%d", path, line);
+        Py_DECREF(path);
+        if (s == NULL)
+            return -1;
+        int is_method = 0, is_cell = 0;
+        if (code->co_argcount > 0) {
+            PyObject *names = PyCode_GetVarnames(code);
+            if (names == NULL) {
+                Py_DECREF(s);
+                return -1;
+            }
+            if (PyTuple_GET_SIZE(names) > 0 &&
+                PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(names, 0), "self") == 0) {
+                is_method = 1;
+                is_cell = (_PyLocals_GetKind(code->co_localspluskinds, 0) & CO_FAST_CELL) != 0;
+            }
+            Py_DECREF(names);
+        }
+        Py_XDECREF(e->code);
+        Py_XDECREF(e->site);
+        e->code = (PyCodeObject *)Py_NewRef((PyObject *)code);
+        e->lasti = lasti;
+        e->site = s;
+        e->is_method = is_method;
+        e->self_is_cell = is_cell;
+    }
+    if (mode == 1 && slot_get(h->astate, off_at_watching) > 0) {
+        PyObject *stack = PyObject_GetAttr(h->local, s_stack);
+        if (stack == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                return -1;
+            PyErr_Clear();
+        }
+        else {
+            if (PyList_CheckExact(stack) && PyList_GET_SIZE(stack) > 0) {
+                PyObject *top = PyList_GET_ITEM(stack, PyList_GET_SIZE(stack) - 1);
+                if (PyTuple_CheckExact(top) && PyTuple_GET_SIZE(top) == 2) {
+                    *owner = Py_NewRef(PyTuple_GET_ITEM(top, 1));
+                    *site = Py_NewRef(e->site);
+                    Py_DECREF(stack);
+                    return 1;
+                }
+                Py_DECREF(stack);
+                return 0;
+            }
+            Py_DECREF(stack);
+        }
+    }
+    if (!e->is_method)
+        return 0;
+    PyObject *obj = f->localsplus[0];
+    if (obj != NULL && e->self_is_cell) {
+        if (!PyCell_Check(obj))
+            return 0;
+        obj = PyCell_GET(obj);
+    }
+    if (obj == NULL)
+        return 0;
+    PyObject *key = PyLong_FromVoidPtr(obj);
+    if (key == NULL)
+        return -1;
+    PyObject *entry = PyDict_GetItemWithError(h->labels, key);   /* borrowed */
+    Py_DECREF(key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
+        return 0;
+    PyObject *ref = PyTuple_GET_ITEM(entry, 0);
+    if (!PyWeakref_Check(ref) || PyWeakref_GET_OBJECT(ref) != obj)
+        return 0;
+    *owner = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+    *site = Py_NewRef(e->site);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ storage accounting */
+
+static int
+hold(PyObject *fs, PyObject *logical, PyObject *storages)
+{
+    if (slot_add(fs, off_fs_depth, 1) < 0)
+        return -1;
+    if (slot_get(fs, off_fs_depth) > slot_get(fs, off_fs_peak_depth) &&
+        slot_set(fs, off_fs_peak_depth, slot_get(fs, off_fs_depth)) < 0)
+        return -1;
+    if (slot_add(fs, off_fs_logical, PyLong_AsLongLong(logical)) < 0)
+        return -1;
+    if (slot_get(fs, off_fs_logical) > slot_get(fs, off_fs_peak_logical) &&
+        slot_set(fs, off_fs_peak_logical, slot_get(fs, off_fs_logical)) < 0)
+        return -1;
+    PyObject *held = SLOT(fs, off_fs_storages);
+    if (held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages))
+        return -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(storages, i);
+        PyObject *key = PyTuple_GET_ITEM(pair, 0), *nbytes = PyTuple_GET_ITEM(pair, 1);
+        PyObject *entry = PyDict_GetItemWithError(held, key);
+        if (entry == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            PyObject *one = PyLong_FromLong(1);
+            PyObject *lst = PyList_New(2);
+            if (lst == NULL) {
+                Py_XDECREF(one);
+                return -1;
+            }
+            PyList_SET_ITEM(lst, 0, one);
+            PyList_SET_ITEM(lst, 1, Py_NewRef(nbytes));
+            int r = PyDict_SetItem(held, key, lst);
+            Py_DECREF(lst);
+            if (r < 0 || slot_add(fs, off_fs_storage, PyLong_AsLongLong(nbytes)) < 0)
+                return -1;
+        }
+        else {
+            PyObject *rc = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) + 1);
+            if (rc == NULL || PyList_SetItem(entry, 0, rc) < 0)
+                return -1;
+        }
+    }
+    if (slot_get(fs, off_fs_storage) > slot_get(fs, off_fs_peak_storage) &&
+        slot_set(fs, off_fs_peak_storage, slot_get(fs, off_fs_storage)) < 0)
+        return -1;
+    return 0;
+}
+
+static int
+release(PyObject *fs, PyObject *logical, PyObject *storages)
+{
+    if (slot_add(fs, off_fs_depth, -1) < 0 ||
+        slot_add(fs, off_fs_logical, -PyLong_AsLongLong(logical)) < 0)
+        return -1;
+    PyObject *held = SLOT(fs, off_fs_storages);
+    if (held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages))
+        return -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
+        PyObject *key = PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 0);
+        PyObject *entry = PyDict_GetItemWithError(held, key);
+        if (entry == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            continue;
+        }
+        long long rc = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) - 1;
+        if (rc <= 0) {
+            long long nbytes = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
+            if (PyDict_DelItem(held, key) < 0 || slot_add(fs, off_fs_storage, -nbytes) < 0)
+                return -1;
+        }
+        else {
+            PyObject *v = PyLong_FromLongLong(rc);
+            if (v == NULL || PyList_SetItem(entry, 0, v) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ measure */
+
+/* (storage key, storage nbytes) of a plain tensor, as _values._storage_of. New ref or NULL. */
+static PyObject *
+storage_of(PyObject *t)
+{
+    PyObject *st = PyObject_CallMethodNoArgs(t, s_untyped_storage);
+    if (st == NULL)
+        return NULL;
+    PyObject *key = PyObject_GetAttr(st, s_cdata);
+    PyObject *nb = key ? PyObject_CallMethodNoArgs(st, s_nbytes) : NULL;
+    Py_DECREF(st);
+    if (nb == NULL) {
+        Py_XDECREF(key);
+        return NULL;
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(key);
+        Py_DECREF(nb);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, key);
+    PyTuple_SET_ITEM(pair, 1, nb);
+    return pair;
+}
+
+/* Measure of a (Tensor, Tensor) tuple without shapes (summary None: reports that need them
+ * re-measure the value they hold). NULL with no error set: not that shape, use measure(). */
+static PyObject *
+measure_kv(PyObject *value)
+{
+    if (!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 2)
+        return NULL;
+    PyObject *a = PyTuple_GET_ITEM(value, 0), *b = PyTuple_GET_ITEM(value, 1);
+    if (Py_TYPE(a) != TensorType || Py_TYPE(b) != TensorType)
+        return NULL;
+    PyObject *na = PyObject_GetAttr(a, s_nbytes);
+    PyObject *nb = na ? PyObject_GetAttr(b, s_nbytes) : NULL;
+    PyObject *sa = nb ? storage_of(a) : NULL;
+    PyObject *sb = sa ? storage_of(b) : NULL;
+    PyObject *logical = NULL, *storages = NULL, *m = NULL;
+    if (sb == NULL)
+        goto fail;
+    logical = PyNumber_Add(na, nb);
+    if (logical == NULL)
+        goto fail;
+    int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(sa, 0), PyTuple_GET_ITEM(sb, 0), Py_EQ);
+    if (same < 0)
+        goto fail;
+    storages = same ? PyTuple_Pack(1, sa) : PyTuple_Pack(2, sa, sb);
+    if (storages == NULL)
+        goto fail;
+    m = new_tuple_of(MeasureType, 5);
+    if (m == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(m, 0, logical);
+    PyTuple_SET_ITEM(m, 1, storages);
+    PyTuple_SET_ITEM(m, 2, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(m, 3, Py_NewRef(s_tuple2));
+    PyTuple_SET_ITEM(m, 4, Py_NewRef(Py_False));
+    Py_DECREF(na);
+    Py_DECREF(nb);
+    Py_DECREF(sa);
+    Py_DECREF(sb);
+    return m;
+fail:
+    PyErr_Clear();   /* exotic tensors: measure() has the per-tensor fallbacks */
+    Py_XDECREF(na);
+    Py_XDECREF(nb);
+    Py_XDECREF(sa);
+    Py_XDECREF(sb);
+    Py_XDECREF(logical);
+    Py_XDECREF(storages);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ records */
+
+static PyObject *
+make_record(Hot *h, PyObject *op, PyObject *name, PyObject *fs, PyObject *owner, PyObject *site,
+            Py_ssize_t depth, PyObject *logical, PyObject *storage, PyObject *m, PyObject *producer)
+{
+    PyObject *seq = PyLong_FromLongLong(h->seq);
+    PyObject *t = PyFloat_FromDouble(now());
+    PyObject *step = PyLong_FromLongLong(h->step_index);
+    PyObject *d = PyLong_FromSsize_t(depth);
+    PyObject *rec = (seq && t && step && d) ? new_tuple_of(RecordType, 14) : NULL;
+    if (rec == NULL) {
+        Py_XDECREF(seq);
+        Py_XDECREF(t);
+        Py_XDECREF(step);
+        Py_XDECREF(d);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(rec, 0, seq);
+    PyTuple_SET_ITEM(rec, 1, t);
+    PyTuple_SET_ITEM(rec, 2, step);
+    PyTuple_SET_ITEM(rec, 3, Py_NewRef(op));
+    PyTuple_SET_ITEM(rec, 4, Py_NewRef(name));
+    PyTuple_SET_ITEM(rec, 5, Py_NewRef(SLOT(fs, off_fs_family)));
+    PyTuple_SET_ITEM(rec, 6, Py_NewRef(owner));
+    PyTuple_SET_ITEM(rec, 7, Py_NewRef(site));
+    PyTuple_SET_ITEM(rec, 8, d);
+    PyTuple_SET_ITEM(rec, 9, Py_NewRef(logical));
+    PyTuple_SET_ITEM(rec, 10, Py_NewRef(storage));
+    PyTuple_SET_ITEM(rec, 11, Py_NewRef(m));
+    PyTuple_SET_ITEM(rec, 12, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(rec, 13, Py_NewRef(producer));
+    return rec;
+}
+
+static int
+call_method1(PyObject *obj, PyObject *name, PyObject *arg)
+{
+    PyObject *r = PyObject_CallMethodOneArg(obj, name, arg);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static void
+dispatch_op(Hot *h, PyObject *rec)
+{
+    PyObject *cache = PyWeakref_GET_OBJECT(h->wr);
+    if (cache == Py_None)
+        return;
+    PyObject *args[3] = {cache, s_on_op, rec};
+    PyObject *r = PyObject_Vectorcall(h->emit, args, 3, NULL);
+    if (r == NULL)
+        PyErr_WriteUnraisable(h->emit);   /* _emit already swallows sink errors */
+    Py_XDECREF(r);
+}
+
+static int
+step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
+{
+    PyObject *step = h->step;
+    if (step == Py_None || step == NULL)
+        return 0;
+    if (!PyObject_TypeCheck(step, StepType))
+        return -1;
+    if (slot_add(step, off_st_ops, 1) < 0)
+        return -1;
+    PyObject *names = SLOT(step, off_set);
+    if (names != NULL && PySet_Check(names) && PySet_GET_SIZE(names) < STEP_MEMORY)
+        return PySet_Add(names, name);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the three fast paths */
+
+/* FamilyStats of a queue name (new reference): the memo, else InstrumentedCache._fstats. */
+static PyObject *
+family_stats(Hot *h, PyObject *name)
+{
+    PyObject *fs = PyDict_GetItemWithError(h->fs_memo, name);
+    if (fs != NULL)
+        return Py_NewRef(fs);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *cache = PyWeakref_GET_OBJECT(h->wr);
+    if (cache == Py_None)
+        return NULL;
+    return PyObject_CallMethodOneArg(cache, h->fstats, name);
+}
+
+static PyObject *
+slow(PyObject *fn, Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *cache = PyWeakref_GET_OBJECT(h->wr);
+    if (cache == Py_None) {
+        PyErr_SetString(PyExc_ReferenceError, "cachescope: the cache is gone");
+        return NULL;
+    }
+    Py_ssize_t n = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[8];
+    PyObject **buf = small;
+    if (n + 1 > 8) {
+        buf = PyMem_Malloc((n + 1) * sizeof(PyObject *));
+        if (buf == NULL)
+            return PyErr_NoMemory();
+    }
+    buf[0] = cache;
+    for (Py_ssize_t i = 0; i < n; i++)
+        buf[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(fn, buf, nargs + 1, kwnames);
+    if (buf != small)
+        PyMem_Free(buf);
+    return r;
+}
+
+static PyObject *
+Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (!h->enabled || nargs != 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
+        return slow(h->slow_push, h, args, nargs, kwnames);
+    PyObject *name = args[0], *value = args[1];
+    PyObject *owner = NULL, *site = NULL;
+    int found = attribute(h, &owner, &site);
+    if (found <= 0) {
+        PyErr_Clear();
+        return slow(h->slow_push, h, args, nargs, kwnames);
+    }
+    PyObject *m = h->full_measure ? NULL : measure_kv(value);
+    if (m == NULL) {
+        m = PyObject_CallOneArg(h->measure, value);
+        if (m == NULL || !PyObject_TypeCheck(m, MeasureType)) {
+            PyErr_Clear();
+            Py_XDECREF(m);
+            Py_DECREF(owner);
+            Py_DECREF(site);
+            return slow(h->slow_push, h, args, nargs, kwnames);
+        }
+    }
+    PyObject *logical = PyTuple_GET_ITEM(m, 0), *storages = PyTuple_GET_ITEM(m, 1);
+    PyObject *storage = NULL;
+    if (PyTuple_GET_SIZE(storages) == 1) {
+        storage = Py_NewRef(PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, 0), 1));
+    }
+    else {
+        storage = PyLong_FromLong(0);
+        for (Py_ssize_t i = 0; storage && i < PyTuple_GET_SIZE(storages); i++) {
+            PyObject *s = PyNumber_Add(storage, PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 1));
+            Py_DECREF(storage);
+            storage = s;
+        }
+    }
+    PyObject *result = NULL, *rec = NULL;
+    if (storage == NULL || lock(h) < 0)
+        goto done;
+    /* everything that can send us back to Python happens before the cache changes */
+    PyObject *fs = family_stats(h, name);
+    PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
+    PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
+    if (PyErr_Occurred() || fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType) ||
+        (queue != NULL && !PyList_CheckExact(queue)) ||
+        (q != NULL && !PyObject_TypeCheck(q, QueueType))) {
+        Py_XDECREF(fs);
+        unlock(h);
+        PyErr_Clear();
+        result = slow(h->slow_push, h, args, nargs, kwnames);
+        goto done;
+    }
+    int existed = queue != NULL;
+    if (!existed) {
+        queue = PyList_New(0);
+        if (queue == NULL || PyDict_SetItem(h->cache, name, queue) < 0) {
+            Py_XDECREF(queue);
+            Py_DECREF(fs);
+            unlock(h);
+            goto done;
+        }
+        Py_DECREF(queue);   /* the dict holds it */
+    }
+    if (PyList_Append(queue, value) < 0) {
+        Py_DECREF(fs);
+        unlock(h);
+        goto done;
+    }
+    /* the seed's push is done: from here on a failure is reported, never raised */
+    Py_ssize_t depth = PyList_GET_SIZE(queue);
+    int bad = slot_add(fs, off_fs_push, 1) < 0;
+    if (!bad && depth == 1) {
+        if (existed) {
+            long long empty = slot_get(fs, off_fs_empty) - 1;
+            bad = slot_set(fs, off_fs_empty, empty > 0 ? empty : 0) < 0;
+        }
+        bad = bad || slot_add(fs, off_fs_live, 1) < 0;
+    }
+    h->seq += 1;
+    rec = bad ? NULL : make_record(h, s_push, name, fs, owner, site, depth, logical, storage, m,
+                                   Py_None);
+    if (rec == NULL || call_method1(h->timeline, s_append, rec) < 0)
+        bad = 1;
+    if (!bad && q == NULL) {
+        q = QueueType->tp_alloc(QueueType, 0);
+        PyObject *items = q ? PyObject_CallNoArgs(DequeType) : NULL;
+        PyObject *zero = PyLong_FromLong(0);
+        if (items == NULL || zero == NULL) {
+            Py_XDECREF(q);
+            Py_XDECREF(items);
+            Py_XDECREF(zero);
+            q = NULL;
+            bad = 1;
+        }
+        else {
+            SLOT(q, off_q_items) = items;
+            SLOT(q, off_q_pops) = zero;
+            bad = PyDict_SetItem(h->queues, name, q) < 0;
+            Py_DECREF(q);
+        }
+    }
+    if (!bad)
+        bad = call_method1(SLOT(q, off_q_items), s_append, rec) < 0;
+    if (!bad)
+        bad = hold(fs, logical, storages) < 0;
+    if (!bad)
+        bad = step_note(h, off_st_pushed, name) < 0;
+    Py_DECREF(fs);
+    unlock(h);
+    if (bad)
+        PyErr_WriteUnraisable(name);
+    else if (h->op_sinks)
+        dispatch_op(h, rec);
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(rec);
+    Py_XDECREF(storage);
+    Py_DECREF(m);
+    Py_DECREF(owner);
+    Py_DECREF(site);
+    return result;
+}
+
+static PyObject *
+Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (!h->enabled || nargs != 1 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
+        return slow(h->slow_pop, h, args, nargs, kwnames);
+    PyObject *name = args[0];
+    PyObject *owner = NULL, *site = NULL;
+    int found = attribute(h, &owner, &site);
+    if (found <= 0) {
+        PyErr_Clear();
+        return slow(h->slow_pop, h, args, nargs, kwnames);
+    }
+    PyObject *result = NULL, *rec = NULL, *item = NULL, *fs = NULL;
+    if (lock(h) < 0)
+        goto done;
+    fs = family_stats(h, name);
+    PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
+    PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
+    PyObject *items = NULL;
+    if (!PyErr_Occurred() && fs != NULL && PyObject_TypeCheck(fs, FamilyStatsType) &&
+        queue != NULL && PyList_CheckExact(queue) && PyList_GET_SIZE(queue) > 0 &&
+        q != NULL && PyObject_TypeCheck(q, QueueType)) {
+        items = SLOT(q, off_q_items);
+        if (items != NULL && PyObject_TypeCheck(items, (PyTypeObject *)DequeType) &&
+            PyObject_Length(items) > 0)
+            item = PySequence_GetItem(items, 0);
+    }
+    PyObject *producer = item ? PyTuple_GET_ITEM(item, 6) : NULL;
+    int same = 0;
+    if (item != NULL && PyObject_TypeCheck(item, RecordType)) {
+        if (producer == owner || producer == Py_None || owner == Py_None)
+            same = 1;
+        else if (PyUnicode_CheckExact(producer) && PyUnicode_CheckExact(owner))
+            same = PyUnicode_Compare(producer, owner) == 0;
+    }
+    if (!same) {   /* a violation, or something unusual: the Python path decides */
+        Py_CLEAR(fs);
+        unlock(h);
+        PyErr_Clear();
+        Py_XDECREF(item);
+        item = NULL;
+        result = slow(h->slow_pop, h, args, nargs, kwnames);
+        goto done;
+    }
+    Py_INCREF(q);
+    PyObject *value = Py_NewRef(PyList_GET_ITEM(queue, 0));     /* the seed's pop(0) */
+    if (PyList_SetSlice(queue, 0, 1, NULL) < 0) {
+        Py_DECREF(value);
+        Py_DECREF(q);
+        unlock(h);
+        goto done;
+    }
+    result = value;
+    Py_ssize_t depth = PyList_GET_SIZE(queue);
+    int bad = slot_add(fs, off_fs_pop, 1) < 0;
+    if (!bad && depth == 0) {
+        long long live = slot_get(fs, off_fs_live) - 1;
+        bad = slot_set(fs, off_fs_live, live > 0 ? live : 0) < 0 || slot_add(fs, off_fs_empty, 1) < 0;
+    }
+    PyObject *popped = bad ? NULL : PyObject_CallMethodNoArgs(items, s_popleft);
+    Py_XDECREF(popped);
+    bad = bad || popped == NULL || slot_add(q, off_q_pops, 1) < 0;
+    if (!bad && PyObject_Length(items) == 0)
+        bad = PyDict_DelItem(h->queues, name) < 0;
+    Py_DECREF(q);
+    PyObject *logical = PyTuple_GET_ITEM(item, 9), *storage = PyTuple_GET_ITEM(item, 10);
+    PyObject *m = PyTuple_GET_ITEM(item, 11);
+    if (!bad)
+        bad = release(fs, logical, PyTuple_GET_ITEM(m, 1)) < 0;
+    h->seq += 1;
+    if (!bad) {
+        rec = make_record(h, s_pop, name, fs, owner, site, depth, logical, storage, m, producer);
+        bad = rec == NULL || call_method1(h->timeline, s_append, rec) < 0;
+    }
+    if (!bad) {
+        PyObject *key = PyTuple_Pack(2, name, owner);
+        if (key == NULL || !PySet_Check(h->step_pops))
+            bad = 1;
+        else {
+            if (PySet_GET_SIZE(h->step_pops) >= STEP_MEMORY)
+                PySet_Clear(h->step_pops);
+            bad = PySet_Add(h->step_pops, key) < 0;
+        }
+        Py_XDECREF(key);
+    }
+    if (!bad)
+        bad = step_note(h, off_st_popped, name) < 0;
+    unlock(h);
+    if (bad)
+        PyErr_WriteUnraisable(name);
+    else if (h->op_sinks)
+        dispatch_op(h, rec);
+done:
+    Py_XDECREF(fs);
+    Py_XDECREF(rec);
+    Py_XDECREF(item);
+    Py_DECREF(owner);
+    Py_DECREF(site);
+    return result;
+}
+
+static PyObject *
+Hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (!h->enabled || nargs < 1 || nargs > 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
+        return slow(h->slow_get, h, args, nargs, kwnames);
+    PyObject *fs = PyDict_GetItemWithError(h->fs_memo, args[0]);
+    if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {
+        PyErr_Clear();
+        return slow(h->slow_get, h, args, nargs, kwnames);
+    }
+    Py_INCREF(fs);
+    if (lock(h) < 0) {
+        Py_DECREF(fs);
+        return NULL;
+    }
+    if (slot_add(fs, off_fs_get, 1) < 0)
+        PyErr_WriteUnraisable(args[0]);
+    unlock(h);
+    Py_DECREF(fs);
+    PyObject *v = PyDict_GetItemWithError(h->cache, args[0]);
+    if (v == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+    }
+    return Py_NewRef(v);
+}
+
+/* ------------------------------------------------------------------ the type */
+
+static int
+Hot_traverse(Hot *h, visitproc visit, void *arg)
+{
+    Py_VISIT(h->wr);
+    Py_VISIT(h->cache);
+    Py_VISIT(h->queues);
+    Py_VISIT(h->fs_memo);
+    Py_VISIT(h->timeline);
+    Py_VISIT(h->labels);
+    Py_VISIT(h->local);
+    Py_VISIT(h->astate);
+    Py_VISIT(h->acquire);
+    Py_VISIT(h->release);
+    Py_VISIT(h->slow_push);
+    Py_VISIT(h->slow_pop);
+    Py_VISIT(h->slow_get);
+    Py_VISIT(h->fstats);
+    Py_VISIT(h->emit);
+    Py_VISIT(h->measure);
+    Py_VISIT(h->short_path);
+    Py_VISIT(h->step);
+    Py_VISIT(h->step_pops);
+    return 0;
+}
+
+static int
+Hot_clear(Hot *h)
+{
+    Py_CLEAR(h->wr);
+    Py_CLEAR(h->cache);
+    Py_CLEAR(h->queues);
+    Py_CLEAR(h->fs_memo);
+    Py_CLEAR(h->timeline);
+    Py_CLEAR(h->labels);
+    Py_CLEAR(h->local);
+    Py_CLEAR(h->astate);
+    Py_CLEAR(h->acquire);
+    Py_CLEAR(h->release);
+    Py_CLEAR(h->slow_push);
+    Py_CLEAR(h->slow_pop);
+    Py_CLEAR(h->slow_get);
+    Py_CLEAR(h->fstats);
+    Py_CLEAR(h->emit);
+    Py_CLEAR(h->measure);
+    Py_CLEAR(h->short_path);
+    Py_CLEAR(h->step);
+    Py_CLEAR(h->step_pops);
+    for (int i = 0; i < MEMO_SIZE; i++) {
+        Py_CLEAR(h->memo[i].code);
+        Py_CLEAR(h->memo[i].site);
+    }
+    return 0;
+}
+
+static void
+Hot_dealloc(Hot *h)
+{
+    PyObject_GC_UnTrack(h);
+    Hot_clear(h);
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+static int
+Hot_init(Hot *h, PyObject *args, PyObject *kwds)
+{
+    static char *kw[] = {"cache", "cache_dict", "queues", "fs_memo", "timeline", "labels", "local",
+                         "astate", "lock", "slow_push", "slow_pop", "slow_get", "fstats", "emit",
+                         "measure", "short_path", NULL};
+    PyObject *cache, *cache_dict, *queues, *fs_memo, *timeline, *labels, *local, *astate, *lk;
+    PyObject *sp, *so, *sg, *fstats, *emit, *measure, *short_path;
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "cachescope._speedups.configure() was not called");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OO!OOOOOOOOOO", kw, &cache,
+                                     &PyDict_Type, &cache_dict, &PyDict_Type, &queues,
+                                     &PyDict_Type, &fs_memo, &timeline, &PyDict_Type, &labels,
+                                     &local, &astate, &lk, &sp, &so, &sg, &fstats, &emit, &measure,
+                                     &short_path))
+        return -1;
+    if (!PyObject_TypeCheck(astate, AttribStateType)) {
+        PyErr_SetString(PyExc_TypeError, "astate must be an AttribState");
+        return -1;
+    }
+    Hot_clear(h);
+    h->wr = PyWeakref_NewRef(cache, NULL);
+    h->acquire = PyObject_GetAttrString(lk, "acquire");
+    h->release = PyObject_GetAttrString(lk, "release");
+    if (h->wr == NULL || h->acquire == NULL || h->release == NULL)
+        return -1;
+    h->cache = Py_NewRef(cache_dict);
+    h->queues = Py_NewRef(queues);
+    h->fs_memo = Py_NewRef(fs_memo);
+    h->timeline = Py_NewRef(timeline);
+    h->labels = Py_NewRef(labels);
+    h->local = Py_NewRef(local);
+    h->astate = Py_NewRef(astate);
+    h->slow_push = Py_NewRef(sp);
+    h->slow_pop = Py_NewRef(so);
+    h->slow_get = Py_NewRef(sg);
+    h->fstats = Py_NewRef(fstats);
+    h->emit = Py_NewRef(emit);
+    h->measure = Py_NewRef(measure);
+    h->short_path = Py_NewRef(short_path);
+    h->step = Py_NewRef(Py_None);
+    h->step_pops = PySet_New(NULL);
+    if (h->step_pops == NULL)
+        return -1;
+    h->seq = 0;
+    h->step_index = -1;
+    h->enabled = 1;
+    return 0;
+}
+
+static int
+set_dict_member(PyObject **field, PyObject *value, PyTypeObject *type, const char *what)
+{
+    if (value == NULL || !PyObject_TypeCheck(value, type)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a %s", what, type->tp_name);
+        return -1;
+    }
+    Py_XSETREF(*field, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *Hot_get_cache(Hot *h, void *c) { return Py_NewRef(h->cache); }
+static int Hot_set_cache(Hot *h, PyObject *v, void *c)
+{
+    return set_dict_member(&h->cache, v, &PyDict_Type, "cache_dict");
+}
+static PyObject *Hot_get_step_pops(Hot *h, void *c) { return Py_NewRef(h->step_pops); }
+static int Hot_set_step_pops(Hot *h, PyObject *v, void *c)
+{
+    return set_dict_member(&h->step_pops, v, &PySet_Type, "step_pops");
+}
+static PyObject *Hot_get_step(Hot *h, void *c) { return Py_NewRef(h->step); }
+static int Hot_set_step(Hot *h, PyObject *v, void *c)
+{
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete step");
+        return -1;
+    }
+    if (v != Py_None && !PyObject_TypeCheck(v, StepType)) {
+        PyErr_SetString(PyExc_TypeError, "step must be a StepInfo or None");
+        return -1;
+    }
+    Py_XSETREF(h->step, Py_NewRef(v));
+    return 0;
+}
+
+static PyGetSetDef Hot_getset[] = {
+    {"cache_dict", (getter)Hot_get_cache, (setter)Hot_set_cache, NULL, NULL},
+    {"step_pops", (getter)Hot_get_step_pops, (setter)Hot_set_step_pops, NULL, NULL},
+    {"step", (getter)Hot_get_step, (setter)Hot_set_step, NULL, NULL},
+    {NULL}
+};
+
+static PyMemberDef Hot_members[] = {
+    {"seq", T_LONGLONG, offsetof(Hot, seq), 0, NULL},
+    {"step_index", T_LONGLONG, offsetof(Hot, step_index), 0, NULL},
+    {"op_sinks", T_INT, offsetof(Hot, op_sinks), 0, NULL},
+    {"full_measure", T_INT, offsetof(Hot, full_measure), 0, NULL},
+    {"enabled", T_INT, offsetof(Hot, enabled), 0, NULL},
+    {NULL}
+};
+
+static PyMethodDef Hot_methods[] = {
+    {"push", (PyCFunction)(void (*)(void))Hot_push, METH_FASTCALL | METH_KEYWORDS,
+     "push(name, value): InstrumentedCache.push"},
+    {"pop", (PyCFunction)(void (*)(void))Hot_pop, METH_FASTCALL | METH_KEYWORDS,
+     "pop(name): InstrumentedCache.pop"},
+    {"get", (PyCFunction)(void (*)(void))Hot_get, METH_FASTCALL | METH_KEYWORDS,
+     "get(key, default=None): InstrumentedCache.get"},
+    {NULL}
+};
+
+static PyTypeObject HotType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.Hot",
+    .tp_basicsize = sizeof(Hot),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Fast path of one InstrumentedCache's push, pop and get.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Hot_init,
+    .tp_dealloc = (destructor)Hot_dealloc,
+    .tp_traverse = (traverseproc)Hot_traverse,
+    .tp_clear = (inquiry)Hot_clear,
+    .tp_methods = Hot_methods,
+    .tp_members = Hot_members,
+    .tp_getset = Hot_getset,
+};
+
+/* configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure, Tensor, deque) */
+static int
+offset_of(PyTypeObject *type, const char *name, Py_ssize_t *out)
+{
+    PyObject *d = PyDict_GetItemString(type->tp_dict, name);
+    if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ member", type->tp_name, name);
+        return -1;
+    }
+    PyMemberDef *def = ((PyMemberDescrObject *)d)->d_member;
+    if (def->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not an object slot", type->tp_name, name);
+        return -1;
+    }
+    *out = def->offset;
+    return 0;
+}
+
+static PyObject *
+configure(PyObject *mod, PyObject *args)
+{
+    PyObject *fs, *q, *st, *at, *rec, *meas, *tensor, *deque;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!O!O!", &PyType_Type, &fs, &PyType_Type, &q,
+                          &PyType_Type, &st, &PyType_Type, &at, &PyType_Type, &rec,
+                          &PyType_Type, &meas, &PyType_Type, &tensor, &PyType_Type, &deque))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)rec, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)meas, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "OpRecord and Measure must be tuples");
+        return NULL;
+    }
+    FamilyStatsType = (PyTypeObject *)fs;
+    QueueType = (PyTypeObject *)q;
+    StepType = (PyTypeObject *)st;
+    AttribStateType = (PyTypeObject *)at;
+    if (offset_of(FamilyStatsType, "family", &off_fs_family) < 0 ||
+        offset_of(FamilyStatsType, "push", &off_fs_push) < 0 ||
+        offset_of(FamilyStatsType, "pop", &off_fs_pop) < 0 ||
+        offset_of(FamilyStatsType, "get", &off_fs_get) < 0 ||
+        offset_of(FamilyStatsType, "depth", &off_fs_depth) < 0 ||
+        offset_of(FamilyStatsType, "peak_depth", &off_fs_peak_depth) < 0 ||
+        offset_of(FamilyStatsType, "logical", &off_fs_logical) < 0 ||
+        offset_of(FamilyStatsType, "storage", &off_fs_storage) < 0 ||
+        offset_of(FamilyStatsType, "peak_logical", &off_fs_peak_logical) < 0 ||
+        offset_of(FamilyStatsType, "peak_storage", &off_fs_peak_storage) < 0 ||
+        offset_of(FamilyStatsType, "live", &off_fs_live) < 0 ||
+        offset_of(FamilyStatsType, "empty", &off_fs_empty) < 0 ||
+        offset_of(FamilyStatsType, "_storages", &off_fs_storages) < 0 ||
+        offset_of(QueueType, "items", &off_q_items) < 0 ||
+        offset_of(QueueType, "pops", &off_q_pops) < 0 ||
+        offset_of(StepType, "ops", &off_st_ops) < 0 ||
+        offset_of(StepType, "pushed", &off_st_pushed) < 0 ||
+        offset_of(StepType, "popped", &off_st_popped) < 0 ||
+        offset_of(AttribStateType, "mode", &off_at_mode) < 0 ||
+        offset_of(AttribStateType, "watching", &off_at_watching) < 0)
+        return NULL;
+    Py_INCREF(fs); Py_INCREF(q); Py_INCREF(st); Py_INCREF(at);
+    RecordType = (PyTypeObject *)Py_NewRef(rec);
+    MeasureType = (PyTypeObject *)Py_NewRef(meas);
+    TensorType = (PyTypeObject *)Py_NewRef(tensor);
+    DequeType = Py_NewRef(deque);
+    configured = 1;
+    Py_RETURN_NONE;
+}
+
+#endif  /* CS_ACCEL */
+
+static PyMethodDef module_methods[] = {
+#if CS_ACCEL
+    {"configure", configure, METH_VARARGS, "Bind the Python classes the fast path updates."},
+#endif
+    {NULL}
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "cachescope._speedups",
+    "The common case of InstrumentedCache.push/pop/get in C (CPython 3.11).", -1, module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+#if CS_ACCEL
+    if (PyType_Ready(&HotType) < 0)
+        return NULL;
+    Py_INCREF(&HotType);
+    if (PyModule_AddObject(m, "Hot", (PyObject *)&HotType) < 0)
+        return NULL;
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL;
+    INTERN(s_push, "push");
+    INTERN(s_pop, "pop");
+    INTERN(s_append, "append");
+    INTERN(s_popleft, "popleft");
+    INTERN(s_stack, "stack");
+    INTERN(s_tuple2, "tuple[2]");
+    INTERN(s_nbytes, "nbytes");
+    INTERN(s_untyped_storage, "untyped_storage");
+    INTERN(s_cdata, "_cdata");
+    INTERN(s_on_op, "on_op");
+    if (PyModule_AddIntConstant(m, "AVAILABLE", 1) < 0)
+        return NULL;
+#else
+    if (PyModule_AddIntConstant(m, "AVAILABLE", 0) < 0)
+        return NULL;
+#endif
+    return m;
+}
