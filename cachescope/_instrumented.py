@@ -81,7 +81,7 @@ class InstrumentedCache(Cache):
         self._timeline: deque[OpRecord] = deque(maxlen=max(1, timeline_size))
         self._queues: dict[Any, _Queue] = {}
         self._fs_memo: dict[Any, FamilyStats] = {}
-        self._lock = threading.RLock()
+        self._lock = hotpath.new_lock(speedups)
         self._hot = hotpath.make(self, speedups)
         self._cleared: dict[Any, tuple[int, int, str | None, str | None]] = {}
         self._cleared_all: tuple[int, int, str | None, str | None] | None = None
@@ -351,7 +351,7 @@ class InstrumentedCache(Cache):
             if q is not None:
                 items = q.items
                 if items:
-                    item = items.popleft()
+                    item = items.pop(0)
                 q.pops = position = q.pops + 1
                 if not items:
                     del self._queues[name]       # drained: free the bookkeeping

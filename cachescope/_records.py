@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -57,5 +56,5 @@ class _Queue:
     __slots__ = ("items", "pops")
 
     def __init__(self) -> None:
-        self.items: deque[OpRecord] = deque()   # push records not yet popped
+        self.items: list[OpRecord] = []   # push records not yet popped (a few per queue)
         self.pops = 0

@@ -33,6 +33,8 @@
 
 #define MEMO_SIZE 1024      /* call sites remembered (direct-mapped) */
 #define STEP_MEMORY 4096    /* as _STEP_MEMORY in _instrumented.py */
+#define MAX_FRAMES 6        /* as _MAX_FRAMES in _owners.py */
+#define CODE_MEMO_SIZE 512  /* code objects remembered by code_kind (direct-mapped) */
 
 typedef struct {
     PyCodeObject *code;     /* strong reference: the pointer cannot be reused while cached */
@@ -51,10 +53,10 @@ static Py_ssize_t off_st_ops, off_st_pushed, off_st_popped;
 static Py_ssize_t off_at_mode, off_at_watching;
 static PyTypeObject *FamilyStatsType, *QueueType, *StepType, *AttribStateType;
 static PyTypeObject *RecordType, *MeasureType, *TensorType;
-static PyObject *DequeType;
+static PyObject *ModuleType;   /* torch.nn.Module */
 static int configured = 0;
 
-static PyObject *s_push, *s_pop, *s_append, *s_popleft, *s_stack, *s_tuple2, *s_nbytes,
+static PyObject *s_push, *s_pop, *s_append, *s_stack, *s_tuple2, *s_nbytes,
     *s_untyped_storage, *s_cdata, *s_on_op;
 
 typedef struct {
@@ -67,7 +69,9 @@ typedef struct {
     PyObject *labels;        /* Attributor._labels: id(module) -> (weakref, label) */
     PyObject *local;         /* Attributor._local (threading.local with .stack) */
     PyObject *astate;        /* Attributor.state (mode, watching) */
-    PyObject *acquire, *release;   /* the cache's RLock methods */
+    PyObject *lock;          /* the cache's lock: an RLockObject, or any lock with acquire/release */
+    PyObject *acquire, *release;   /* its methods, used when it is not an RLockObject */
+    PyObject *timeline_append;     /* bound timeline.append */
     PyObject *slow_push, *slow_pop, *slow_get, *fstats, *emit, *measure, *short_path;
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
@@ -78,6 +82,145 @@ typedef struct {
     int enabled;
     SiteEntry memo[MEMO_SIZE];
 } Hot;
+
+/* ------------------------------------------------------------------ the cache's lock */
+
+/* A reentrant lock with threading.RLock's Python interface that the fast path takes without a
+ * Python call. Waiting releases the GIL. */
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock;
+    unsigned long owner;
+    unsigned long count;
+} RLockObject;
+
+static PyTypeObject RLockType;
+
+static int
+rlock_acquire(RLockObject *l)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    if (l->count > 0 && l->owner == me) {
+        l->count++;
+        return 0;
+    }
+    if (!PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(l->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+    l->owner = me;
+    l->count = 1;
+    return 0;
+}
+
+static int
+rlock_release(RLockObject *l)
+{
+    if (l->count == 0 || l->owner != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return -1;
+    }
+    if (--l->count == 0) {
+        l->owner = 0;
+        PyThread_release_lock(l->lock);
+    }
+    return 0;
+}
+
+static PyObject *
+RLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    RLockObject *l = (RLockObject *)type->tp_alloc(type, 0);
+    if (l == NULL)
+        return NULL;
+    l->lock = PyThread_allocate_lock();
+    if (l->lock == NULL) {
+        Py_DECREF(l);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)l;
+}
+
+static void
+RLock_dealloc(RLockObject *l)
+{
+    if (l->lock != NULL) {
+        if (l->count > 0)
+            PyThread_release_lock(l->lock);
+        PyThread_free_lock(l->lock);
+    }
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+static PyObject *
+RLock_acquire(RLockObject *l, PyObject *args, PyObject *kwds)
+{
+    static char *kw[] = {"blocking", "timeout", NULL};
+    int blocking = 1;
+    double timeout = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pd", kw, &blocking, &timeout))
+        return NULL;
+    unsigned long me = PyThread_get_thread_ident();
+    if (l->count > 0 && l->owner == me) {
+        l->count++;
+        Py_RETURN_TRUE;
+    }
+    if (!PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+        if (!blocking)
+            Py_RETURN_FALSE;
+        PyLockStatus r;
+        PY_TIMEOUT_T us = timeout < 0 ? -1 : (PY_TIMEOUT_T)(timeout * 1e6);
+        Py_BEGIN_ALLOW_THREADS
+        r = PyThread_acquire_lock_timed(l->lock, us, 0);
+        Py_END_ALLOW_THREADS
+        if (r != PY_LOCK_ACQUIRED)
+            Py_RETURN_FALSE;
+    }
+    l->owner = me;
+    l->count = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+RLock_release(RLockObject *l, PyObject *unused)
+{
+    if (rlock_release(l) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+RLock_exit(RLockObject *l, PyObject *args)
+{
+    return RLock_release(l, NULL);
+}
+
+static PyObject *
+RLock_is_owned(RLockObject *l, PyObject *unused)
+{
+    return PyBool_FromLong(l->count > 0 && l->owner == PyThread_get_thread_ident());
+}
+
+static PyMethodDef RLock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))RLock_acquire, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"release", (PyCFunction)RLock_release, METH_NOARGS, NULL},
+    {"__enter__", (PyCFunction)(void (*)(void))RLock_acquire, METH_VARARGS | METH_KEYWORDS, NULL},
+    {"__exit__", (PyCFunction)RLock_exit, METH_VARARGS, NULL},
+    {"_is_owned", (PyCFunction)RLock_is_owned, METH_NOARGS, NULL},
+    {NULL}
+};
+
+static PyTypeObject RLockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.RLock",
+    .tp_basicsize = sizeof(RLockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Reentrant lock (threading.RLock's interface) that C code takes without a call.",
+    .tp_new = RLock_new,
+    .tp_dealloc = (destructor)RLock_dealloc,
+    .tp_methods = RLock_methods,
+};
 
 /* ------------------------------------------------------------------ small helpers */
 
@@ -140,6 +283,8 @@ new_tuple_of(PyTypeObject *type, Py_ssize_t n)
 static int
 lock(Hot *h)
 {
+    if (Py_TYPE(h->lock) == &RLockType)
+        return rlock_acquire((RLockObject *)h->lock);
     PyObject *r = PyObject_CallNoArgs(h->acquire);
     if (r == NULL)
         return -1;
@@ -150,6 +295,10 @@ lock(Hot *h)
 static void
 unlock(Hot *h)
 {
+    if (Py_TYPE(h->lock) == &RLockType) {
+        rlock_release((RLockObject *)h->lock);   /* held by this thread: cannot fail */
+        return;
+    }
     PyObject *exc_t, *exc_v, *exc_tb;
     PyErr_Fetch(&exc_t, &exc_v, &exc_tb);
     PyObject *r = PyObject_CallNoArgs(h->release);
@@ -160,6 +309,61 @@ unlock(Hot *h)
 }
 
 /* ------------------------------------------------------------------ attribution */
+
+/* Whether a code object's first argument is `self`, and whether `self` is a cell variable. */
+typedef struct {
+    PyCodeObject *code;     /* strong reference */
+    int is_method;
+    int self_is_cell;
+} CodeEntry;
+
+static CodeEntry code_memo[CODE_MEMO_SIZE];
+
+static int
+code_kind(PyCodeObject *code, int *is_method, int *is_cell)
+{
+    CodeEntry *c = &code_memo[(((size_t)code) >> 4) & (CODE_MEMO_SIZE - 1)];
+    if (c->code != code) {
+        int m = 0, cell = 0;
+        if (code->co_argcount > 0) {
+            PyObject *names = PyCode_GetVarnames(code);
+            if (names == NULL)
+                return -1;
+            if (PyTuple_GET_SIZE(names) > 0 &&
+                PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(names, 0), "self") == 0) {
+                m = 1;
+                cell = (_PyLocals_GetKind(code->co_localspluskinds, 0) & CO_FAST_CELL) != 0;
+            }
+            Py_DECREF(names);
+        }
+        Py_XSETREF(c->code, (PyCodeObject *)Py_NewRef((PyObject *)code));
+        c->is_method = m;
+        c->self_is_cell = cell;
+    }
+    *is_method = c->is_method;
+    *is_cell = c->self_is_cell;
+    return 0;
+}
+
+/* The label of an already-labelled module: 1 (new reference in *owner), 0 unknown, -1 error. */
+static int
+labelled(Hot *h, PyObject *obj, PyObject **owner)
+{
+    PyObject *key = PyLong_FromVoidPtr(obj);
+    if (key == NULL)
+        return -1;
+    PyObject *entry = PyDict_GetItemWithError(h->labels, key);   /* borrowed */
+    Py_DECREF(key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
+        return 0;
+    PyObject *ref = PyTuple_GET_ITEM(entry, 0);
+    if (!PyWeakref_Check(ref) || PyWeakref_GET_OBJECT(ref) != obj)
+        return 0;
+    *owner = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+    return 1;
+}
 
 /* 1: found (new references in *owner, *site); 0: take the Python path; -1: error. */
 static int
@@ -234,29 +438,34 @@ attribute(Hot *h, PyObject **owner, PyObject **site)
             Py_DECREF(stack);
         }
     }
-    if (!e->is_method)
-        return 0;
-    PyObject *obj = f->localsplus[0];
-    if (obj != NULL && e->self_is_cell) {
-        if (!PyCell_Check(obj))
-            return 0;
-        obj = PyCell_GET(obj);
+    /* The first of up to MAX_FRAMES frames (from the call site up) whose `self` is an nn.Module,
+     * as Attributor._from_frames: a labelled one is the owner; an unlabelled one is labelled by
+     * the Python path; none at all means no owner. */
+    int is_method = e->is_method, is_cell = e->self_is_cell;
+    for (int depth = 0; f != NULL && depth < MAX_FRAMES; depth++) {
+        if (depth > 0 && code_kind(f->f_code, &is_method, &is_cell) < 0)
+            return -1;
+        if (is_method) {
+            PyObject *obj = f->localsplus[0];
+            if (obj != NULL && is_cell)
+                obj = PyCell_Check(obj) ? PyCell_GET(obj) : NULL;
+            if (obj != NULL) {
+                int r = labelled(h, obj, owner);
+                if (r != 0) {
+                    if (r > 0)
+                        *site = Py_NewRef(e->site);
+                    return r;
+                }
+                r = PyObject_IsInstance(obj, ModuleType);
+                if (r != 0)
+                    return r < 0 ? -1 : 0;
+            }
+        }
+        f = f->previous;
+        while (f != NULL && _PyFrame_IsIncomplete(f))
+            f = f->previous;
     }
-    if (obj == NULL)
-        return 0;
-    PyObject *key = PyLong_FromVoidPtr(obj);
-    if (key == NULL)
-        return -1;
-    PyObject *entry = PyDict_GetItemWithError(h->labels, key);   /* borrowed */
-    Py_DECREF(key);
-    if (entry == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
-        return 0;
-    PyObject *ref = PyTuple_GET_ITEM(entry, 0);
-    if (!PyWeakref_Check(ref) || PyWeakref_GET_OBJECT(ref) != obj)
-        return 0;
-    *owner = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+    *owner = Py_NewRef(Py_None);
     *site = Py_NewRef(e->site);
     return 1;
 }
@@ -455,10 +664,11 @@ make_record(Hot *h, PyObject *op, PyObject *name, PyObject *fs, PyObject *owner,
     return rec;
 }
 
+
 static int
-call_method1(PyObject *obj, PyObject *name, PyObject *arg)
+call1(PyObject *fn, PyObject *arg)
 {
-    PyObject *r = PyObject_CallMethodOneArg(obj, name, arg);
+    PyObject *r = PyObject_CallOneArg(fn, arg);
     if (r == NULL)
         return -1;
     Py_DECREF(r);
@@ -617,11 +827,11 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     h->seq += 1;
     rec = bad ? NULL : make_record(h, s_push, name, fs, owner, site, depth, logical, storage, m,
                                    Py_None);
-    if (rec == NULL || call_method1(h->timeline, s_append, rec) < 0)
+    if (rec == NULL || call1(h->timeline_append, rec) < 0)
         bad = 1;
     if (!bad && q == NULL) {
         q = QueueType->tp_alloc(QueueType, 0);
-        PyObject *items = q ? PyObject_CallNoArgs(DequeType) : NULL;
+        PyObject *items = q ? PyList_New(0) : NULL;
         PyObject *zero = PyLong_FromLong(0);
         if (items == NULL || zero == NULL) {
             Py_XDECREF(q);
@@ -637,8 +847,10 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
             Py_DECREF(q);
         }
     }
-    if (!bad)
-        bad = call_method1(SLOT(q, off_q_items), s_append, rec) < 0;
+    if (!bad) {
+        PyObject *items = SLOT(q, off_q_items);
+        bad = items == NULL || !PyList_CheckExact(items) || PyList_Append(items, rec) < 0;
+    }
     if (!bad)
         bad = hold(fs, logical, storages) < 0;
     if (!bad)
@@ -682,9 +894,8 @@ Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
         queue != NULL && PyList_CheckExact(queue) && PyList_GET_SIZE(queue) > 0 &&
         q != NULL && PyObject_TypeCheck(q, QueueType)) {
         items = SLOT(q, off_q_items);
-        if (items != NULL && PyObject_TypeCheck(items, (PyTypeObject *)DequeType) &&
-            PyObject_Length(items) > 0)
-            item = PySequence_GetItem(items, 0);
+        if (items != NULL && PyList_CheckExact(items) && PyList_GET_SIZE(items) > 0)
+            item = Py_NewRef(PyList_GET_ITEM(items, 0));
     }
     PyObject *producer = item ? PyTuple_GET_ITEM(item, 6) : NULL;
     int same = 0;
@@ -718,10 +929,8 @@ Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
         long long live = slot_get(fs, off_fs_live) - 1;
         bad = slot_set(fs, off_fs_live, live > 0 ? live : 0) < 0 || slot_add(fs, off_fs_empty, 1) < 0;
     }
-    PyObject *popped = bad ? NULL : PyObject_CallMethodNoArgs(items, s_popleft);
-    Py_XDECREF(popped);
-    bad = bad || popped == NULL || slot_add(q, off_q_pops, 1) < 0;
-    if (!bad && PyObject_Length(items) == 0)
+    bad = bad || PyList_SetSlice(items, 0, 1, NULL) < 0 || slot_add(q, off_q_pops, 1) < 0;
+    if (!bad && PyList_GET_SIZE(items) == 0)
         bad = PyDict_DelItem(h->queues, name) < 0;
     Py_DECREF(q);
     PyObject *logical = PyTuple_GET_ITEM(item, 9), *storage = PyTuple_GET_ITEM(item, 10);
@@ -731,7 +940,7 @@ Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     h->seq += 1;
     if (!bad) {
         rec = make_record(h, s_pop, name, fs, owner, site, depth, logical, storage, m, producer);
-        bad = rec == NULL || call_method1(h->timeline, s_append, rec) < 0;
+        bad = rec == NULL || call1(h->timeline_append, rec) < 0;
     }
     if (!bad) {
         PyObject *key = PyTuple_Pack(2, name, owner);
@@ -801,6 +1010,8 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->labels);
     Py_VISIT(h->local);
     Py_VISIT(h->astate);
+    Py_VISIT(h->lock);
+    Py_VISIT(h->timeline_append);
     Py_VISIT(h->acquire);
     Py_VISIT(h->release);
     Py_VISIT(h->slow_push);
@@ -826,6 +1037,8 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->labels);
     Py_CLEAR(h->local);
     Py_CLEAR(h->astate);
+    Py_CLEAR(h->lock);
+    Py_CLEAR(h->timeline_append);
     Py_CLEAR(h->acquire);
     Py_CLEAR(h->release);
     Py_CLEAR(h->slow_push);
@@ -876,9 +1089,11 @@ Hot_init(Hot *h, PyObject *args, PyObject *kwds)
     }
     Hot_clear(h);
     h->wr = PyWeakref_NewRef(cache, NULL);
+    h->lock = Py_NewRef(lk);
     h->acquire = PyObject_GetAttrString(lk, "acquire");
     h->release = PyObject_GetAttrString(lk, "release");
-    if (h->wr == NULL || h->acquire == NULL || h->release == NULL)
+    h->timeline_append = PyObject_GetAttrString(timeline, "append");
+    if (h->wr == NULL || h->acquire == NULL || h->release == NULL || h->timeline_append == NULL)
         return -1;
     h->cache = Py_NewRef(cache_dict);
     h->queues = Py_NewRef(queues);
@@ -982,7 +1197,7 @@ static PyTypeObject HotType = {
     .tp_getset = Hot_getset,
 };
 
-/* configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure, Tensor, deque) */
+/* configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure, Tensor, nn.Module) */
 static int
 offset_of(PyTypeObject *type, const char *name, Py_ssize_t *out)
 {
@@ -1003,10 +1218,10 @@ offset_of(PyTypeObject *type, const char *name, Py_ssize_t *out)
 static PyObject *
 configure(PyObject *mod, PyObject *args)
 {
-    PyObject *fs, *q, *st, *at, *rec, *meas, *tensor, *deque;
+    PyObject *fs, *q, *st, *at, *rec, *meas, *tensor, *module;
     if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!O!O!", &PyType_Type, &fs, &PyType_Type, &q,
                           &PyType_Type, &st, &PyType_Type, &at, &PyType_Type, &rec,
-                          &PyType_Type, &meas, &PyType_Type, &tensor, &PyType_Type, &deque))
+                          &PyType_Type, &meas, &PyType_Type, &tensor, &PyType_Type, &module))
         return NULL;
     if (!PyType_IsSubtype((PyTypeObject *)rec, &PyTuple_Type) ||
         !PyType_IsSubtype((PyTypeObject *)meas, &PyTuple_Type)) {
@@ -1042,7 +1257,7 @@ configure(PyObject *mod, PyObject *args)
     RecordType = (PyTypeObject *)Py_NewRef(rec);
     MeasureType = (PyTypeObject *)Py_NewRef(meas);
     TensorType = (PyTypeObject *)Py_NewRef(tensor);
-    DequeType = Py_NewRef(deque);
+    ModuleType = Py_NewRef(module);
     configured = 1;
     Py_RETURN_NONE;
 }
@@ -1068,7 +1283,10 @@ PyInit__speedups(void)
     if (m == NULL)
         return NULL;
 #if CS_ACCEL
-    if (PyType_Ready(&HotType) < 0)
+    if (PyType_Ready(&HotType) < 0 || PyType_Ready(&RLockType) < 0)
+        return NULL;
+    Py_INCREF(&RLockType);
+    if (PyModule_AddObject(m, "RLock", (PyObject *)&RLockType) < 0)
         return NULL;
     Py_INCREF(&HotType);
     if (PyModule_AddObject(m, "Hot", (PyObject *)&HotType) < 0)
@@ -1077,7 +1295,6 @@ PyInit__speedups(void)
     INTERN(s_push, "push");
     INTERN(s_pop, "pop");
     INTERN(s_append, "append");
-    INTERN(s_popleft, "popleft");
     INTERN(s_stack, "stack");
     INTERN(s_tuple2, "tuple[2]");
     INTERN(s_nbytes, "nbytes");
