@@ -45,6 +45,10 @@ class PyHot:
         self.full_measure = 1
         self.enabled = 0
 
+    def lookup(self, skip: int) -> None:
+        """No fast attribution: the caller asks the ``Attributor``."""
+        return None
+
 
 def _disabled_by_env() -> bool:
     return os.environ.get("CACHESCOPE_PURE_PYTHON", "").strip().lower() not in ("", "0", "false", "no")

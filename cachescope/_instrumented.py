@@ -93,7 +93,8 @@ class InstrumentedCache(Cache):
             ev: () for ev in _SINK_EVENTS}
         self._sink_failed: set[tuple[int, str]] = set()
         self._op_sinks: tuple[tuple[Any, Callable[..., None]], ...] = ()
-        self._dynamic_op_sinks = False
+        self._dynamic_op_sinks: tuple[Any, ...] = ()
+        self._static_op_sinks = False
         self.metrics = None
         self.tracer = None
         if metrics:
@@ -201,11 +202,12 @@ class InstrumentedCache(Cache):
     def _sync_op_sinks(self) -> None:
         """Tell the fast path whether any sink wants ``on_op`` now, and whether one needs full
         value summaries (``Measure.summary``; the fast path leaves it None otherwise)."""
-        self._dynamic_op_sinks = any(hasattr(s, "wants_ops") for s, _ in self._op_sinks)
-        wanted = [s for s, _ in self._op_sinks if getattr(s, "wants_ops", True)]
-        self._hot.op_sinks = 1 if wanted else 0
-        self._hot.full_measure = 1 if any(getattr(s, "needs_values", True) for s, _ in
-                                          self._op_sinks) else 0
+        sinks = [s for s, _ in self._op_sinks]
+        self._dynamic_op_sinks = tuple(s for s in sinks if hasattr(s, "wants_ops"))
+        self._static_op_sinks = len(sinks) > len(self._dynamic_op_sinks)
+        self._hot.op_sinks = 1 if self._static_op_sinks or any(
+            s.wants_ops for s in self._dynamic_op_sinks) else 0
+        self._hot.full_measure = 1 if any(getattr(s, "needs_values", True) for s in sinks) else 0
 
     def _emit(self, event: str, *args: Any) -> None:
         for sink, fn in self._dispatch[event]:
@@ -213,8 +215,12 @@ class InstrumentedCache(Cache):
                 fn(self, *args)
             except Exception:
                 self._sink_error(sink, event)
-        if self._dynamic_op_sinks and event != "on_op":
-            self._sync_op_sinks()   # e.g. the tracer records ops only while a span records
+        dynamic = self._dynamic_op_sinks
+        if dynamic and event != "on_op":   # e.g. the tracer records ops only while a span records
+            wanted = self._static_op_sinks
+            for sink in dynamic:
+                wanted = wanted or sink.wants_ops
+            self._hot.op_sinks = 1 if wanted else 0
 
     def _sink_error(self, sink: Any, event: str) -> None:
         name = type(sink).__name__
@@ -232,10 +238,11 @@ class InstrumentedCache(Cache):
     def _record(self, op: str, queue: Any, family: str, owner: str | None, site: str | None,
                 depth: int | None, logical: int = 0, storage: int = 0, value: Any = None,
                 violation: str | None = None, producer: str | None = None) -> OpRecord:
-        self._seq += 1
-        rec = OpRecord(self._seq, time.time(), self._step_index, op,
-                       queue if type(queue) is str else _safe_str(queue), family, owner, site,
-                       depth, logical, storage, value, violation, producer)
+        hot = self._hot
+        hot.seq = seq = hot.seq + 1
+        rec = _new_record(OpRecord, (seq, _time(), hot.step_index, op,
+                          queue if type(queue) is str else _safe_str(queue), family, owner, site,
+                          depth, logical, storage, value, violation, producer))
         self._timeline.append(rec)
         if self._step is not None:
             self._step.ops += 1
@@ -259,7 +266,7 @@ class InstrumentedCache(Cache):
 
     def _after(self, rec: OpRecord, violations: list[Violation]) -> None:
         """Dispatch to sinks (outside the lock), then raise in strict mode."""
-        if self._dispatch["on_op"]:
+        if self._hot.op_sinks:
             self._emit("on_op", rec)
         for v in violations:
             if self._dispatch["on_violation"]:
@@ -313,7 +320,7 @@ class InstrumentedCache(Cache):
                 step.ops += 1
                 if len(step.pushed) < _STEP_MEMORY:
                     step.pushed.add(name)
-        if self._op_sinks:
+        if self._hot.op_sinks:
             self._emit("on_op", rec)
 
     def pop(self, name: str) -> Any:
@@ -394,7 +401,7 @@ class InstrumentedCache(Cache):
                                   self._step_index, taken_by=self._taken_by(qname, owner, seq),
                                   restarted=self._restarted_step == self._step_index),
                     timeline=self._timeline_for(qname, seq), cache=self.name))
-        if self._op_sinks:
+        if self._hot.op_sinks:
             self._emit("on_op", rec)
         if violation is not None:
             if self._dispatch["on_violation"]:
@@ -453,7 +460,8 @@ class InstrumentedCache(Cache):
 
     # ------------------------------------------------------------------ value ops
     def set(self, key: str, value: Any) -> None:
-        owner, site = self._attributor.lookup(1)
+        found = self._hot.lookup(1)
+        owner, site = found if found is not None else self._attributor.lookup(1)
         self._set(key, value, owner, site)
 
     def _set(self, key: Any, value: Any, owner: str | None, site: str | None) -> None:
@@ -500,7 +508,8 @@ class InstrumentedCache(Cache):
             return default
 
     def clear(self, key: str) -> None:
-        owner, site = self._attributor.lookup(1)
+        found = self._hot.lookup(1)
+        owner, site = found if found is not None else self._attributor.lookup(1)
         self._clear(key, owner, site)
 
     def _clear(self, key: Any, owner: str | None, site: str | None) -> None:
@@ -519,7 +528,8 @@ class InstrumentedCache(Cache):
         self._after(rec, [])
 
     def clear_all(self) -> None:
-        owner, site = self._attributor.lookup(1)
+        found = self._hot.lookup(1)
+        owner, site = found if found is not None else self._attributor.lookup(1)
         self._clear_all(owner, site)
 
     def _clear_all(self, owner: str | None, site: str | None) -> None:

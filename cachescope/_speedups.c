@@ -367,7 +367,7 @@ labelled(Hot *h, PyObject *obj, PyObject **owner)
 
 /* 1: found (new references in *owner, *site); 0: take the Python path; -1: error. */
 static int
-attribute(Hot *h, PyObject **owner, PyObject **site)
+attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
 {
     long mode = (long)slot_get(h->astate, off_at_mode);   /* 0 off, 1 auto, 2 stack */
     if (mode == 0) {
@@ -379,6 +379,11 @@ attribute(Hot *h, PyObject **owner, PyObject **site)
     _PyInterpreterFrame *f = ts->cframe->current_frame;
     while (f != NULL && _PyFrame_IsIncomplete(f))
         f = f->previous;
+    for (; f != NULL && skip > 0; skip--) {   /* frames of Python callers inside cachescope */
+        f = f->previous;
+        while (f != NULL && _PyFrame_IsIncomplete(f))
+            f = f->previous;
+    }
     if (f == NULL)
         return 0;
     PyCodeObject *code = f->f_code;
@@ -753,7 +758,7 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
         return slow(h->slow_push, h, args, nargs, kwnames);
     PyObject *name = args[0], *value = args[1];
     PyObject *owner = NULL, *site = NULL;
-    int found = attribute(h, &owner, &site);
+    int found = attribute(h, &owner, &site, 0);
     if (found <= 0) {
         PyErr_Clear();
         return slow(h->slow_push, h, args, nargs, kwnames);
@@ -878,7 +883,7 @@ Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
         return slow(h->slow_pop, h, args, nargs, kwnames);
     PyObject *name = args[0];
     PyObject *owner = NULL, *site = NULL;
-    int found = attribute(h, &owner, &site);
+    int found = attribute(h, &owner, &site, 0);
     if (found <= 0) {
         PyErr_Clear();
         return slow(h->slow_pop, h, args, nargs, kwnames);
@@ -1171,7 +1176,31 @@ static PyMemberDef Hot_members[] = {
     {NULL}
 };
 
+/* lookup(skip): (owner, site) of the frame `skip` levels above the Python caller, as
+ * Attributor.lookup(skip); None when only the Python path can tell (e.g. a new module). */
+static PyObject *
+Hot_lookup(Hot *h, PyObject *arg)
+{
+    long skip = PyLong_AsLong(arg);
+    if (skip == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *owner = NULL, *site = NULL;
+    int found = attribute(h, &owner, &site, (int)skip);
+    if (found < 0) {
+        PyErr_Clear();
+        found = 0;
+    }
+    if (found == 0)
+        Py_RETURN_NONE;
+    PyObject *r = PyTuple_Pack(2, owner, site);
+    Py_DECREF(owner);
+    Py_DECREF(site);
+    return r;
+}
+
 static PyMethodDef Hot_methods[] = {
+    {"lookup", (PyCFunction)Hot_lookup, METH_O,
+     "lookup(skip): (owner, site) as Attributor.lookup(skip), or None to ask it"},
     {"push", (PyCFunction)(void (*)(void))Hot_push, METH_FASTCALL | METH_KEYWORDS,
      "push(name, value): InstrumentedCache.push"},
     {"pop", (PyCFunction)(void (*)(void))Hot_pop, METH_FASTCALL | METH_KEYWORDS,

@@ -90,6 +90,9 @@ class TracingSink:
         self._step_trace: str | None = None          # trace id (hex) of the current step span
         self._last_trace: tuple[int, str | None] = (-1, None)  # (step index, trace id) last ended
         self._gen_trace: str | None = None
+        # The current generation's span is the API's no-op one (no SDK configured): its steps
+        # would be no-op spans too, so on_step_start skips making them.
+        self._gen_noop = False
 
     # ------------------------------------------------------------------ trace ids (for exemplars)
     def trace_id(self, step: StepInfo | None = None) -> str | None:
@@ -129,6 +132,7 @@ class TracingSink:
         prompt = info.get("prompt_tokens")
         self._gen_prompt = prompt if type(prompt) is int else 0
         recording = span.is_recording()
+        self._gen_noop = not span.get_span_context().is_valid
         self._gen_trace = _trace_hex(span) if recording else None
         if self._step_span is None:
             self._event_span = span if recording and self.op_events else None
@@ -153,6 +157,7 @@ class TracingSink:
     def _end_gen_span(self, end_time: int | None) -> None:
         span = self._gen_span
         self._gen_span = None
+        self._gen_noop = False
         self._gen_ctx = None
         self._gen_trace = None
         if self._event_span is span:
@@ -163,6 +168,8 @@ class TracingSink:
     # ------------------------------------------------------------------ steps
     def on_step_start(self, cache: Any, step: StepInfo) -> None:
         self._end_step_span(None)
+        if self._gen_noop and self._gen_span is not None:
+            return   # no SDK: nothing would record this step
         attrs: dict[str, Any] = {A.CACHE: self.cache_name, A.STEP: step.index}
         prev = _state_value(step.prev)
         if prev is not None:
