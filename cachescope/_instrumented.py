@@ -467,10 +467,17 @@ class InstrumentedCache(Cache):
     def _set(self, key: Any, value: Any, owner: str | None, site: str | None) -> None:
         violations: list[Violation] = []
         with self._lock:
-            old = self._cache.get(key, _MISSING) if _hashable(key) else _MISSING
-            super().set(key, value)
-            family = self._families(key)
-            fs = self.stats.family(family)
+            cache = self._hot.cache_dict
+            if type(key) is str:
+                old = cache.get(key, _MISSING)
+                cache[key] = value                       # the seed's set
+                fs = self._fs_memo.get(key) or self._fstats(key)
+                family = fs.family
+            else:
+                old = cache.get(key, _MISSING) if _hashable(key) else _MISSING
+                super().set(key, value)
+                family = self._families(key)
+                fs = self.stats.family(family)
             fs.set += 1
             if type(old) is list:
                 self._forget_queue(key, fs, len(old))
@@ -514,10 +521,17 @@ class InstrumentedCache(Cache):
 
     def _clear(self, key: Any, owner: str | None, site: str | None) -> None:
         with self._lock:
-            old = self._cache.get(key, _MISSING) if _hashable(key) else _MISSING
-            super().clear(key)
-            family = self._families(key)
-            fs = self.stats.family(family)
+            cache = self._hot.cache_dict
+            if type(key) is str:
+                old = cache.get(key, _MISSING)
+                del cache[key]                           # the seed's clear (KeyError if missing)
+                fs = self._fs_memo.get(key) or self._fstats(key)
+                family = fs.family
+            else:
+                old = cache.get(key, _MISSING) if _hashable(key) else _MISSING
+                super().clear(key)
+                family = self._families(key)
+                fs = self.stats.family(family)
             fs.clear += 1
             if type(old) is list:
                 self._forget_queue(key, fs, len(old))
@@ -620,8 +634,12 @@ class InstrumentedCache(Cache):
             self._emit("on_step_start", self._step)
 
     def _leftover_check(self, step: StepInfo, rec: OpRecord) -> list[Violation]:
+        queues = self._queues
+        held = [n for n in step.popped if n in queues]
+        if not held:
+            return []   # the usual case: every queue the step popped was drained
         out = []
-        for name in sorted(step.popped, key=_safe_str):
+        for name in sorted(held, key=_safe_str):
             q = self._queues.get(name)
             if q is None or not q.items:
                 continue

@@ -49,7 +49,7 @@ def test_quick_run_results(quick_run: tuple[subprocess.CompletedProcess[str], Pa
     res = json.loads(js.read_text())
     decode = res["decode"][0]
     assert decode["preset"] == "tiny"
-    assert set(decode["modes"]) == {"plain", "plain-aa", "core", "default", "trace-all", "trace-10"}
+    assert set(decode["modes"]) == {"plain", "plain-aa", "core", "default", "default-py", "trace-all", "trace-10"}
     for mode, row in decode["modes"].items():
         assert row["median_ms"] > 0
         assert len(row["wall_ms"]) == decode["reps"]
