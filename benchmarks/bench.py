@@ -8,8 +8,10 @@ Sections (``--sections``, default all):
   decode   ms/token of the reference decode loop, plain ``Cache`` vs ``InstrumentedCache`` modes,
            paired and interleaved (shuffled mode order in every repetition), with an A/A control;
   ops      per-op microbenchmarks (push+pop pair, set, get, step boundary), ns/op;
-  profile  where the instrumentation's time goes (component microbenchmarks + cProfile of a
-           real decode);
+  profile  where the instrumentation's time goes (component microbenchmarks, cProfile of a
+           real decode, push+pop after cache-evicting matmuls, and in-situ costs inside a real
+           decode: per op on the pure-Python path, and for the C path an ablation with no
+           wrappers plus its slow-path call counts);
   loop     cached decode vs no-cache recompute, and cachescope ``generate`` vs Hugging Face
            ``GPTNeoXForCausalLM.generate`` on identical weights;
   memory   RSS and Prometheus series over a long run, and a weakref check that the
@@ -20,12 +22,22 @@ Modes:
   plain-aa   a second plain ``Cache()``: the A/A control (its "overhead" is pure noise)
   core       ``InstrumentedCache(metrics=False, tracing=False)``: bookkeeping only
   default    ``InstrumentedCache()``: Prometheus collector attached, tracing through the global
-             OpenTelemetry API provider, which is the no-op one (no SDK configured)
+             OpenTelemetry API provider, which is the no-op one (no SDK configured); push, pop
+             and get take the C fast path (``cachescope._speedups``) when it is built
+  default-py ``InstrumentedCache(speedups=False)``: the same exporters on the pure-Python path,
+             so default vs default-py is the C path's gain (identical when the extension is not
+             built or ``CACHESCOPE_PURE_PYTHON=1``)
   trace-all  default + ``tracer_provider=TracerProvider(sampler=ALWAYS_ON)`` with a
              ``BatchSpanProcessor`` over a counting no-op exporter (spans are built, ended,
              queued and handed to the exporter, which only counts them)
   trace-10   same with ``sampler=TraceIdRatioBased(0.1)``; the sampling unit is the trace, and
              one ``generate()`` call is one trace, so ~10 % of generations are traced end to end
+
+The C path reads an op's owner from the Python caller frame (one lookup when the caller is a
+method of an already-labelled ``nn.Module``, as in the decode loop), so every measurement meant to
+exercise it issues push/pop/get straight from an ``nn.Module`` method: no Python wrapper in
+between, and no subclass overriding an op (that makes ``InstrumentedCache`` fall back to the
+pure-Python path entirely).
 
 ``--check`` makes the process exit 1 when a target FAILs (without it the verdicts are printed
 and written, and the exit status is 0).
@@ -64,13 +76,15 @@ from torch import nn  # noqa: E402
 
 import cachescope  # noqa: E402
 from cachescope import Cache, InstrumentedCache  # noqa: E402
+from cachescope import _hot as hotpath  # noqa: E402
+from cachescope import _instrumented  # noqa: E402
 from cachescope.neox import NeoXConfig, NeoXModel, generate  # noqa: E402
 
 PERF = time.perf_counter
 CPU = time.process_time
 
-ALL_MODES = ("plain", "plain-aa", "core", "default", "trace-all", "trace-10")
-OP_MODES = ("plain", "core", "default", "trace-all", "trace-10")
+ALL_MODES = ("plain", "plain-aa", "core", "default", "default-py", "trace-all", "trace-10")
+OP_MODES = ("plain", "core", "default", "default-py", "trace-all", "trace-10")
 SECTIONS = ("decode", "ops", "profile", "loop", "memory")
 
 # Targets (issue 7). Overheads are fractions of the plain cache's time per token.
@@ -134,6 +148,10 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "cachescope": cachescope.__version__, "commit": commit, **versions,
+        "speedups_available": bool(getattr(hotpath, "AVAILABLE", False)),
+        "speedups_env_disabled": bool(getattr(hotpath, "_disabled_by_env", lambda: False)()),
+        "speedups_active": bool(getattr(InstrumentedCache(metrics=False, tracing=False),
+                                        "speedups_active", False)),
         "loadavg_start": _loadavg(),
     }
 
@@ -249,6 +267,8 @@ class Modes:
             return InstrumentedCache(name=name, metrics=False, tracing=False)
         if mode == "default":
             return InstrumentedCache(name=name, registry=registry)
+        if mode == "default-py":
+            return InstrumentedCache(name=name, registry=registry, speedups=False)
         if mode in ("trace-all", "trace-10"):
             provider, exporter = _sdk_provider(None if mode == "trace-all" else 0.1)
             self.providers[mode] = (provider, exporter)
@@ -274,12 +294,61 @@ class Modes:
         self.providers.clear()
 
 
+C_OPS = ("push", "pop", "get")
+
+
+@contextlib.contextmanager
+def counting_slow_path() -> Any:
+    """Counts the Python slow-path calls of C-path caches created inside the ``with``.
+
+    Patches ``InstrumentedCache.push/pop/get`` at class level with counting wrappers (restored on
+    exit). A C-path cache's ``Hot`` object captures the class functions as its slow path when the
+    cache is created, so a cache created inside keeps counting after the exit, and only its
+    slow-path calls are counted: the C path itself runs no Python. (A pure-Python cache looks
+    the methods up at call time, so it is counted only while inside.) The wrapper adds one Python
+    frame to the slow path: attribution still finds the module (its walk skips the wrapper), but
+    records from those calls name the wrapper as the call site, so use these caches for counts,
+    not for reports or timings of slow calls."""
+    cls = _instrumented.InstrumentedCache
+    counts: Counter[str] = Counter()
+    saved = {op: cls.__dict__[op] for op in C_OPS}
+
+    def wrap(fn: Callable[..., Any], op: str) -> Callable[..., Any]:
+        # the first argument is not called `self`, so attribution does not take the wrapper for
+        # a method frame
+        def counted(cache_: Any, *a: Any, **k: Any) -> Any:
+            counts[op] += 1
+            return fn(cache_, *a, **k)
+        counted.__wrapped__ = fn  # type: ignore[attr-defined]
+        return counted
+
+    for op, fn in saved.items():
+        setattr(cls, op, wrap(fn, op))
+    try:
+        yield counts
+    finally:
+        for op, fn in saved.items():
+            setattr(cls, op, fn)
+
+
+def op_totals(cache: Any) -> Counter[str]:
+    """push/pop/get counts so far from the cache's family stats (both paths update them)."""
+    tot: Counter[str] = Counter()
+    for fs in cache.stats.families.values():
+        for op in C_OPS:
+            tot[op] += getattr(fs, op)
+    return tot
+
+
 def describe_mode(mode: str) -> str:
     return {
         "plain": "`Cache()`",
         "plain-aa": "second `Cache()` (A/A control)",
         "core": "`InstrumentedCache(metrics=False, tracing=False)`",
-        "default": "`InstrumentedCache()`: metrics collector, API no-op tracer",
+        "default": "`InstrumentedCache()`: metrics collector, API no-op tracer; push/pop/get on "
+                   "the C fast path when it is built",
+        "default-py": "`InstrumentedCache(speedups=False)`: the same exporters on the pure-Python "
+                      "path (default vs default-py = the C path's gain)",
         "trace-all": "default + SDK `TracerProvider(ALWAYS_ON)`, BatchSpanProcessor, no-op exporter",
         "trace-10": "default + SDK `TracerProvider(TraceIdRatioBased(0.1))`, same processor",
     }[mode]
@@ -358,7 +427,9 @@ def bench_decode(preset: str, tokens: int, reps: int, modes: tuple[str, ...], se
                          "step_spans": sp.get("decode_step", 0)}
     summary: dict[str, Any] = {"preset": preset, "tokens": tokens, "reps": reps,
                                "elapsed_s": elapsed, "modes": {}, "traced": traced,
-                               "loadavg_end": _loadavg()}
+                               "loadavg_end": _loadavg(),
+                               "speedups": {m: bool(getattr(caches[m], "speedups_active", False))
+                                            for m in modes}}
     for m in modes:
         q1, med, q3 = quantiles(wall[m])
         cq1, cmed, cq3 = quantiles(cpu[m])
@@ -494,6 +565,7 @@ def bench_ops(n: int, reps: int, blocks: int, seed: int) -> dict[str, Any]:
                 for key, t in totals.items():
                     per.setdefault(key, []).append(t / (blocks * n * OPS[key[2]][2]) * 1e9)
     mk.close()
+    slow_share = _ops_slow_share(driver, value, variants, n)
     out: dict[str, Any] = {"n": n, "reps": reps, "blocks": blocks, "rows": []}
     for v, op in variants:
         base = per[("plain", v, op)]
@@ -505,8 +577,39 @@ def bench_ops(n: int, reps: int, blocks: int, seed: int) -> dict[str, Any]:
             if m != "plain":
                 d = paired_diff(base, xs)
                 row.update(over_ns=d["median"], over_lo=d["lo"], over_hi=d["hi"])
+            if (m, v, op) in slow_share:
+                row["slow_share"] = slow_share[(m, v, op)]
             out["rows"].append(row)
     return out
+
+
+def _ops_slow_share(driver: _Driver, value: Any, variants: list[tuple[str, str]],
+                    n: int) -> dict[tuple[str, str, str], float]:
+    """Share of push/pop/get calls a C-path cache hands to the Python slow path in each op loop,
+    on separate caches that run the same loops untimed (the counting wrappers would slow the
+    slow path down in the timed ones)."""
+    share: dict[tuple[str, str, str], float] = {}
+    mk = Modes("ops-probe")
+    with counting_slow_path() as slow:
+        caches = {m: mk.make(m) for m in OP_MODES}
+    with torch.inference_mode():
+        for m, cache in caches.items():
+            if not getattr(cache, "speedups_active", False):
+                continue
+            with cache.generation():
+                cache.set("state_ids", (None, 0))
+                for v, op in variants:
+                    if op not in ("push+pop", "get"):
+                        continue
+                    meth, fn, per_iter = OPS[op]
+                    run = getattr(driver, meth) if v == "module" else fn
+                    run(cache, value, 20)   # warm-up: labels the driver
+                    before = sum(slow.values())
+                    run(cache, value, n)
+                    share[(m, v, op)] = (sum(slow.values()) - before) / (n * per_iter)
+                cache.end_step(tokens=0)
+    mk.close()
+    return share
 
 
 # ----------------------------------------------------------------------------- profile
@@ -550,7 +653,8 @@ def bench_profile(preset: str, tokens: int) -> dict[str, Any]:
         n = 20000
         raw = min(owner.lookup(core, n) for _ in range(5)) / n * 1e9
         empty = min(owner.lookup_off(core, n) for _ in range(5)) / n * 1e9
-        comps.append(("attribution: `_attributor.lookup` from a module method", raw - empty))
+        comps.append(("attribution (Python path): `_attributor.lookup` from a module method",
+                      raw - empty))
     except Exception as exc:
         comps.append((f"attribution: n/a ({exc!r})", float("nan")))
     try:
@@ -561,20 +665,43 @@ def bench_profile(preset: str, tokens: int) -> dict[str, Any]:
         def body() -> None:
             core._push("attn_kv_0", kv, "layer", "model.py:1", m)
             core._pop("attn_kv_0", "layer", "model.py:1")
-        comps.append(("bookkeeping: `_push` + `_pop` (no attribution, no measure, no sinks)",
-                      t(body)))
+        comps.append(("bookkeeping (Python path): `_push` + `_pop` (no attribution, no measure, "
+                      "no sinks)", t(body)))
     except Exception as exc:
         comps.append((f"bookkeeping: n/a ({exc!r})", float("nan")))
     plain = Cache()
     comps.append(("plain `Cache.push` + `Cache.pop`",
                   t(lambda: (plain.push("attn_kv_0", kv), plain.pop("attn_kv_0")))))
-    for label, mode in (("push+pop with sinks: default", "default"),
-                        ("push+pop with sinks: core (no sinks)", "core")):
+    # push+pop issued straight from an nn.Module method (_Driver.pushpop binds cache.push and
+    # cache.pop, i.e. the C methods on a C-path cache, and calls them in its own frame), one
+    # driver per cache, warmed up so that the driver is labelled before the timed loops.
+    check = {"ops": 0, "slow": 0}
+    for label, mode, speedups in (
+            ("C fast path push+pop (module method): `core`, no sinks", "core", True),
+            ("C fast path push+pop (module method): `default` (metrics collector, no-op tracer)",
+             "default", True),
+            ("Python path push+pop (module method): `core`, `speedups=False`", "core", False),
+            ("Python path push+pop (module method): `default-py`", "default-py", False)):
         mk = Modes("profile")
-        c = mk.make(mode)
+        with counting_slow_path() as slow:
+            c = (mk.make(mode) if speedups or mode != "core" else
+                 InstrumentedCache(name="bench-profile-core-py", metrics=False, tracing=False,
+                                   speedups=False))
+        active = bool(getattr(c, "speedups_active", False))
+        driver = _Driver()
         c.set("state_ids", (None, 0))
-        comps.append((label, min(owner_pushpop(c, kv, 20000) for _ in range(5))))
+        driver.pushpop(c, kv, 100)
+        before = sum(slow.values())
+        n = 20000
+        ns = min(driver.pushpop(c, kv, n) for _ in range(5)) / n * 1e9
+        if speedups:
+            check["ops"] += 5 * n * 2
+            check["slow"] += sum(slow.values()) - before
+            if not active:
+                label += " (C path NOT active: pure Python)"
+        comps.append((label, ns))
         mk.close()
+    out["c_path_check"] = check
 
     # cProfile of a real decode (default mode). Profiling inflates per-call costs; read the
     # shares, not the absolute numbers.
@@ -582,6 +709,8 @@ def bench_profile(preset: str, tokens: int) -> dict[str, Any]:
     prompt = prompt_for(cfg)
     mk = Modes("cprofile")
     cache = mk.make("default")
+    cache_c = bool(getattr(cache, "speedups_active", False))
+    out["cprofile_c_path"] = cache_c
     with torch.inference_mode():
         generate(model, prompt, 8, cache=cache)
         prof = cProfile.Profile()
@@ -595,8 +724,12 @@ def bench_profile(preset: str, tokens: int) -> dict[str, Any]:
     rows = []
     cs_total = 0.0
     for (fname, line, func), (cc, nc, tt, ct, callers) in st.stats.items():  # type: ignore[attr-defined]
+        short = None
         if "/cachescope/" in fname and "/neox/" not in fname:
             short = f"{Path(fname).parent.name}/{Path(fname).name}:{line}({func})"
+        elif fname == "~" and "cachescope._speedups" in func:   # the C methods (cProfile sees them)
+            short = _c_name(func)
+        if short is not None:
             rows.append((short, nc, tt, ct))
             cs_total += tt
     rows.sort(key=lambda r: -r[2])
@@ -609,10 +742,24 @@ def bench_profile(preset: str, tokens: int) -> dict[str, Any]:
     for (fname, line, func), (cc, nc, tt, ct, callers) in st.stats.items():  # type: ignore[attr-defined]
         if fname.endswith("cachescope/_instrumented.py") and func in (
                 "push", "pop", "get", "set", "clear", "end_step", "generation", "finish_generation"):
-            entry.append((func, nc / tokens, ct / tokens * 1e6))
+            # on a C-path cache, push/pop/get here are only the slow-path calls
+            entry.append((f"InstrumentedCache.{func}" + (" (Python slow path)" if func in C_OPS
+                                                         and cache_c else ""),
+                          nc / tokens, ct / tokens * 1e6))
+        elif fname == "~" and "cachescope._speedups.Hot" in func:
+            entry.append((_c_name(func), nc / tokens, ct / tokens * 1e6))
     entry.sort(key=lambda r: -r[2])
     out["entry_points"] = entry
     return out
+
+
+def _c_name(func: str) -> str:
+    """``Hot.push (C)`` for cProfile's ``<method 'push' of 'cachescope._speedups.Hot' objects>``."""
+    import re
+    m = re.match(r"<(?:method|built-in method) '?(\w+)'? of '?cachescope\._speedups\.?(\w*)'?", func)
+    if m is None:
+        return f"{func} (C)"
+    return f"_speedups.{m.group(2) + '.' if m.group(2) else ''}{m.group(1)} (C)"
 
 
 def bench_cold(n: int) -> dict[str, Any]:
@@ -641,24 +788,38 @@ def bench_cold(n: int) -> dict[str, Any]:
     mk = Modes("cold")
     layer = Layer()
     with torch.inference_mode():
-        for mode in ("plain", "core", "default"):
-            cache = mk.make(mode)
+        for mode in ("plain", "core", "default", "default-py"):
+            with counting_slow_path() as slow:
+                cache = mk.make(mode)
             cache.set("state_ids", (None, 0))
-            layer.run(cache, lambda: None, 50)
-            rows.append({"mode": mode,
-                         "warm_ns": layer.run(cache, lambda: None, n),
-                         "mlp_ns": layer.run(cache, lambda: x @ mid.T, n),
-                         "readout_ns": layer.run(cache, lambda: x @ big.T, max(20, n // 4))})
+            layer.run(cache, lambda: None, 50)   # warm-up; labels the layer
+            before = sum(slow.values())
+            row = {"mode": mode,
+                   "warm_ns": layer.run(cache, lambda: None, n),
+                   "mlp_ns": layer.run(cache, lambda: x @ mid.T, n),
+                   "readout_ns": layer.run(cache, lambda: x @ big.T, max(20, n // 4))}
+            if isinstance(cache, InstrumentedCache):
+                row["c_path"] = bool(getattr(cache, "speedups_active", False))
+                if row["c_path"]:   # slow-path calls during the timed pairs (0: all in C)
+                    row["slow_calls"] = sum(slow.values()) - before
+            rows.append(row)
     mk.close()
     del big
     return {"n": n, "rows": rows}
 
 
-def _timed_class(base: type) -> type:
-    """``base`` with every public op wrapped in a perf_counter_ns accumulator (~0.3 us each)."""
+TIMED_OPS = ("push", "pop", "get", "set", "clear", "end_step", "q_size")
+
+
+def _timed_class(base: type, ops: tuple[str, ...] = TIMED_OPS) -> type:
+    """``base`` with each op in ``ops`` wrapped in a perf_counter_ns accumulator (~0.3 us each).
+
+    Overriding push, pop or get makes an ``InstrumentedCache`` subclass run the pure-Python path
+    for every op (and a wrapper frame would defeat the C path's owner lookup anyway); wrapping
+    only the other ops keeps push/pop/get on the C path."""
     pc = time.perf_counter_ns
     ns: dict[str, Any] = {}
-    for name in ("push", "pop", "get", "set", "clear", "end_step", "q_size"):
+    for name in ops:
         orig = getattr(base, name, None)
         if orig is None:
             continue
@@ -678,14 +839,17 @@ def _timed_class(base: type) -> type:
 
 def bench_insitu(presets: list[str], tokens: int, reps: int) -> dict[str, Any]:
     """Cost of each public op measured inside a real decode (wrappers around the calls), plain
-    vs default mode, so it can be set against the warm tight-loop numbers."""
-    out: dict[str, Any] = {"tokens": tokens, "reps": reps, "presets": {}}
+    vs ``InstrumentedCache(speedups=False)``, so it can be set against the warm tight-loop
+    numbers. This measures the pure-Python path only: the wrappers (a subclass overriding the
+    ops) would defeat the C path, which ``bench_insitu_c`` measures without wrappers."""
+    out: dict[str, Any] = {"tokens": tokens, "reps": reps, "presets": {}, "mode": "default-py"}
     timed_plain, timed_inst = _timed_class(Cache), _timed_class(InstrumentedCache)
     for preset in presets:
         cfg = NeoXConfig.preset(preset)
         model = NeoXModel(cfg)
         prompt = prompt_for(cfg)
-        caches = {"plain": timed_plain(), "default": timed_inst(name=f"bench-insitu-{preset}")}
+        caches = {"plain": timed_plain(),
+                  "default": timed_inst(name=f"bench-insitu-{preset}", speedups=False)}
         per: dict[str, dict[str, list[tuple[float, float]]]] = {k: {} for k in caches}
         with torch.inference_mode():
             for r in range(reps + 1):
@@ -713,8 +877,115 @@ def bench_insitu(presets: list[str], tokens: int, reps: int) -> dict[str, Any]:
     return out
 
 
-def owner_pushpop(cache: Any, kv: Any, n: int) -> float:
-    return _Driver().pushpop(cache, kv, n) / n * 1e9
+# (mode, the mode it adds to, what it adds): the C path's in-situ ablation, in order
+INSITU_C_STEPS = (
+    ("core-noattr", "plain", "bookkeeping with no owner lookup: `InstrumentedCache(metrics=False, "
+                             "tracing=False, attribution='off')`, C path"),
+    ("core", "core-noattr", "+ owner lookup (`core`: a frame read in C for push/pop, the Python "
+                            "lookup for set/clear)"),
+    ("default", "core", "+ metrics collector and no-op tracer (`default`)"),
+    ("default-py", "default", "the same as `default` on the pure-Python path (`default-py`); "
+                              "its step is the C path's saving, with the sign reversed"),
+)
+PY_SIDE_OPS = ("set", "clear", "end_step", "q_size")   # ops with no C path
+
+
+def bench_insitu_c(presets: list[str], tokens: int, reps: int, seed: int) -> dict[str, Any]:
+    """The C path inside a real decode, with no wrapper around push/pop/get and cProfile off.
+
+    (a) ablation: ``generate()`` ms/token of plain and the ``INSITU_C_STEPS`` modes, interleaved
+        (order shuffled per repetition, ``gc.collect()`` before each cell); each step's extra
+        us/token = median of the paired differences against the mode it adds to;
+    (b) the ops with no C path (set, clear, end_step, q_size) timed in situ with wrappers on
+        those ops only (push/pop/get stay on the C path), plain vs default: the rest of default's
+        extra time is push/pop/get in C plus indirect costs (GC, CPU caches);
+    (c) push/pop/get calls per token and how many of them went to the Python slow path
+        (``counting_slow_path``), in the first generation of a fresh default cache (which labels
+        the modules) and in the next one."""
+    out: dict[str, Any] = {"tokens": tokens, "reps": reps, "presets": {},
+                           "steps": [list(x) for x in INSITU_C_STEPS]}
+    modes = ("plain",) + tuple(m for m, _, _ in INSITU_C_STEPS)
+    timed_plain, timed_c = _timed_class(Cache, PY_SIDE_OPS), _timed_class(InstrumentedCache,
+                                                                          PY_SIDE_OPS)
+    for preset in presets:
+        cfg = NeoXConfig.preset(preset)
+        model = NeoXModel(cfg)
+        prompt = prompt_for(cfg)
+        mk = Modes(f"insitu-c-{preset}")
+        caches = {m: (InstrumentedCache(name=f"bench-insitu-c-{preset}-noattr", metrics=False,
+                                        tracing=False, attribution="off")
+                      if m == "core-noattr" else mk.make(m)) for m in modes}
+        active = {m: bool(getattr(c, "speedups_active", False)) for m, c in caches.items()}
+        wall: dict[str, list[float]] = {m: [] for m in modes}
+        rng = random.Random(seed)
+        res: dict[str, Any] = {"c_path": active}
+        with torch.inference_mode():
+            # (a)
+            for m in modes:
+                generate(model, prompt, min(tokens, 8), cache=caches[m])
+            for _ in range(reps):
+                order = list(modes)
+                rng.shuffle(order)
+                for m in order:
+                    gc.collect()
+                    t0 = PERF()
+                    generate(model, prompt, tokens, cache=caches[m])
+                    wall[m].append((PERF() - t0) / tokens)
+            res["ms_per_token"] = {m: statistics.median(wall[m]) * 1e3 for m in modes}
+            steps = []
+            for m, prev, _ in INSITU_C_STEPS:
+                tot = paired_diff(wall["plain"], wall[m])
+                inc = paired_diff(wall[prev], wall[m])
+                steps.append({"mode": m, "over": prev, "c_path": active[m],
+                              "extra_us": tot["median"] * 1e6, "extra_lo": tot["lo"] * 1e6,
+                              "extra_hi": tot["hi"] * 1e6, "step_us": inc["median"] * 1e6,
+                              "step_lo": inc["lo"] * 1e6, "step_hi": inc["hi"] * 1e6})
+            res["ablation"] = steps
+            del caches
+            mk.close()
+            # (b)
+            timed = {"plain": timed_plain(), "default": timed_c(name=f"bench-insitu-c-{preset}")}
+            res["timed_c_path"] = bool(getattr(timed["default"], "speedups_active", False))
+            per: dict[str, dict[str, list[tuple[float, float]]]] = {k: {} for k in timed}
+            for r in range(reps + 1):
+                for mode, cache in timed.items():
+                    cache._bench_ns, cache._bench_calls = Counter(), Counter()
+                    generate(model, prompt, tokens, cache=cache)
+                    if r == 0:
+                        continue
+                    for op, calls in cache._bench_calls.items():
+                        per[mode].setdefault(op, []).append(
+                            (cache._bench_ns[op] / calls, calls / tokens))
+            rows = []
+            for op in per["default"]:
+                d, pl = per["default"][op], per["plain"].get(op)
+                ns_d = statistics.median(x[0] for x in d)
+                ns_p = statistics.median(x[0] for x in pl) if pl else 0.0
+                rows.append({"op": op, "calls_per_token": d[0][1], "plain_ns": ns_p if pl else None,
+                             "default_ns": ns_d, "extra_us_per_token": (ns_d - ns_p) * d[0][1] / 1e3})
+            rows.sort(key=lambda r: -r["extra_us_per_token"])
+            res["python_ops"] = rows
+            del timed
+            # (c)
+            with counting_slow_path() as slow:
+                cc = InstrumentedCache(name=f"bench-insitu-c-count-{preset}")
+            res["count_c_path"] = bool(getattr(cc, "speedups_active", False))
+            counts: dict[str, Any] = {}
+            for phase in ("first", "next"):
+                tot0, slow0 = op_totals(cc), dict(slow)
+                generate(model, prompt, tokens, cache=cc)
+                tot1 = op_totals(cc)
+                counts[phase] = {}
+                for op in C_OPS:
+                    calls = tot1[op] - tot0[op]
+                    n_slow = slow.get(op, 0) - slow0.get(op, 0)
+                    counts[phase][op] = {"calls": calls / tokens, "slow": n_slow / tokens,
+                                         "c": (calls - n_slow) / tokens}
+            res["counts"] = counts
+            del cc
+        out["presets"][preset] = res
+        gc.collect()
+    return out
 
 
 # ----------------------------------------------------------------------------- decode loop speed
@@ -1005,6 +1276,84 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def c_path_note(active: bool | None) -> str:
+    if active is None:
+        return ""
+    return " (C fast path)" if active else " (C fast path not active: pure Python)"
+
+
+def write_insitu_c(w: Callable[[str], None], x: dict[str, Any]) -> None:
+    desc = {m: d for m, _, d in x.get("steps", INSITU_C_STEPS)}
+    w(f"In situ, C path, no wrappers: `generate()` of {x['tokens']} tokens with cProfile off and "
+      "no wrapper around push/pop/get (the layers call the C methods directly), "
+      f"{x['reps']} interleaved repetitions (order shuffled in each, `gc.collect()` before each "
+      "cell). Extra us/token = median of the paired differences [95% bootstrap CI], against "
+      "plain (total) and against the previous row (step).")
+    for preset, r in x["presets"].items():
+        w("")
+        w(f"`{preset}` (plain: {r['ms_per_token']['plain']:.3f} ms/token):")
+        w("")
+        w("| mode | adds | path | ms/token | extra us/token vs plain [95% CI] | step us/token [95% CI] |")
+        w("|---|---|---|---|---|---|")
+        for s_ in r["ablation"]:
+            m_ = s_["mode"]
+            w(f"| `{m_}` | {desc.get(m_, '')} | {'C' if s_['c_path'] else 'Python'} | "
+              f"{r['ms_per_token'][m_]:.3f} | {s_['extra_us']:.1f} [{s_['extra_lo']:.1f}, "
+              f"{s_['extra_hi']:.1f}] | {s_['step_us']:+.1f} vs `{s_['over']}` "
+              f"[{s_['step_lo']:+.1f}, {s_['step_hi']:+.1f}] |")
+        rows = r.get("python_ops", [])
+        if rows:
+            default_extra = next((s_["extra_us"] for s_ in r["ablation"] if s_["mode"] == "default"),
+                                 None)
+            w("")
+            w("Ops with no C path, timed in situ with wrappers on those ops only (push/pop/get stay "
+              f"on the C path: {'yes' if r.get('timed_c_path') else 'NO'}), plain vs `default`:")
+            w("")
+            w("| op | calls/token | plain ns/call | default ns/call | extra us/token |")
+            w("|---|---|---|---|---|")
+            for o in rows:
+                pl = "-" if o["plain_ns"] is None else f"{o['plain_ns']:.0f}"
+                w(f"| `{o['op']}` | {o['calls_per_token']:.2f} | {pl} | {o['default_ns']:.0f} | "
+                  f"{o['extra_us_per_token']:.1f} |")
+            total = sum(o["extra_us_per_token"] for o in rows)
+            w(f"| total | | | | {total:.1f} |")
+            if default_extra is not None:
+                w(f"| rest of `default`'s extra (ablation total - this total): push/pop/get in C, "
+                  "run with the CPU caches cold (see the cold-cache table), `generation()`, "
+                  "indirect costs | | | | "
+                  f"{default_extra - total:.1f} |")
+        counts = r.get("counts")
+        if counts:
+            w("")
+            w("push/pop/get per token in `default` mode, and how many went to the Python slow "
+              "path (counted by class-level wrappers around `InstrumentedCache.push/pop/get`, which "
+              "the C object calls for its slow path; C path active: "
+              f"{'yes' if r.get('count_c_path') else 'NO'}); first generation of a fresh cache "
+              "(labels the modules) and the next one:")
+            w("")
+            w("| op | generation | calls/token | C path/token | Python slow path/token |")
+            w("|---|---|---|---|---|")
+            for op in C_OPS:
+                for phase, c in counts.items():
+                    v = c[op]
+                    w(f"| `{op}` | {phase} | {v['calls']:.2f} | {v['c']:.2f} | {v['slow']:.2f} |")
+    w("")
+
+
+def speedups_line(m: dict[str, Any]) -> str:
+    avail = m.get("speedups_available")
+    if avail is None:
+        return "not recorded (this run predates the C extension: every mode is pure Python)"
+    if not avail:
+        return ("not built for this interpreter (`cachescope._hot.AVAILABLE` is False): "
+                "`default` and `default-py` both run the pure-Python path")
+    if m.get("speedups_env_disabled") or not m.get("speedups_active", True):
+        return ("built (`cachescope._hot.AVAILABLE` is True) but disabled "
+                "(`CACHESCOPE_PURE_PYTHON`): every mode runs the pure-Python path")
+    return ("built and active (`cachescope._hot.AVAILABLE` is True): push/pop/get of `core`, "
+            "`default` and the tracing modes run in C; `default-py` is the pure-Python path")
+
+
 def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
     m = res["machine"]
     a = res["args"]
@@ -1024,6 +1373,7 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
     w(f"- `torch.set_num_threads({a['threads']})` for every measurement (the HF comparison "
       "included); decoding under `torch.inference_mode()`")
     w(f"- cachescope {m['cachescope']} at commit {m['commit']}")
+    w(f"- C fast path (`cachescope._speedups`): {speedups_line(m)}")
     w(f"- load average at start {m['loadavg_start']}, at end {res.get('loadavg_end', 'n/a')} "
       "(the machine is shared; see the A/A rows for the noise floor)")
     w(f"- wall time of the whole run: {res.get('elapsed_s', 0):.0f} s")
@@ -1032,8 +1382,10 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
     w("")
     w("Modes:")
     w("")
+    ran = {mode for d in res.get("decode", []) for mode in d["modes"]}
     for mode in ALL_MODES:
-        w(f"- `{mode}`: {describe_mode(mode)}")
+        if mode != "default-py" or mode in ran or "speedups_available" in m:
+            w(f"- `{mode}`: {describe_mode(mode)}")
     w("")
 
     v = res.get("verdicts", [])
@@ -1077,6 +1429,12 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
             w("")
             w(f"`{mode}`: {t['generate_spans']} of {t['generations']} generations traced "
               f"(warm-up included), {t['step_spans']} `decode_step` spans exported.")
+        sp = d.get("speedups")
+        if sp is not None:
+            on = [k for k, v in sp.items() if v]
+            w("")
+            w(f"C fast path active (`cache.speedups_active`) in: "
+              f"{', '.join(f'`{k}`' for k in on) if on else 'no mode (pure Python throughout)'}.")
         w("")
 
     ops = res.get("ops")
@@ -1089,16 +1447,25 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
           "A push+pop pair counts as 2 ops. `module` loop: ops issued from an `nn.Module` method "
           "(attribution finds the owner in the first frame, as in the decode loop); `function` "
           "loop: from a plain function (attribution walks up to 6 frames and finds no module). "
+          + ("`default` vs `default-py` is the C path's gain; set and the step boundary have no C "
+             "path. " if any(r["mode"] == "default-py" for r in ops["rows"]) else "")
+          + ("`slow path`: share of the push/pop/get calls that a C-path cache handed to the "
+             "Python slow path in the same loop (counted on separate caches running it untimed; "
+             "- = not a C-path cache or not a C op). "
+             if any("slow_share" in r for r in ops["rows"]) else "") +
           "`step boundary` = `set('state_ids', (i, i+1))` + `end_step()` per step. "
           "Overhead = median of paired differences vs plain [95% bootstrap CI].")
         w("")
-        w("| op | loop | mode | ns/op (median) | IQR | over plain, ns/op [95% CI] |")
-        w("|---|---|---|---|---|---|")
+        has_share = any("slow_share" in r for r in ops["rows"])
+        w("| op | loop | mode | ns/op (median) | IQR | over plain, ns/op [95% CI] |"
+          + (" slow path |" if has_share else ""))
+        w("|---|---|---|---|---|---|" + ("---|" if has_share else ""))
         for r in ops["rows"]:
             over = "-" if r["mode"] == "plain" else (
                 f"{r['over_ns']:.0f} [{r['over_lo']:.0f}, {r['over_hi']:.0f}]")
+            share = (f" {r['slow_share']:.0%} |" if "slow_share" in r else " - |") if has_share else ""
             w(f"| {r['op']} | {r['variant']} | {r['mode']} | {r['ns_per_op']:.0f} | "
-              f"{r['q1']:.0f}-{r['q3']:.0f} | {over} |")
+              f"{r['q1']:.0f}-{r['q3']:.0f} | {over} |{share}")
         w("")
 
     prof = res.get("profile")
@@ -1112,11 +1479,21 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
         for name, ns in prof["components"]:
             w(f"| {name} | {ns:.0f} |")
         w("")
+        chk = prof.get("c_path_check")
+        if chk:
+            w("The push+pop rows are timed inside `_Driver.pushpop`, an `nn.Module` method that "
+              "calls the cache's bound `push`/`pop` directly (no Python wrapper in between), after a "
+              f"warm-up that labels the driver. C fast path rows: {chk['slow']} of {chk['ops']} "
+              "timed ops went to the Python slow path (counted with class-level counting wrappers, "
+              "see `counting_slow_path`).")
+            w("")
         w(f"cProfile of one `generate()` of {prof['tokens']} tokens on `{prof['preset']}` in "
-          f"default mode ({prof['cprofile_total_s'] * 1e3 / prof['tokens']:.2f} ms/token under the "
+          f"default mode{c_path_note(prof.get('cprofile_c_path'))} "
+          f"({prof['cprofile_total_s'] * 1e3 / prof['tokens']:.2f} ms/token under the "
           f"profiler; cachescope's own code: "
           f"{prof['cprofile_cachescope_tottime_s'] * 1e6 / prof['tokens']:.0f} us/token of tottime). "
-          "Profiling inflates every Python call, so read the shares:")
+          "Profiling inflates every Python call, so read the shares. `(C)` rows are the C "
+          "methods (tottime excludes the Python they call: slow path, sinks):")
         w("")
         w("| cachescope function | calls/token | tottime us/token (profiled) | share of cachescope tottime |")
         w("|---|---|---|---|")
@@ -1128,7 +1505,7 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
         w("| entry point | calls/token | us/token |")
         w("|---|---|---|")
         for name, calls, us in prof["entry_points"]:
-            w(f"| `InstrumentedCache.{name}` | {calls:.1f} | {us:.1f} |")
+            w(f"| `{name if '.' in name else 'InstrumentedCache.' + name}` | {calls:.1f} | {us:.1f} |")
         w("")
 
     cold = res.get("cold")
@@ -1137,25 +1514,49 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
           f"{cold['n']} (readout: {max(20, cold['n'] // 4)}), back to back (warm), right after a "
           "1x512 @ 512x2048 matmul (4 MiB of weights, an MLP projection) and right after a "
           "1x512 @ 512x50304 matmul (98 MiB, the pythia-70m readout, which every decode step runs "
-          "and which evicts the CPU caches):")
+          "and which evicts the CPU caches)"
+          + ("; `path`: where a C-path cache runs the pair (the layer calls `cache.push`/`pop` "
+             "in its own method, no wrapper), with the calls it handed to the Python slow path "
+             "during the timed pairs:" if any("c_path" in r for r in cold["rows"]) else ":"))
         w("")
-        w("| mode | warm us/pair | after MLP matmul | after readout matmul |")
-        w("|---|---|---|---|")
+        has_c = any("c_path" in r for r in cold["rows"])
+        if has_c:
+            w("| mode | path | warm us/pair | after MLP matmul | after readout matmul | "
+              "slow-path calls in the timed pairs |")
+            w("|---|---|---|---|---|---|")
+        else:
+            w("| mode | warm us/pair | after MLP matmul | after readout matmul |")
+            w("|---|---|---|---|")
         for r in cold["rows"]:
-            w(f"| {r['mode']} | {r['warm_ns'] / 1e3:.1f} | {r['mlp_ns'] / 1e3:.1f} | "
-              f"{r['readout_ns'] / 1e3:.1f} |")
+            cells = f"{r['warm_ns'] / 1e3:.1f} | {r['mlp_ns'] / 1e3:.1f} | {r['readout_ns'] / 1e3:.1f}"
+            if has_c:
+                path_ = "-" if "c_path" not in r else ("C" if r["c_path"] else "Python")
+                w(f"| {r['mode']} | {path_} | {cells} | {r.get('slow_calls', '-')} |")
+            else:
+                w(f"| {r['mode']} | {cells} |")
         w("")
     insitu = res.get("insitu")
     if insitu:
-        w(f"In situ: every public op wrapped in a `perf_counter_ns` accumulator (~0.3 us of "
-          f"wrapper per call, in both columns) during `generate()` of {insitu['tokens']} tokens, "
-          f"{insitu['reps']} repetitions (median), plain `Cache` vs `InstrumentedCache()` "
-          "(default mode):")
+        imode = insitu.get("mode", "default")
+        if imode == "default-py":
+            w(f"In situ, pure-Python path: every public op wrapped in a `perf_counter_ns` "
+              f"accumulator (~0.3 us of wrapper per call, in both columns) during `generate()` of "
+              f"{insitu['tokens']} tokens, {insitu['reps']} repetitions (median), plain `Cache` vs "
+              "`InstrumentedCache(speedups=False)` (`default-py`). This measures the pure-Python "
+              "path only: wrappers would defeat the C path (a subclass that overrides push/pop/get "
+              "runs pure Python for every op, and a wrapper frame sits between the layer and the "
+              "op, where the C path looks for the owner); the C path is measured without wrappers "
+              "in the next table.")
+        else:
+            w(f"In situ: every public op wrapped in a `perf_counter_ns` accumulator (~0.3 us of "
+              f"wrapper per call, in both columns) during `generate()` of {insitu['tokens']} tokens, "
+              f"{insitu['reps']} repetitions (median), plain `Cache` vs `InstrumentedCache()` "
+              "(default mode):")
         for preset, rows in insitu["presets"].items():
             w("")
-            w(f"`{preset}`:")
+            w(f"`{preset}`{' (pure-Python path)' if imode == 'default-py' else ''}:")
             w("")
-            w("| op | calls/token | plain ns/call | default ns/call | extra us/token |")
+            w(f"| op | calls/token | plain ns/call | {imode} ns/call | extra us/token |")
             w("|---|---|---|---|---|")
             for r in rows:
                 pl = "-" if r["plain_ns"] is None else f"{r['plain_ns']:.0f}"
@@ -1164,6 +1565,9 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
             total = sum(r["extra_us_per_token"] for r in rows)
             w(f"| total | | | | {total:.1f} |")
         w("")
+    insitu_c = res.get("insitu_c")
+    if insitu_c:
+        write_insitu_c(w, insitu_c)
 
     loop = res.get("loop")
     if loop:
@@ -1327,6 +1731,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['mlp_ns'] / 1e3:.1f} us, after readout matmul {r['readout_ns'] / 1e3:.1f} us")
         insitu_presets = [p_ for p_ in ("tiny", "pythia-70m") if p_ in presets] or ["tiny"]
         res["insitu"] = bench_insitu(insitu_presets, 16 if quick else 64, 1 if quick else 3)
+        res["insitu_c"] = bench_insitu_c(insitu_presets, 16 if quick else 64, 3 if quick else 10,
+                                         args.seed)
+        for preset, x in res["insitu_c"]["presets"].items():
+            nxt = x["counts"]["next"]
+            log(f"  in situ (C path) {preset}: " + ", ".join(
+                f"{s_['mode']} {s_['extra_us']:+.0f}" for s_ in x["ablation"]) + " us/token; "
+                "slow-path calls/token " + ", ".join(f"{op} {nxt[op]['slow']:.2f}/{nxt[op]['calls']:.2f}"
+                                                     for op in C_OPS))
     if "loop" in sections:
         log("loop: cached vs no-cache, cachescope vs HF")
         loop_presets = ["tiny"] if quick else [p_ for p_ in ("tiny", "pythia-70m")]
