@@ -83,8 +83,10 @@ def make(cache: Any, speedups: bool = True) -> Any:
     from ._owners import _short_path
     from ._values import measure
     cls = type(cache)
-    # A subclass that overrides an op keeps its override (and the Python path for every op).
-    if any(getattr(cls, op) is not getattr(InstrumentedCache, op) for op in ("push", "pop", "get")):
+    # A subclass that overrides an op, or the methods that implement one (the fast path does
+    # their work without calling them), keeps its override and the Python path for every op.
+    if any(getattr(cls, op) is not getattr(InstrumentedCache, op)
+           for op in ("push", "pop", "get", "_push", "_pop")):
         return PyHot(placeholder.cache_dict)
     _configure()
     attributor = cache._attributor
@@ -93,7 +95,7 @@ def make(cache: Any, speedups: bool = True) -> Any:
         fs_memo=cache._fs_memo, timeline=cache._timeline, labels=attributor._labels,
         local=attributor._local, astate=attributor.state, lock=cache._lock,
         slow_push=InstrumentedCache.push, slow_pop=InstrumentedCache.pop,
-        slow_get=InstrumentedCache.get, fstats="_fstats", emit=InstrumentedCache._emit,
+        slow_get=InstrumentedCache.get, fstats="_fstats", emit=cls._emit,
         measure=measure, short_path=_short_path)
     cache.__dict__["push"] = hot.push
     cache.__dict__["pop"] = hot.pop

@@ -711,14 +711,22 @@ step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
 
 /* ------------------------------------------------------------------ the three fast paths */
 
-/* FamilyStats of a queue name (new reference): the memo, else InstrumentedCache._fstats. */
+/* FamilyStats of a queue name (new reference): the memo, else InstrumentedCache._fstats.
+ * On a memo miss, NULL with no error (take the Python path) unless the op can succeed here:
+ * `_fstats` creates the family, which the Python path does not do when the seed's op raises
+ * (a push or pop of a plain value, e.g. state_ids after reset()). `nonempty_list`: pop needs
+ * a non-empty list; push a list or no value. */
 static PyObject *
-family_stats(Hot *h, PyObject *name)
+family_stats(Hot *h, PyObject *name, int nonempty_list)
 {
     PyObject *fs = PyDict_GetItemWithError(h->fs_memo, name);
     if (fs != NULL)
         return Py_NewRef(fs);
     if (PyErr_Occurred())
+        return NULL;
+    PyObject *cur = PyDict_GetItemWithError(h->cache, name);   /* borrowed, not kept */
+    if (cur == NULL ? (PyErr_Occurred() || nonempty_list)
+                    : (!PyList_CheckExact(cur) || (nonempty_list && PyList_GET_SIZE(cur) == 0)))
         return NULL;
     PyObject *cache = PyWeakref_GET_OBJECT(h->wr);
     if (cache == Py_None)
@@ -791,7 +799,7 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     if (storage == NULL || lock(h) < 0)
         goto done;
     /* everything that can send us back to Python happens before the cache changes */
-    PyObject *fs = family_stats(h, name);
+    PyObject *fs = family_stats(h, name, 0);
     PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
     PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
     if (PyErr_Occurred() || fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType) ||
@@ -891,7 +899,7 @@ Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     PyObject *result = NULL, *rec = NULL, *item = NULL, *fs = NULL;
     if (lock(h) < 0)
         goto done;
-    fs = family_stats(h, name);
+    fs = family_stats(h, name, 1);
     PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
     PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
     PyObject *items = NULL;

@@ -5,7 +5,8 @@ seed ``Cache`` and an ``InstrumentedCache`` side by side, with names and values 
 (ints, tuples, unhashable lists, None, a name whose hash fails; tensors, None, nested containers,
 cycles, deep nests, zero-size, meta and subclassed tensors, objects whose repr/eq raise), and checks
 after every op that both return the very same objects (tensors by identity), raise the same
-exception types, hold the same keys and report the same q_size.
+exception types, hold the same keys and report the same q_size. Every test runs on the C fast path
+(``speedups=True``; CI requires it to be built) and on the pure-Python path (``speedups=False``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from cachescope import Cache
 
-from _kvloop import CONSTRUCTIONS, construct
+from _kvloop import CONSTRUCTIONS, SPEEDUPS, construct, require_fast_path
 
 
 class _Sub(torch.Tensor):
@@ -139,6 +140,8 @@ class Equivalence(RuleBasedStateMachine):
         super().__init__()
         self.plain = Cache()
         self.inst = construct(self.construction, **self.options)
+        if "speedups" in self.options:
+            assert self.inst.speedups_active is self.options["speedups"]
         self.twin: dict[int, object] = {}
         self.keep: list[object] = []   # keep twins alive so their ids stay unique
 
@@ -270,21 +273,26 @@ _SETTINGS = settings(deadline=None, stateful_step_count=50,
 
 
 def _machine(construction: str, examples: int, **options):
+    if options.get("speedups"):
+        require_fast_path()
     cls = type(f"Equivalence_{construction}", (Equivalence,),
                {"construction": construction, "options": options})
     return cls, settings(_SETTINGS, max_examples=examples)
 
 
+@pytest.mark.parametrize("speedups", SPEEDUPS)
 @pytest.mark.parametrize("construction", CONSTRUCTIONS)
-def test_random_op_sequences_match_the_seed(construction):
+def test_random_op_sequences_match_the_seed(construction, speedups):
     """Hundreds of random 50-op sequences give identical results on Cache and InstrumentedCache."""
-    cls, s = _machine(construction, 300 if construction == "bare" else 120)
+    cls, s = _machine(construction, 300 if construction == "bare" else 120, speedups=speedups)
     cls.TestCase.settings = s
     cls.TestCase().runTest()
 
 
-def test_random_op_sequences_match_the_seed_with_tight_bounds():
+@pytest.mark.parametrize("speedups", SPEEDUPS)
+def test_random_op_sequences_match_the_seed_with_tight_bounds(speedups):
     """The same holds with a tiny timeline, few kept violations and stack-only attribution."""
-    cls, s = _machine("bare", 100, timeline_size=3, max_violations=2, attribution="stack")
+    cls, s = _machine("bare", 100, timeline_size=3, max_violations=2, attribution="stack",
+                      speedups=speedups)
     cls.TestCase.settings = s
     cls.TestCase().runTest()
