@@ -302,8 +302,8 @@ def counting_slow_path() -> Any:
     """Counts the Python slow-path calls of C-path caches created inside the ``with``.
 
     Patches ``InstrumentedCache.push/pop/get`` at class level with counting wrappers (restored on
-    exit). A C-path cache's ``Hot`` object captures the class functions as its slow path when the
-    cache is created, so a cache created inside keeps counting after the exit, and only its
+    exit; with the extension, new C descriptors around wrapped Python methods). A C-path cache's
+    ``Hot`` object captures the Python methods as its slow path when the cache is created, so a cache created inside keeps counting after the exit, and only its
     slow-path calls are counted: the C path itself runs no Python. (A pure-Python cache looks
     the methods up at call time, so it is counted only while inside.) The wrapper adds one Python
     frame to the slow path: attribution still finds the module (its walk skips the wrapper), but
@@ -322,8 +322,11 @@ def counting_slow_path() -> Any:
         counted.__wrapped__ = fn  # type: ignore[attr-defined]
         return counted
 
-    for op, fn in saved.items():
-        setattr(cls, op, wrap(fn, op))
+    for kind, (op, fn) in enumerate(saved.items()):
+        if type(fn).__name__ == "FastOp":   # the C descriptor: wrap the Python method behind it
+            setattr(cls, op, type(fn)(kind, wrap(fn.__wrapped__, op)))
+        else:
+            setattr(cls, op, wrap(fn, op))
     try:
         yield counts
     finally:

@@ -2,9 +2,10 @@
 
 ``InstrumentedCache`` keeps the values every op updates (op number, current step, the step's
 pops, the seed's dict) on one object, ``cache._hot``: the C ``Hot`` when the extension is built
-(CPython 3.11), else ``PyHot`` with the same attributes. With ``Hot``, the instance attributes
-``push``, ``pop`` and ``get`` are its methods, so the common case of each op runs in C with no
-Python frame; every other case calls the Python method, which does all the work.
+(CPython 3.11), else ``PyHot`` with the same attributes. With the extension, the class's ``push``,
+``pop`` and ``get`` are C method descriptors (``install``): for an instance whose ``_hot`` is a
+``Hot`` the common case of each op runs in C with no Python frame; every other case, and every
+instance with a ``PyHot``, calls the Python method, which does all the work.
 
 Set ``CACHESCOPE_PURE_PYTHON=1`` (or pass ``speedups=False``) to run without it.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AVAILABLE", "PyHot", "make", "new_lock"]
+__all__ = ["AVAILABLE", "PyHot", "install", "make", "new_lock"]
 
 try:
     from . import _speedups
@@ -74,8 +75,8 @@ def new_lock(speedups: bool = True) -> Any:
 
 
 def make(cache: Any, speedups: bool = True) -> Any:
-    """The shared-state object for ``cache`` (its structures must exist already); installs the
-    fast methods on the instance when the C path is used."""
+    """The shared-state object for ``cache`` (its structures must exist already): a ``Hot`` when
+    the C path can serve this instance, else a ``PyHot``."""
     placeholder = cache._hot
     if not (speedups and AVAILABLE) or _disabled_by_env():
         return PyHot(placeholder.cache_dict)
@@ -91,13 +92,26 @@ def make(cache: Any, speedups: bool = True) -> Any:
     _configure()
     attributor = cache._attributor
     hot = _speedups.Hot(
-        cache=cache, cache_dict=placeholder.cache_dict, queues=cache._queues,
+        cache_dict=placeholder.cache_dict, queues=cache._queues,
         fs_memo=cache._fs_memo, timeline=cache._timeline, labels=attributor._labels,
         local=attributor._local, astate=attributor.state, lock=cache._lock,
-        slow_push=InstrumentedCache.push, slow_pop=InstrumentedCache.pop,
-        slow_get=InstrumentedCache.get, fstats="_fstats", emit=cls._emit,
+        slow_push=_python_op(InstrumentedCache, "push"), slow_pop=_python_op(InstrumentedCache, "pop"),
+        slow_get=_python_op(InstrumentedCache, "get"), fstats="_fstats", emit=cls._emit,
         measure=measure, short_path=_short_path)
-    cache.__dict__["push"] = hot.push
-    cache.__dict__["pop"] = hot.pop
-    cache.__dict__["get"] = hot.get
     return hot
+
+
+def _python_op(cls: type, name: str) -> Any:
+    """The Python method behind ``cls.name`` (unwrapping the C descriptor)."""
+    op = cls.__dict__[name]
+    return op.__wrapped__ if _speedups is not None and type(op) is getattr(_speedups, "FastOp", None) else op
+
+
+def install(cls: type) -> None:
+    """Make ``cls.push/pop/get`` C method descriptors that run the fast path for instances whose
+    ``_hot`` is a ``Hot`` and the Python methods otherwise (idempotent; no-op when unbuilt)."""
+    if not AVAILABLE:
+        return
+    for kind, name in enumerate(("push", "pop", "get")):
+        if type(cls.__dict__[name]) is not _speedups.FastOp:
+            setattr(cls, name, _speedups.FastOp(kind, cls.__dict__[name]))

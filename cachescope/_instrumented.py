@@ -780,6 +780,8 @@ class InstrumentedCache(Cache):
                 f"violations={len(self.violations)})")
 
 
+hotpath.install(InstrumentedCache)   # push/pop/get take the C fast path when it is built
+
 _MISSING = object()
 _new_record = tuple.__new__   # builds an OpRecord without the NamedTuple's Python-level __new__
 _time = time.time

@@ -118,7 +118,7 @@ class Attributor:
             self._sites[key] = entry
         site = entry[1]
         stack = getattr(self._local, "stack", None)
-        if stack and self._mode == "auto":
+        if stack and self._mode == "auto" and self.state.watching:
             return stack[-1][1], site
         if entry[2]:
             # Fast path: the caller is a method of an already-labelled module (the usual case:

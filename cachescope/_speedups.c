@@ -61,7 +61,6 @@ static PyObject *s_push, *s_pop, *s_append, *s_stack, *s_tuple2, *s_nbytes,
 
 typedef struct {
     PyObject_HEAD
-    PyObject *wr;            /* weakref to the InstrumentedCache */
     PyObject *cache;         /* the seed's dict (InstrumentedCache._cache) */
     PyObject *queues;        /* name -> _Queue (provenance) */
     PyObject *fs_memo;       /* name -> FamilyStats */
@@ -681,11 +680,8 @@ call1(PyObject *fn, PyObject *arg)
 }
 
 static void
-dispatch_op(Hot *h, PyObject *rec)
+dispatch_op(Hot *h, PyObject *cache, PyObject *rec)
 {
-    PyObject *cache = PyWeakref_GET_OBJECT(h->wr);
-    if (cache == Py_None)
-        return;
     PyObject *args[3] = {cache, s_on_op, rec};
     PyObject *r = PyObject_Vectorcall(h->emit, args, 3, NULL);
     if (r == NULL)
@@ -717,7 +713,7 @@ step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
  * (a push or pop of a plain value, e.g. state_ids after reset()). `nonempty_list`: pop needs
  * a non-empty list; push a list or no value. */
 static PyObject *
-family_stats(Hot *h, PyObject *name, int nonempty_list)
+family_stats(Hot *h, PyObject *cache, PyObject *name, int nonempty_list)
 {
     PyObject *fs = PyDict_GetItemWithError(h->fs_memo, name);
     if (fs != NULL)
@@ -728,48 +724,30 @@ family_stats(Hot *h, PyObject *name, int nonempty_list)
     if (cur == NULL ? (PyErr_Occurred() || nonempty_list)
                     : (!PyList_CheckExact(cur) || (nonempty_list && PyList_GET_SIZE(cur) == 0)))
         return NULL;
-    PyObject *cache = PyWeakref_GET_OBJECT(h->wr);
-    if (cache == Py_None)
-        return NULL;
     return PyObject_CallMethodOneArg(cache, h->fstats, name);
 }
 
+/* The Python method, with the same arguments (args[0] is the cache). */
 static PyObject *
-slow(PyObject *fn, Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+slow(PyObject *fn, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
-    PyObject *cache = PyWeakref_GET_OBJECT(h->wr);
-    if (cache == Py_None) {
-        PyErr_SetString(PyExc_ReferenceError, "cachescope: the cache is gone");
-        return NULL;
-    }
-    Py_ssize_t n = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
-    PyObject *small[8];
-    PyObject **buf = small;
-    if (n + 1 > 8) {
-        buf = PyMem_Malloc((n + 1) * sizeof(PyObject *));
-        if (buf == NULL)
-            return PyErr_NoMemory();
-    }
-    buf[0] = cache;
-    for (Py_ssize_t i = 0; i < n; i++)
-        buf[i + 1] = args[i];
-    PyObject *r = PyObject_Vectorcall(fn, buf, nargs + 1, kwnames);
-    if (buf != small)
-        PyMem_Free(buf);
-    return r;
+    return PyObject_Vectorcall(fn, all, nall, kwnames);
 }
 
 static PyObject *
-Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
+    PyObject *cache = all[0];
+    PyObject *const *args = all + 1;
+    Py_ssize_t nargs = nall - 1;
     if (!h->enabled || nargs != 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
-        return slow(h->slow_push, h, args, nargs, kwnames);
+        return slow(h->slow_push, all, nall, kwnames);
     PyObject *name = args[0], *value = args[1];
     PyObject *owner = NULL, *site = NULL;
     int found = attribute(h, &owner, &site, 0);
     if (found <= 0) {
         PyErr_Clear();
-        return slow(h->slow_push, h, args, nargs, kwnames);
+        return slow(h->slow_push, all, nall, kwnames);
     }
     PyObject *m = h->full_measure ? NULL : measure_kv(value);
     if (m == NULL) {
@@ -779,7 +757,7 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
             Py_XDECREF(m);
             Py_DECREF(owner);
             Py_DECREF(site);
-            return slow(h->slow_push, h, args, nargs, kwnames);
+            return slow(h->slow_push, all, nall, kwnames);
         }
     }
     PyObject *logical = PyTuple_GET_ITEM(m, 0), *storages = PyTuple_GET_ITEM(m, 1);
@@ -799,7 +777,7 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     if (storage == NULL || lock(h) < 0)
         goto done;
     /* everything that can send us back to Python happens before the cache changes */
-    PyObject *fs = family_stats(h, name, 0);
+    PyObject *fs = family_stats(h, cache, name, 0);
     PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
     PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
     if (PyErr_Occurred() || fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType) ||
@@ -808,7 +786,7 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
         Py_XDECREF(fs);
         unlock(h);
         PyErr_Clear();
-        result = slow(h->slow_push, h, args, nargs, kwnames);
+        result = slow(h->slow_push, all, nall, kwnames);
         goto done;
     }
     int existed = queue != NULL;
@@ -873,7 +851,7 @@ Hot_push(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     if (bad)
         PyErr_WriteUnraisable(name);
     else if (h->op_sinks)
-        dispatch_op(h, rec);
+        dispatch_op(h, cache, rec);
     result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(rec);
@@ -885,21 +863,24 @@ done:
 }
 
 static PyObject *
-Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
+    PyObject *cache = all[0];
+    PyObject *const *args = all + 1;
+    Py_ssize_t nargs = nall - 1;
     if (!h->enabled || nargs != 1 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
-        return slow(h->slow_pop, h, args, nargs, kwnames);
+        return slow(h->slow_pop, all, nall, kwnames);
     PyObject *name = args[0];
     PyObject *owner = NULL, *site = NULL;
     int found = attribute(h, &owner, &site, 0);
     if (found <= 0) {
         PyErr_Clear();
-        return slow(h->slow_pop, h, args, nargs, kwnames);
+        return slow(h->slow_pop, all, nall, kwnames);
     }
     PyObject *result = NULL, *rec = NULL, *item = NULL, *fs = NULL;
     if (lock(h) < 0)
         goto done;
-    fs = family_stats(h, name, 1);
+    fs = family_stats(h, cache, name, 1);
     PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
     PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
     PyObject *items = NULL;
@@ -924,7 +905,7 @@ Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
         PyErr_Clear();
         Py_XDECREF(item);
         item = NULL;
-        result = slow(h->slow_pop, h, args, nargs, kwnames);
+        result = slow(h->slow_pop, all, nall, kwnames);
         goto done;
     }
     Py_INCREF(q);
@@ -972,7 +953,7 @@ Hot_pop(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
     if (bad)
         PyErr_WriteUnraisable(name);
     else if (h->op_sinks)
-        dispatch_op(h, rec);
+        dispatch_op(h, cache, rec);
 done:
     Py_XDECREF(fs);
     Py_XDECREF(rec);
@@ -983,14 +964,18 @@ done:
 }
 
 static PyObject *
-Hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+Hot_get(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
+    PyObject *cache = all[0];
+    (void)cache;
+    PyObject *const *args = all + 1;
+    Py_ssize_t nargs = nall - 1;
     if (!h->enabled || nargs < 1 || nargs > 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
-        return slow(h->slow_get, h, args, nargs, kwnames);
+        return slow(h->slow_get, all, nall, kwnames);
     PyObject *fs = PyDict_GetItemWithError(h->fs_memo, args[0]);
     if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {
         PyErr_Clear();
-        return slow(h->slow_get, h, args, nargs, kwnames);
+        return slow(h->slow_get, all, nall, kwnames);
     }
     Py_INCREF(fs);
     if (lock(h) < 0) {
@@ -1015,7 +1000,6 @@ Hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 static int
 Hot_traverse(Hot *h, visitproc visit, void *arg)
 {
-    Py_VISIT(h->wr);
     Py_VISIT(h->cache);
     Py_VISIT(h->queues);
     Py_VISIT(h->fs_memo);
@@ -1042,7 +1026,6 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
 static int
 Hot_clear(Hot *h)
 {
-    Py_CLEAR(h->wr);
     Py_CLEAR(h->cache);
     Py_CLEAR(h->queues);
     Py_CLEAR(h->fs_memo);
@@ -1081,16 +1064,16 @@ Hot_dealloc(Hot *h)
 static int
 Hot_init(Hot *h, PyObject *args, PyObject *kwds)
 {
-    static char *kw[] = {"cache", "cache_dict", "queues", "fs_memo", "timeline", "labels", "local",
+    static char *kw[] = {"cache_dict", "queues", "fs_memo", "timeline", "labels", "local",
                          "astate", "lock", "slow_push", "slow_pop", "slow_get", "fstats", "emit",
                          "measure", "short_path", NULL};
-    PyObject *cache, *cache_dict, *queues, *fs_memo, *timeline, *labels, *local, *astate, *lk;
+    PyObject *cache_dict, *queues, *fs_memo, *timeline, *labels, *local, *astate, *lk;
     PyObject *sp, *so, *sg, *fstats, *emit, *measure, *short_path;
     if (!configured) {
         PyErr_SetString(PyExc_RuntimeError, "cachescope._speedups.configure() was not called");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!OO!OOOOOOOOOO", kw, &cache,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!OO!OOOOOOOOOO", kw,
                                      &PyDict_Type, &cache_dict, &PyDict_Type, &queues,
                                      &PyDict_Type, &fs_memo, &timeline, &PyDict_Type, &labels,
                                      &local, &astate, &lk, &sp, &so, &sg, &fstats, &emit, &measure,
@@ -1101,12 +1084,11 @@ Hot_init(Hot *h, PyObject *args, PyObject *kwds)
         return -1;
     }
     Hot_clear(h);
-    h->wr = PyWeakref_NewRef(cache, NULL);
     h->lock = Py_NewRef(lk);
     h->acquire = PyObject_GetAttrString(lk, "acquire");
     h->release = PyObject_GetAttrString(lk, "release");
     h->timeline_append = PyObject_GetAttrString(timeline, "append");
-    if (h->wr == NULL || h->acquire == NULL || h->release == NULL || h->timeline_append == NULL)
+    if (h->acquire == NULL || h->release == NULL || h->timeline_append == NULL)
         return -1;
     h->cache = Py_NewRef(cache_dict);
     h->queues = Py_NewRef(queues);
@@ -1209,12 +1191,6 @@ Hot_lookup(Hot *h, PyObject *arg)
 static PyMethodDef Hot_methods[] = {
     {"lookup", (PyCFunction)Hot_lookup, METH_O,
      "lookup(skip): (owner, site) as Attributor.lookup(skip), or None to ask it"},
-    {"push", (PyCFunction)(void (*)(void))Hot_push, METH_FASTCALL | METH_KEYWORDS,
-     "push(name, value): InstrumentedCache.push"},
-    {"pop", (PyCFunction)(void (*)(void))Hot_pop, METH_FASTCALL | METH_KEYWORDS,
-     "pop(name): InstrumentedCache.pop"},
-    {"get", (PyCFunction)(void (*)(void))Hot_get, METH_FASTCALL | METH_KEYWORDS,
-     "get(key, default=None): InstrumentedCache.get"},
     {NULL}
 };
 
@@ -1232,6 +1208,111 @@ static PyTypeObject HotType = {
     .tp_methods = Hot_methods,
     .tp_members = Hot_members,
     .tp_getset = Hot_getset,
+};
+
+/* ------------------------------------------------------------------ the method descriptor */
+
+/* InstrumentedCache.push/pop/get: a method descriptor that runs the fast path when the
+ * instance's `_hot` is an enabled Hot, else the Python method it wraps. Like a Python function
+ * it binds to the instance (a bound op keeps its cache alive) and `cache.push(...)` calls it
+ * without creating a bound object. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;          /* 0 push, 1 pop, 2 get */
+    PyObject *func;    /* the Python method */
+} FastOp;
+
+static PyObject *s_hot;
+
+static PyObject *
+FastOp_vectorcall(FastOp *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs >= 1) {
+        PyObject **dictptr = _PyObject_GetDictPtr(args[0]);
+        PyObject *hot = (dictptr && *dictptr) ? PyDict_GetItemWithError(*dictptr, s_hot) : NULL;
+        if (hot != NULL && Py_TYPE(hot) == &HotType && ((Hot *)hot)->enabled) {
+            Py_INCREF(hot);
+            PyObject *r = op->kind == 0 ? Hot_push((Hot *)hot, args, nargs, kwnames)
+                        : op->kind == 1 ? Hot_pop((Hot *)hot, args, nargs, kwnames)
+                                        : Hot_get((Hot *)hot, args, nargs, kwnames);
+            Py_DECREF(hot);
+            return r;
+        }
+        if (hot == NULL && PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_Vectorcall(op->func, args, nargsf, kwnames);
+}
+
+static PyObject *
+FastOp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int kind;
+    PyObject *func;
+    if (!PyArg_ParseTuple(args, "iO:FastOp", &kind, &func))
+        return NULL;
+    if (kind < 0 || kind > 2 || !PyCallable_Check(func)) {
+        PyErr_SetString(PyExc_ValueError, "FastOp(kind in 0..2, callable)");
+        return NULL;
+    }
+    FastOp *op = (FastOp *)type->tp_alloc(type, 0);
+    if (op == NULL)
+        return NULL;
+    op->vectorcall = (vectorcallfunc)FastOp_vectorcall;
+    op->kind = kind;
+    op->func = Py_NewRef(func);
+    return (PyObject *)op;
+}
+
+static void
+FastOp_dealloc(FastOp *op)
+{
+    Py_CLEAR(op->func);
+    Py_TYPE(op)->tp_free((PyObject *)op);
+}
+
+static PyObject *
+FastOp_descr_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+FastOp_getattr_of_func(FastOp *op, void *name)
+{
+    return PyObject_GetAttrString(op->func, (const char *)name);
+}
+
+static PyGetSetDef FastOp_getset[] = {
+    {"__doc__", (getter)FastOp_getattr_of_func, NULL, NULL, "__doc__"},
+    {"__name__", (getter)FastOp_getattr_of_func, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)FastOp_getattr_of_func, NULL, NULL, "__qualname__"},
+    {"__module__", (getter)FastOp_getattr_of_func, NULL, NULL, "__module__"},
+    {NULL}
+};
+
+static PyMemberDef FastOp_members[] = {
+    {"__wrapped__", T_OBJECT_EX, offsetof(FastOp, func), READONLY, NULL},
+    {NULL}
+};
+
+static PyTypeObject FastOpType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.FastOp",
+    .tp_basicsize = sizeof(FastOp),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_doc = "InstrumentedCache.push/pop/get: the C fast path, else the Python method.",
+    .tp_new = FastOp_new,
+    .tp_dealloc = (destructor)FastOp_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(FastOp, vectorcall),
+    .tp_descr_get = FastOp_descr_get,
+    .tp_getset = FastOp_getset,
+    .tp_members = FastOp_members,
 };
 
 /* configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure, Tensor, nn.Module) */
@@ -1320,7 +1401,11 @@ PyInit__speedups(void)
     if (m == NULL)
         return NULL;
 #if CS_ACCEL
-    if (PyType_Ready(&HotType) < 0 || PyType_Ready(&RLockType) < 0)
+    if (PyType_Ready(&HotType) < 0 || PyType_Ready(&RLockType) < 0 ||
+        PyType_Ready(&FastOpType) < 0)
+        return NULL;
+    Py_INCREF(&FastOpType);
+    if (PyModule_AddObject(m, "FastOp", (PyObject *)&FastOpType) < 0)
         return NULL;
     Py_INCREF(&RLockType);
     if (PyModule_AddObject(m, "RLock", (PyObject *)&RLockType) < 0)
@@ -1338,6 +1423,7 @@ PyInit__speedups(void)
     INTERN(s_untyped_storage, "untyped_storage");
     INTERN(s_cdata, "_cdata");
     INTERN(s_on_op, "on_op");
+    INTERN(s_hot, "_hot");
     if (PyModule_AddIntConstant(m, "AVAILABLE", 1) < 0)
         return NULL;
 #else

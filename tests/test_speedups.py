@@ -86,15 +86,16 @@ class SlowCalls:
     ``InstrumentedCache.push``/``pop`` do their attribution by reading the caller's frame, so a
     Python wrapper around them would change the recorded call sites; they delegate all the work to
     ``_push``/``_pop``, which the fast path never calls, so those are counted instead. ``get``
-    reads no frame and is wrapped itself (before any cache exists: ``Hot`` keeps the class's
-    ``get`` as its slow path when it is created).
+    reads no frame: the Python function behind the class's C descriptor is wrapped, in a new
+    descriptor (before any cache exists: ``Hot`` keeps that function as its slow path).
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.counts: Counter[tuple[int, str]] = Counter()
         counts = self.counts
-        orig_push, orig_pop, orig_get = (InstrumentedCache._push, InstrumentedCache._pop,
-                                         InstrumentedCache.get)
+        descriptor = InstrumentedCache.__dict__["get"]
+        orig_push, orig_pop = InstrumentedCache._push, InstrumentedCache._pop
+        orig_get = getattr(descriptor, "__wrapped__", descriptor)
 
         def _push(self: Any, *args: Any, **kwargs: Any) -> Any:
             counts[id(self), "push"] += 1
@@ -110,7 +111,9 @@ class SlowCalls:
 
         monkeypatch.setattr(InstrumentedCache, "_push", _push)
         monkeypatch.setattr(InstrumentedCache, "_pop", _pop)
-        monkeypatch.setattr(InstrumentedCache, "get", get)
+        fast_op = type(descriptor)
+        monkeypatch.setattr(InstrumentedCache, "get",
+                            fast_op(2, get) if fast_op.__name__ == "FastOp" else get)
 
     def __call__(self, cache: Any, op: str) -> int:
         return self.counts[id(cache), op]
@@ -272,7 +275,10 @@ def test_fast_path_is_built_and_on_by_default() -> None:
     assert cache.speedups_active is True
     assert type(cache._hot).__module__ == "cachescope._speedups"
     for op in ("push", "pop", "get"):
-        assert getattr(cache, op).__self__ is cache._hot, op
+        # the class's op is the C method descriptor; bound, it keeps the cache (like a method)
+        assert type(getattr(InstrumentedCache, op)).__name__ == "FastOp", op
+        assert getattr(cache, op).__self__ is cache, op
+    assert not {"push", "pop", "get"} & set(vars(cache))
     del cache
 
 
@@ -631,13 +637,6 @@ class Remover(Layer):
         return x
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known divergence: after a watch() handle is removed inside a hooked forward, the module's "
-    "name stays on that thread's owner stack (its post-hook never runs). Attributor.lookup "
-    "(Python) reads the stack whenever it is non-empty in 'auto' mode, so later ops made outside "
-    "any module (the loop's set('state_ids'), top-level push/pop) get the stale name; the C path "
-    "reads the stack only while a watch is active (AttribState.watching > 0) and reports no "
-    "owner. Making Attributor.lookup also require state.watching would align them"))
 def test_watch_removed_inside_a_forward() -> None:
     """A stale owner-stack entry left by a watch() removed mid-forward is read the same way on both paths."""
 
@@ -1060,15 +1059,16 @@ def _tensors_reachable(roots: list[Any], depth: int = 6) -> list[Any]:
     return found
 
 
-@pytest.mark.xfail(strict=True, raises=ReferenceError, reason=(
-    "known limitation: Hot holds the cache by weak reference (caches stay collectable by "
-    "refcount), so a bound cache.push/pop kept after the last reference to the cache is gone "
-    "raises ReferenceError on the fast path, while the Python path's bound method keeps the "
-    "cache alive"))
 def test_bound_op_outlives_the_cache() -> None:
+    """A bound op keeps its cache alive, as a Python bound method does, and keeps counting."""
     require_fast_path()
-    push = new_cache(True).push
+    push, pop = new_cache(True).push, None
+    cache = push.__self__
+    pop = cache.pop
+    del cache
     push("a", 1)
+    assert pop("a") == 1
+    assert push.__self__.stats.families["a"].push == 1 and push.__self__.speedups_active
 
 
 # ----------------------------------------------------------------------------- differential machine
