@@ -28,12 +28,13 @@ except ImportError:   # not built (no compiler at install time, another interpre
 #: Whether the C fast path is built for this interpreter.
 AVAILABLE = bool(getattr(_speedups, "AVAILABLE", 0))
 _configured = False
+_FAST_OPS = ("push", "pop", "get", "set", "end_step")   # FastOp kinds 0..4
 
 
 class PyHot:
     """The pure-Python stand-in for ``_speedups.Hot``: the same attributes, no fast path."""
 
-    __slots__ = ("cache_dict", "seq", "step", "step_index", "step_pops", "op_sinks",
+    __slots__ = ("cache_dict", "seq", "step", "step_index", "step_pops", "op_sinks", "step_sinks",
                  "full_measure", "enabled")
 
     def __init__(self, cache_dict: dict[Any, Any] | None = None) -> None:
@@ -43,6 +44,7 @@ class PyHot:
         self.step_index = -1
         self.step_pops: set[Any] = set()
         self.op_sinks = 0
+        self.step_sinks = 0
         self.full_measure = 1
         self.enabled = 0
 
@@ -87,7 +89,8 @@ def make(cache: Any, speedups: bool = True) -> Any:
     # A subclass that overrides an op, or the methods that implement one (the fast path does
     # their work without calling them), keeps its override and the Python path for every op.
     if any(getattr(cls, op) is not getattr(InstrumentedCache, op)
-           for op in ("push", "pop", "get", "_push", "_pop")):
+           for op in ("push", "pop", "get", "set", "end_step", "_push", "_pop", "_set", "_boundary",
+                      "_close_step", "_emit_step_start")):
         return PyHot(placeholder.cache_dict)
     _configure()
     attributor = cache._attributor
@@ -96,7 +99,8 @@ def make(cache: Any, speedups: bool = True) -> Any:
         fs_memo=cache._fs_memo, timeline=cache._timeline, labels=attributor._labels,
         local=attributor._local, astate=attributor.state, lock=cache._lock,
         slow_push=_python_op(InstrumentedCache, "push"), slow_pop=_python_op(InstrumentedCache, "pop"),
-        slow_get=_python_op(InstrumentedCache, "get"), fstats="_fstats", emit=cls._emit,
+        slow_get=_python_op(InstrumentedCache, "get"), slow_set=_python_op(InstrumentedCache, "set"),
+        slow_end_step=_python_op(InstrumentedCache, "end_step"), fstats="_fstats", emit=cls._emit,
         measure=measure, short_path=_short_path)
     return hot
 
@@ -112,6 +116,6 @@ def install(cls: type) -> None:
     ``_hot`` is a ``Hot`` and the Python methods otherwise (idempotent; no-op when unbuilt)."""
     if not AVAILABLE:
         return
-    for kind, name in enumerate(("push", "pop", "get")):
+    for kind, name in enumerate(_FAST_OPS):
         if type(cls.__dict__[name]) is not _speedups.FastOp:
             setattr(cls, name, _speedups.FastOp(kind, cls.__dict__[name]))

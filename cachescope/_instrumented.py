@@ -198,6 +198,8 @@ class InstrumentedCache(Cache):
                                     if callable(getattr(s, ev, None))) for ev in _SINK_EVENTS}
         self._op_sinks = self._dispatch["on_op"]
         self._sync_op_sinks()
+        self._hot.step_sinks = 1 if (self._dispatch["on_step_start"] or
+                                     self._dispatch["on_step_end"]) else 0
 
     def _sync_op_sinks(self) -> None:
         """Tell the fast path whether any sink wants ``on_op`` now, and whether one needs full

@@ -45,17 +45,20 @@ typedef struct {
 } SiteEntry;
 
 /* Offsets of __slots__ members, read once from the classes' member descriptors. */
-static Py_ssize_t off_fs_family, off_fs_push, off_fs_pop, off_fs_get, off_fs_depth,
+static Py_ssize_t off_fs_set, off_fs_family, off_fs_push, off_fs_pop, off_fs_get, off_fs_depth,
     off_fs_peak_depth, off_fs_logical, off_fs_storage, off_fs_peak_logical, off_fs_peak_storage,
     off_fs_live, off_fs_empty, off_fs_storages;
 static Py_ssize_t off_q_items, off_q_pops;
-static Py_ssize_t off_st_ops, off_st_pushed, off_st_popped;
+static Py_ssize_t off_st_ops, off_st_pushed, off_st_popped, off_st_index, off_st_prev, off_st_next,
+    off_st_start, off_st_start_time, off_st_end, off_st_tokens, off_st_violations;
 static Py_ssize_t off_at_mode, off_at_watching;
 static PyTypeObject *FamilyStatsType, *QueueType, *StepType, *AttribStateType;
 static PyTypeObject *RecordType, *MeasureType, *TensorType;
 static PyObject *ModuleType;   /* torch.nn.Module */
 static int configured = 0;
 
+static PyObject *s_set, *s_state_key, *s_emit_step_start, *s_on_step_end, *s_stats, *s_steps,
+    *s_tokens, *s_loop_ends_steps, *s_zero, *s_one;
 static PyObject *s_push, *s_pop, *s_append, *s_stack, *s_tuple2, *s_nbytes,
     *s_untyped_storage, *s_cdata, *s_on_op;
 
@@ -71,7 +74,7 @@ typedef struct {
     PyObject *lock;          /* the cache's lock: an RLockObject, or any lock with acquire/release */
     PyObject *acquire, *release;   /* its methods, used when it is not an RLockObject */
     PyObject *timeline_append;     /* bound timeline.append */
-    PyObject *slow_push, *slow_pop, *slow_get, *fstats, *emit, *measure, *short_path;
+    PyObject *slow_push, *slow_pop, *slow_get, *slow_set, *slow_end_step, *fstats, *emit, *measure, *short_path;
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
     long long seq;
@@ -79,6 +82,7 @@ typedef struct {
     int op_sinks;            /* some sink wants on_op now */
     int full_measure;        /* some sink needs full Measure summaries */
     int enabled;
+    int step_sinks;          /* some sink has on_step_start or on_step_end */
     SiteEntry memo[MEMO_SIZE];
 } Hot;
 
@@ -265,13 +269,18 @@ slot_set(PyObject *obj, Py_ssize_t off, long long value)
     return 0;
 }
 
+/* time.time() and time.perf_counter(), computed the way CPython computes them */
 static double
-now(void)
+clock_seconds(clockid_t clock)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    clock_gettime(clock, &ts);
+    long long ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    return (double)ns / 1e9;
 }
+
+static double now(void) { return clock_seconds(CLOCK_REALTIME); }
+static double perf_counter(void) { return clock_seconds(CLOCK_MONOTONIC); }
 
 static PyObject *
 new_tuple_of(PyTypeObject *type, Py_ssize_t n)
@@ -642,7 +651,7 @@ make_record(Hot *h, PyObject *op, PyObject *name, PyObject *fs, PyObject *owner,
     PyObject *seq = PyLong_FromLongLong(h->seq);
     PyObject *t = PyFloat_FromDouble(now());
     PyObject *step = PyLong_FromLongLong(h->step_index);
-    PyObject *d = PyLong_FromSsize_t(depth);
+    PyObject *d = depth < 0 ? Py_NewRef(Py_None) : PyLong_FromSsize_t(depth);   /* -1: not a queue */
     PyObject *rec = (seq && t && step && d) ? new_tuple_of(RecordType, 14) : NULL;
     if (rec == NULL) {
         Py_XDECREF(seq);
@@ -720,8 +729,10 @@ family_stats(Hot *h, PyObject *cache, PyObject *name, int nonempty_list)
         return Py_NewRef(fs);
     if (PyErr_Occurred())
         return NULL;
-    PyObject *cur = PyDict_GetItemWithError(h->cache, name);   /* borrowed, not kept */
-    if (cur == NULL ? (PyErr_Occurred() || nonempty_list)
+    PyObject *cur = nonempty_list == 2 ? NULL : PyDict_GetItemWithError(h->cache, name);
+    if (nonempty_list == 2)   /* set: any value; the caller checked the old one */
+        ;
+    else if (cur == NULL ? (PyErr_Occurred() || nonempty_list)
                     : (!PyList_CheckExact(cur) || (nonempty_list && PyList_GET_SIZE(cur) == 0)))
         return NULL;
     return PyObject_CallMethodOneArg(cache, h->fstats, name);
@@ -1014,6 +1025,8 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->slow_push);
     Py_VISIT(h->slow_pop);
     Py_VISIT(h->slow_get);
+    Py_VISIT(h->slow_set);
+    Py_VISIT(h->slow_end_step);
     Py_VISIT(h->fstats);
     Py_VISIT(h->emit);
     Py_VISIT(h->measure);
@@ -1040,6 +1053,8 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->slow_push);
     Py_CLEAR(h->slow_pop);
     Py_CLEAR(h->slow_get);
+    Py_CLEAR(h->slow_set);
+    Py_CLEAR(h->slow_end_step);
     Py_CLEAR(h->fstats);
     Py_CLEAR(h->emit);
     Py_CLEAR(h->measure);
@@ -1065,18 +1080,19 @@ static int
 Hot_init(Hot *h, PyObject *args, PyObject *kwds)
 {
     static char *kw[] = {"cache_dict", "queues", "fs_memo", "timeline", "labels", "local",
-                         "astate", "lock", "slow_push", "slow_pop", "slow_get", "fstats", "emit",
-                         "measure", "short_path", NULL};
+                         "astate", "lock", "slow_push", "slow_pop", "slow_get", "slow_set",
+                         "slow_end_step", "fstats", "emit", "measure", "short_path", NULL};
     PyObject *cache_dict, *queues, *fs_memo, *timeline, *labels, *local, *astate, *lk;
-    PyObject *sp, *so, *sg, *fstats, *emit, *measure, *short_path;
+    PyObject *sp, *so, *sg, *sset, *send, *fstats, *emit, *measure, *short_path;
     if (!configured) {
         PyErr_SetString(PyExc_RuntimeError, "cachescope._speedups.configure() was not called");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!OO!OOOOOOOOOO", kw,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!OO!OOOOOOOOOOOO", kw,
                                      &PyDict_Type, &cache_dict, &PyDict_Type, &queues,
                                      &PyDict_Type, &fs_memo, &timeline, &PyDict_Type, &labels,
-                                     &local, &astate, &lk, &sp, &so, &sg, &fstats, &emit, &measure,
+                                     &local, &astate, &lk, &sp, &so, &sg, &sset, &send, &fstats,
+                                     &emit, &measure,
                                      &short_path))
         return -1;
     if (!PyObject_TypeCheck(astate, AttribStateType)) {
@@ -1100,6 +1116,8 @@ Hot_init(Hot *h, PyObject *args, PyObject *kwds)
     h->slow_push = Py_NewRef(sp);
     h->slow_pop = Py_NewRef(so);
     h->slow_get = Py_NewRef(sg);
+    h->slow_set = Py_NewRef(sset);
+    h->slow_end_step = Py_NewRef(send);
     h->fstats = Py_NewRef(fstats);
     h->emit = Py_NewRef(emit);
     h->measure = Py_NewRef(measure);
@@ -1163,6 +1181,7 @@ static PyMemberDef Hot_members[] = {
     {"op_sinks", T_INT, offsetof(Hot, op_sinks), 0, NULL},
     {"full_measure", T_INT, offsetof(Hot, full_measure), 0, NULL},
     {"enabled", T_INT, offsetof(Hot, enabled), 0, NULL},
+    {"step_sinks", T_INT, offsetof(Hot, step_sinks), 0, NULL},
     {NULL}
 };
 
@@ -1210,6 +1229,202 @@ static PyTypeObject HotType = {
     .tp_getset = Hot_getset,
 };
 
+/* set(key, value): the fast path takes only the decode loop's step boundary in its usual
+ * form: set(state_key, (prev, next)) after end_step() closed the previous step, with new state
+ * ids and every queue the previous step popped drained (no violation is possible). */
+static PyObject *
+Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
+{
+    PyObject *cache = all[0];
+    if (!h->enabled || nall != 3 || kwnames != NULL || !PyUnicode_CheckExact(all[1]) ||
+        !PyTuple_CheckExact(all[2]) || PyTuple_GET_SIZE(all[2]) != 2)
+        return slow(h->slow_set, all, nall, kwnames);
+    PyObject *key = all[1], *pair = all[2];
+    PyObject *state_key = PyObject_GetAttr(cache, s_state_key);
+    if (state_key == NULL)
+        return NULL;
+    int is_state = PyUnicode_CheckExact(state_key) && PyUnicode_Compare(key, state_key) == 0;
+    Py_DECREF(state_key);
+    if (!is_state)
+        return slow(h->slow_set, all, nall, kwnames);
+    /* the previous step: closed, other state ids, its popped queues drained */
+    PyObject *cur = h->step;
+    if (cur != Py_None) {
+        if (!PyObject_TypeCheck(cur, StepType) || SLOT(cur, off_st_end) != Py_None)
+            ;
+        else
+            return slow(h->slow_set, all, nall, kwnames);
+        PyObject *prev = SLOT(cur, off_st_prev), *next = SLOT(cur, off_st_next);
+        int same_prev = PyObject_RichCompareBool(prev, PyTuple_GET_ITEM(pair, 0), Py_EQ);
+        int same_next = same_prev >= 0 ? PyObject_RichCompareBool(next, PyTuple_GET_ITEM(pair, 1), Py_EQ) : -1;
+        if (same_prev < 0 || same_next < 0) {
+            PyErr_Clear();
+            return slow(h->slow_set, all, nall, kwnames);
+        }
+        if (same_prev && same_next)
+            return slow(h->slow_set, all, nall, kwnames);
+        PyObject *popped = SLOT(cur, off_st_popped);
+        if (popped == NULL || !PyAnySet_Check(popped))
+            return slow(h->slow_set, all, nall, kwnames);
+        Py_ssize_t pos = 0;
+        PyObject *name;
+        Py_hash_t hash;
+        while (_PySet_NextEntry(popped, &pos, &name, &hash)) {
+            int held = PyDict_Contains(h->queues, name);
+            if (held != 0) {
+                PyErr_Clear();
+                return slow(h->slow_set, all, nall, kwnames);
+            }
+        }
+    }
+    PyObject *owner = NULL, *site = NULL;
+    int found = attribute(h, &owner, &site, 0);
+    if (found <= 0) {
+        PyErr_Clear();
+        return slow(h->slow_set, all, nall, kwnames);
+    }
+    PyObject *result = NULL, *rec = NULL, *fs = NULL, *step = NULL;
+    if (lock(h) < 0)
+        goto done;
+    PyObject *old = PyDict_GetItemWithError(h->cache, key);
+    if (old == NULL && PyErr_Occurred()) {
+        unlock(h);
+        goto done;
+    }
+    fs = (old != NULL && PyList_CheckExact(old)) ? NULL : family_stats(h, cache, key, 2);
+    if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {   /* a queue under the state key */
+        Py_CLEAR(fs);
+        unlock(h);
+        PyErr_Clear();
+        result = slow(h->slow_set, all, nall, kwnames);
+        goto done;
+    }
+    double start = perf_counter(), start_time = now();
+    step = StepType->tp_alloc(StepType, 0);
+    PyObject *pushed = step ? PySet_New(NULL) : NULL, *popped = pushed ? PySet_New(NULL) : NULL;
+    PyObject *pops = popped ? PySet_New(NULL) : NULL;
+    if (pops == NULL) {
+        Py_XDECREF(pushed);
+        Py_XDECREF(popped);
+        unlock(h);
+        goto done;
+    }
+    if (PyDict_SetItem(h->cache, key, pair) < 0) {   /* the seed's set */
+        Py_DECREF(pushed);
+        Py_DECREF(popped);
+        Py_DECREF(pops);
+        unlock(h);
+        goto done;
+    }
+    /* the seed's set is done: from here on a failure is reported, never raised */
+    int bad = slot_add(fs, off_fs_set, 1) < 0;
+    h->seq += 1;
+    rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
+                                   Py_None);
+    if (rec == NULL || call1(h->timeline_append, rec) < 0)
+        bad = 1;
+    h->step_index += 1;
+    SLOT(step, off_st_index) = PyLong_FromLongLong(h->step_index);
+    SLOT(step, off_st_prev) = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+    SLOT(step, off_st_next) = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+    SLOT(step, off_st_start) = PyFloat_FromDouble(start);
+    SLOT(step, off_st_start_time) = PyFloat_FromDouble(start_time);
+    SLOT(step, off_st_end) = Py_NewRef(Py_None);
+    SLOT(step, off_st_tokens) = PyLong_FromLong(0);
+    SLOT(step, off_st_ops) = PyLong_FromLong(0);
+    SLOT(step, off_st_violations) = PyLong_FromLong(0);
+    SLOT(step, off_st_popped) = popped;
+    SLOT(step, off_st_pushed) = pushed;
+    if (SLOT(step, off_st_index) == NULL || SLOT(step, off_st_start) == NULL ||
+        SLOT(step, off_st_start_time) == NULL || SLOT(step, off_st_tokens) == NULL ||
+        SLOT(step, off_st_ops) == NULL || SLOT(step, off_st_violations) == NULL)
+        bad = 1;
+    Py_XSETREF(h->step, Py_NewRef(step));
+    Py_XSETREF(h->step_pops, pops);
+    unlock(h);
+    if (bad)
+        PyErr_WriteUnraisable(key);
+    else if (h->op_sinks)
+        dispatch_op(h, cache, rec);
+    if (h->step_sinks) {
+        PyObject *r = PyObject_CallMethodNoArgs(cache, s_emit_step_start);
+        if (r == NULL)
+            PyErr_WriteUnraisable(cache);
+        Py_XDECREF(r);
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(step);
+    Py_XDECREF(rec);
+    Py_XDECREF(fs);
+    Py_DECREF(owner);
+    Py_DECREF(site);
+    return result;
+}
+
+/* end_step(tokens=0): close the current step (the decode loop calls it after its forward). */
+static PyObject *
+Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
+{
+    PyObject *cache = all[0];
+    PyObject *tokens = NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nall == 2 && nkw == 0)
+        tokens = all[1];
+    else if (nall == 1 && nkw == 1 &&
+             PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "tokens") == 0)
+        tokens = all[1];
+    else if (nall == 1 && nkw == 0)
+        tokens = s_zero;
+    if (!h->enabled || tokens == NULL || !PyLong_CheckExact(tokens))
+        return slow(h->slow_end_step, all, nall, kwnames);
+    PyObject *stats = PyObject_GetAttr(cache, s_stats);
+    if (stats == NULL)
+        return NULL;
+    if (lock(h) < 0) {
+        Py_DECREF(stats);
+        return NULL;
+    }
+    PyObject *step = h->step;
+    int closes = step != Py_None && PyObject_TypeCheck(step, StepType) &&
+                 SLOT(step, off_st_end) == Py_None;
+    int bad = PyObject_SetAttr(cache, s_loop_ends_steps, Py_True) < 0;
+    Py_INCREF(step);
+    if (!bad && closes) {
+        PyObject *end = PyFloat_FromDouble(perf_counter());
+        if (end == NULL) {
+            bad = 1;
+        }
+        else {
+            Py_SETREF(SLOT(step, off_st_end), end);
+            Py_SETREF(SLOT(step, off_st_tokens), Py_NewRef(tokens));
+            PyObject *steps = PyObject_GetAttr(stats, s_steps);
+            PyObject *n = steps ? PyNumber_Add(steps, s_one) : NULL;
+            bad = n == NULL || PyObject_SetAttr(stats, s_steps, n) < 0;
+            Py_XDECREF(steps);
+            Py_XDECREF(n);
+            PyObject *toks = bad ? NULL : PyObject_GetAttr(stats, s_tokens);
+            n = toks ? PyNumber_Add(toks, tokens) : NULL;
+            bad = bad || n == NULL || PyObject_SetAttr(stats, s_tokens, n) < 0;
+            Py_XDECREF(toks);
+            Py_XDECREF(n);
+        }
+    }
+    unlock(h);
+    Py_DECREF(stats);
+    if (bad)
+        PyErr_WriteUnraisable(cache);
+    if (closes && h->step_sinks) {
+        PyObject *args[3] = {cache, s_on_step_end, step};
+        PyObject *r = PyObject_Vectorcall(h->emit, args, 3, NULL);
+        if (r == NULL)
+            PyErr_WriteUnraisable(h->emit);
+        Py_XDECREF(r);
+    }
+    Py_DECREF(step);
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------------ the method descriptor */
 
 /* InstrumentedCache.push/pop/get: a method descriptor that runs the fast path when the
@@ -1219,7 +1434,7 @@ static PyTypeObject HotType = {
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    int kind;          /* 0 push, 1 pop, 2 get */
+    int kind;          /* 0 push, 1 pop, 2 get, 3 set, 4 end_step */
     PyObject *func;    /* the Python method */
 } FastOp;
 
@@ -1236,7 +1451,9 @@ FastOp_vectorcall(FastOp *op, PyObject *const *args, size_t nargsf, PyObject *kw
             Py_INCREF(hot);
             PyObject *r = op->kind == 0 ? Hot_push((Hot *)hot, args, nargs, kwnames)
                         : op->kind == 1 ? Hot_pop((Hot *)hot, args, nargs, kwnames)
-                                        : Hot_get((Hot *)hot, args, nargs, kwnames);
+                        : op->kind == 2 ? Hot_get((Hot *)hot, args, nargs, kwnames)
+                        : op->kind == 3 ? Hot_set((Hot *)hot, args, nargs, kwnames)
+                                        : Hot_end_step((Hot *)hot, args, nargs, kwnames);
             Py_DECREF(hot);
             return r;
         }
@@ -1253,8 +1470,8 @@ FastOp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *func;
     if (!PyArg_ParseTuple(args, "iO:FastOp", &kind, &func))
         return NULL;
-    if (kind < 0 || kind > 2 || !PyCallable_Check(func)) {
-        PyErr_SetString(PyExc_ValueError, "FastOp(kind in 0..2, callable)");
+    if (kind < 0 || kind > 4 || !PyCallable_Check(func)) {
+        PyErr_SetString(PyExc_ValueError, "FastOp(kind in 0..4, callable)");
         return NULL;
     }
     FastOp *op = (FastOp *)type->tp_alloc(type, 0);
@@ -1354,6 +1571,7 @@ configure(PyObject *mod, PyObject *args)
         offset_of(FamilyStatsType, "push", &off_fs_push) < 0 ||
         offset_of(FamilyStatsType, "pop", &off_fs_pop) < 0 ||
         offset_of(FamilyStatsType, "get", &off_fs_get) < 0 ||
+        offset_of(FamilyStatsType, "set", &off_fs_set) < 0 ||
         offset_of(FamilyStatsType, "depth", &off_fs_depth) < 0 ||
         offset_of(FamilyStatsType, "peak_depth", &off_fs_peak_depth) < 0 ||
         offset_of(FamilyStatsType, "logical", &off_fs_logical) < 0 ||
@@ -1368,6 +1586,14 @@ configure(PyObject *mod, PyObject *args)
         offset_of(StepType, "ops", &off_st_ops) < 0 ||
         offset_of(StepType, "pushed", &off_st_pushed) < 0 ||
         offset_of(StepType, "popped", &off_st_popped) < 0 ||
+        offset_of(StepType, "index", &off_st_index) < 0 ||
+        offset_of(StepType, "prev", &off_st_prev) < 0 ||
+        offset_of(StepType, "next", &off_st_next) < 0 ||
+        offset_of(StepType, "start", &off_st_start) < 0 ||
+        offset_of(StepType, "start_time", &off_st_start_time) < 0 ||
+        offset_of(StepType, "end", &off_st_end) < 0 ||
+        offset_of(StepType, "tokens", &off_st_tokens) < 0 ||
+        offset_of(StepType, "violations", &off_st_violations) < 0 ||
         offset_of(AttribStateType, "mode", &off_at_mode) < 0 ||
         offset_of(AttribStateType, "watching", &off_at_watching) < 0)
         return NULL;
@@ -1424,6 +1650,16 @@ PyInit__speedups(void)
     INTERN(s_cdata, "_cdata");
     INTERN(s_on_op, "on_op");
     INTERN(s_hot, "_hot");
+    INTERN(s_set, "set");
+    INTERN(s_state_key, "state_key");
+    INTERN(s_emit_step_start, "_emit_step_start");
+    INTERN(s_on_step_end, "on_step_end");
+    INTERN(s_stats, "stats");
+    INTERN(s_steps, "steps");
+    INTERN(s_tokens, "tokens");
+    INTERN(s_loop_ends_steps, "_loop_ends_steps");
+    if ((s_zero = PyLong_FromLong(0)) == NULL || (s_one = PyLong_FromLong(1)) == NULL)
+        return NULL;
     if (PyModule_AddIntConstant(m, "AVAILABLE", 1) < 0)
         return NULL;
 #else
