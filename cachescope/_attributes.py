@@ -46,6 +46,7 @@ STATE_PREV = "cachescope.state.prev"        # state_ids[0] (omitted when None)
 STATE_NEXT = "cachescope.state.next"        # state_ids[1]
 TOKENS = "cachescope.tokens"                # tokens produced (step or whole generation)
 OPS = "cachescope.ops"                      # cache ops in the step
+OPS_DROPPED = "cachescope.ops_dropped"      # ops with no event: they left the timeline first
 
 # generate spans
 STEPS = "cachescope.steps"                  # decode steps in the generation

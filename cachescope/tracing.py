@@ -2,8 +2,8 @@
 each cache op as a span event on its step, violations as ERROR status plus a report event.
 
 Depends on ``opentelemetry-api`` only. Without a configured SDK (or with ``tracer_provider`` set to
-the API's no-op provider) the spans are non-recording and ``on_op`` returns after one attribute
-check. See docs/tracing.md.
+the API's no-op provider) no step spans are made. Op events are added in batches from the cache's
+timeline when their span changes (see ``_flush``). See docs/tracing.md.
 """
 
 from __future__ import annotations
@@ -64,11 +64,10 @@ class TracingSink:
 
     #: ``on_op`` reads bytes and names only, never ``rec.value.summary`` (see _hot.py).
     needs_values = False
-
-    @property
-    def wants_ops(self) -> bool:
-        """Whether ``on_op`` would record anything now (the cache skips calling it otherwise)."""
-        return self._event_span is not None
+    #: The cache never calls ``on_op``: op events are added in a batch when the span they belong
+    #: to changes (step start and end, generation start and end, a violation), from the records
+    #: in the cache's timeline, with each op's own timestamp. Same events, no Python per op.
+    wants_ops = False
 
     def __init__(self, cache: Any, tracer_provider: Any = None, op_events: bool = True) -> None:
         from . import __version__
@@ -90,6 +89,8 @@ class TracingSink:
         self._step_trace: str | None = None          # trace id (hex) of the current step span
         self._last_trace: tuple[int, str | None] = (-1, None)  # (step index, trace id) last ended
         self._gen_trace: str | None = None
+        self._flushed_seq = 0      # op records up to this seq are events already (or skipped)
+        self.ops_dropped = 0       # ops that left the timeline before their events were added
         # The current generation's span is the API's no-op one (no SDK configured): its steps
         # would be no-op spans too, so on_step_start skips making them.
         self._gen_noop = False
@@ -110,8 +111,36 @@ class TracingSink:
 
     last_trace_id = trace_id
 
+    # ------------------------------------------------------------------ op events, in batches
+    def _flush(self, cache: Any) -> None:
+        """Add the ops since the last flush as events of the span they happened under (the
+        current event span: it changes only in the sink methods, which flush first)."""
+        span = self._event_span
+        try:
+            lock, timeline, seq_now = cache._lock, cache._timeline, cache._seq
+        except AttributeError:   # not an InstrumentedCache: nothing to read
+            return
+        last = self._flushed_seq
+        self._flushed_seq = seq_now
+        if span is None or seq_now <= last:
+            return
+        with lock:
+            recs = []
+            for rec in reversed(timeline):
+                if rec.seq <= last:
+                    break
+                recs.append(rec)
+        if recs and recs[-1].seq > last + 1:   # the ring buffer wrapped within one span
+            self.ops_dropped += recs[-1].seq - last - 1
+            if span.is_recording():
+                span.set_attribute(A.OPS_DROPPED, recs[-1].seq - last - 1)
+        for rec in reversed(recs):
+            if rec.seq <= seq_now:
+                self._op_event(span, rec)
+
     # ------------------------------------------------------------------ generations
     def on_generation_start(self, cache: Any, info: dict[str, Any]) -> None:
+        self._flush(cache)
         self._end_step_span(None)
         self._end_gen_span(None)
         attrs: dict[str, Any] = {A.CACHE: self.cache_name}
@@ -138,6 +167,7 @@ class TracingSink:
             self._event_span = span if recording and self.op_events else None
 
     def on_generation_end(self, cache: Any, info: dict[str, Any]) -> None:
+        self._flush(cache)
         self._end_step_span(None)
         span = self._gen_span
         if span is None:
@@ -167,6 +197,7 @@ class TracingSink:
 
     # ------------------------------------------------------------------ steps
     def on_step_start(self, cache: Any, step: StepInfo) -> None:
+        self._flush(cache)
         self._end_step_span(None)
         if self._gen_noop and self._gen_span is not None:
             return   # no SDK: nothing would record this step
@@ -190,6 +221,7 @@ class TracingSink:
             self._step_trace = None
 
     def on_step_end(self, cache: Any, step: StepInfo) -> None:
+        self._flush(cache)
         if self._step_span is None or self._step_index != step.index:
             return
         span = self._step_span
@@ -222,9 +254,17 @@ class TracingSink:
 
     # ------------------------------------------------------------------ ops and violations
     def on_op(self, cache: Any, rec: OpRecord) -> None:
+        """One op as an event now (for callers that feed records themselves; the cache does not
+        call this, see ``wants_ops``)."""
         span = self._event_span
         if span is None:
             return
+        self._flush(cache)
+        if rec.seq > self._flushed_seq:
+            self._flushed_seq = rec.seq
+        self._op_event(span, rec)
+
+    def _op_event(self, span: Span, rec: OpRecord) -> None:
         attrs: dict[str, Any] = {A.QUEUE: rec.queue if len(rec.queue) <= A.MAX_STR_LEN
                                  else _trunc(rec.queue), A.FAMILY: rec.family, A.SEQ: rec.seq}
         if rec.owner is not None:
@@ -241,6 +281,7 @@ class TracingSink:
         span.add_event(rec.op, attrs, int(rec.time * _NS))
 
     def on_violation(self, cache: Any, v: Any) -> None:
+        self._flush(cache)   # the ops before it come first
         span = self._step_span if self._step_span is not None else self._gen_span
         if span is None or not span.is_recording():
             return

@@ -336,3 +336,43 @@ def test_generation_info_keeps_numbers_only() -> None:
     assert gen.attributes[A.GENERATION_PREFIX + "greedy"] is True
     assert not any("secret" in str(v) for v in gen.attributes.values())
     assert A.GENERATION_PREFIX + "ids" not in gen.attributes
+
+
+def test_op_events_are_added_per_step_in_op_order_with_op_times() -> None:
+    """The cache never calls on_op; each step span still gets one event per op, in op order,
+    stamped with the op's own time, and the ops between steps go to the generate span."""
+    provider, exporter = otel_memory()
+    cache = _cache(provider)
+    assert cache.tracer.wants_ops is False and not cache._hot.op_sinks
+    run_decode(cache)
+    spans = exporter.get_finished_spans()
+    recs = {r.seq: r for r in cache.timeline()}
+    steps = sorted(_by_name(spans, A.SPAN_DECODE_STEP), key=lambda s: s.attributes[A.STEP])
+    assert [e.name for e in steps[0].events] == ["push"] * LAYERS
+    for span in steps[1:]:
+        assert [e.name for e in span.events] == ["pop", "push"] * LAYERS
+    for span in steps + _by_name(spans, A.SPAN_GENERATE):
+        seqs = [e.attributes[A.SEQ] for e in span.events]
+        assert seqs == sorted(seqs)
+        for e in span.events:
+            rec = recs.get(e.attributes[A.SEQ])
+            if rec is not None:
+                assert e.timestamp == int(rec.time * 1_000_000_000) and e.name == rec.op
+    (gen,) = _by_name(spans, A.SPAN_GENERATE)
+    assert {e.name for e in gen.events} == {"set"}
+    assert cache.tracer.ops_dropped == 0
+
+
+def test_ops_that_left_the_timeline_are_counted_on_the_span() -> None:
+    """With a timeline smaller than a step's ops, the oldest ops have no event; the step span says
+    how many (cachescope.ops_dropped) and the newest still are events."""
+    provider, exporter = otel_memory()
+    cache = _cache(provider, timeline_size=3)
+    run_decode(cache)
+    steps = sorted(_by_name(exporter.get_finished_spans(), A.SPAN_DECODE_STEP),
+                   key=lambda s: s.attributes[A.STEP])
+    later = steps[1]
+    assert later.attributes[A.OPS] == 2 * LAYERS
+    assert len(later.events) == 3 and later.attributes[A.OPS_DROPPED] == 2 * LAYERS - 3
+    assert [e.name for e in later.events] == ["push", "pop", "push"]
+    assert cache.tracer.ops_dropped > 0
