@@ -95,6 +95,10 @@ class InstrumentedCache(Cache):
         self._op_sinks: tuple[tuple[Any, Callable[..., None]], ...] = ()
         self._dynamic_op_sinks: tuple[Any, ...] = ()
         self._static_op_sinks = False
+        self._dynamic_step_sinks: tuple[Any, ...] = ()
+        self._static_step_sinks = False
+        self._end_sinks = 0
+        self._dynamic_sinks = False
         self.metrics = None
         self.tracer = None
         if metrics:
@@ -198,8 +202,6 @@ class InstrumentedCache(Cache):
                                     if callable(getattr(s, ev, None))) for ev in _SINK_EVENTS}
         self._op_sinks = self._dispatch["on_op"]
         self._sync_op_sinks()
-        self._hot.step_sinks = 1 if (self._dispatch["on_step_start"] or
-                                     self._dispatch["on_step_end"]) else 0
 
     def _sync_op_sinks(self) -> None:
         """Tell the fast path whether any sink wants ``on_op`` now, and whether one needs full
@@ -207,9 +209,25 @@ class InstrumentedCache(Cache):
         sinks = [s for s, _ in self._op_sinks]
         self._dynamic_op_sinks = tuple(s for s in sinks if hasattr(s, "wants_ops"))
         self._static_op_sinks = len(sinks) > len(self._dynamic_op_sinks)
-        self._hot.op_sinks = 1 if self._static_op_sinks or any(
-            s.wants_ops for s in self._dynamic_op_sinks) else 0
         self._hot.full_measure = 1 if any(getattr(s, "needs_values", True) for s in sinks) else 0
+        starts = [s for s, _ in self._dispatch["on_step_start"]]
+        self._dynamic_step_sinks = tuple(s for s in starts if hasattr(s, "wants_steps"))
+        self._static_step_sinks = len(starts) > len(self._dynamic_step_sinks)
+        self._end_sinks = 2 if self._dispatch["on_step_end"] else 0
+        self._dynamic_sinks = bool(self._dynamic_op_sinks or self._dynamic_step_sinks)
+        self._sync_wants()
+
+    def _sync_wants(self) -> None:
+        """Re-read the sinks that want ops or step starts only sometimes (after sink events)."""
+        hot = self._hot
+        wanted = self._static_op_sinks
+        for sink in self._dynamic_op_sinks:
+            wanted = wanted or sink.wants_ops
+        hot.op_sinks = 1 if wanted else 0
+        starts = self._static_step_sinks
+        for sink in self._dynamic_step_sinks:
+            starts = starts or sink.wants_steps
+        hot.step_sinks = (1 if starts else 0) | self._end_sinks
 
     def _emit(self, event: str, *args: Any) -> None:
         for sink, fn in self._dispatch[event]:
@@ -217,12 +235,8 @@ class InstrumentedCache(Cache):
                 fn(self, *args)
             except Exception:
                 self._sink_error(sink, event)
-        dynamic = self._dynamic_op_sinks
-        if dynamic and event != "on_op":   # e.g. the tracer records ops only while a span records
-            wanted = self._static_op_sinks
-            for sink in dynamic:
-                wanted = wanted or sink.wants_ops
-            self._hot.op_sinks = 1 if wanted else 0
+        if self._dynamic_sinks and event != "on_op":   # e.g. the tracer records only while a span does
+            self._sync_wants()
 
     def _sink_error(self, sink: Any, event: str) -> None:
         name = type(sink).__name__

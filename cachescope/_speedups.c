@@ -82,7 +82,7 @@ typedef struct {
     int op_sinks;            /* some sink wants on_op now */
     int full_measure;        /* some sink needs full Measure summaries */
     int enabled;
-    int step_sinks;          /* some sink has on_step_start or on_step_end */
+    int step_sinks;          /* bit 1: some sink wants on_step_start now; bit 2: on_step_end */
     SiteEntry memo[MEMO_SIZE];
 } Hot;
 
@@ -1346,7 +1346,7 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         PyErr_WriteUnraisable(key);
     else if (h->op_sinks)
         dispatch_op(h, cache, rec);
-    if (h->step_sinks) {
+    if (h->step_sinks & 1) {
         PyObject *r = PyObject_CallMethodNoArgs(cache, s_emit_step_start);
         if (r == NULL)
             PyErr_WriteUnraisable(cache);
@@ -1414,7 +1414,7 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     Py_DECREF(stats);
     if (bad)
         PyErr_WriteUnraisable(cache);
-    if (closes && h->step_sinks) {
+    if (closes && (h->step_sinks & 2)) {
         PyObject *args[3] = {cache, s_on_step_end, step};
         PyObject *r = PyObject_Vectorcall(h->emit, args, 3, NULL);
         if (r == NULL)

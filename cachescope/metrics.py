@@ -2,8 +2,9 @@
 
 Depends on ``prometheus_client`` only. Nothing is registered at import time and nothing runs per
 cache op: one custom collector per registry builds every counter and gauge from ``cache.stats``
-when scraped; the only metric touched during decoding is the step-duration histogram, observed
-once per step through a child bound when the cache is created.
+when scraped. The step-duration histogram (a child bound when the cache is created) is observed
+at the next scrape from durations the sink keeps per step, except for steps with a recording
+trace span, which are observed at once with their trace id as the exemplar.
 
 ``REGISTRY`` is cachescope's own ``CollectorRegistry`` (the default for ``InstrumentedCache``), not
 ``prometheus_client.REGISTRY``: serve it with ``start_metrics_server(port)``, or pass
@@ -20,6 +21,7 @@ import socket
 import threading
 import time
 import weakref
+from collections import deque
 from socketserver import ThreadingMixIn
 from typing import Any, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -40,6 +42,7 @@ REGISTRY = CollectorRegistry()
 #: Buckets (seconds) of ``cachescope_decode_step_duration_seconds`` (docs/metrics.md).
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 float("inf"))
+_PENDING_STEPS = 4096   # step durations kept between scrapes before they are observed at once
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: label names cachescope's metrics use themselves (a constant label may not reuse them)
@@ -231,7 +234,8 @@ class _CacheCollector:
             self._purge()  # also drops dead caches' histogram children before they are collected
             entries = list(self._entries.values())
         for entry in sorted(entries, key=lambda e: e.name):
-            cache = entry.ref()
+            entry.sink.flush()   # step durations kept since the last scrape (this collector is
+            cache = entry.ref()  # registered before the histogram, so it runs first)
             if cache is None:
                 continue
             snap = _snapshot(cache)
@@ -340,6 +344,7 @@ class MetricsSink:
         self._violation_exemplars: dict[tuple[str, str], tuple[str, float]] = {}
         self._cache_ref = weakref.ref(cache)
         self._collector = _collector_for(self.registry, tuple(n for n, _ in const))
+        self._pending: deque[float] = deque()
         self._hist = self._collector.attach(cache, self, const)
 
     def on_step_end(self, cache: Any, step: Any) -> None:
@@ -351,7 +356,24 @@ class MetricsSink:
         if tid is not None:
             self._hist.observe(duration, {"trace_id": tid})
         else:
-            self._hist.observe(duration)
+            # Observed at the next scrape (work that can wait for a scrape happens then); the
+            # deque is bounded by folding it in when it fills.
+            pending = self._pending
+            pending.append(duration)
+            if len(pending) >= _PENDING_STEPS:
+                self.flush()
+
+    def flush(self) -> None:
+        """Observe the step durations kept since the last scrape (thread-safe: popleft only)."""
+        hist = getattr(self, "_hist", None)
+        if hist is None:   # a scrape while this sink is being attached
+            return
+        pending, observe = self._pending, hist.observe
+        try:
+            while True:
+                observe(pending.popleft())
+        except IndexError:
+            pass
 
     def on_violation(self, cache: Any, v: Any) -> None:
         tracer = cache.tracer

@@ -69,6 +69,11 @@ class TracingSink:
     #: in the cache's timeline, with each op's own timestamp. Same events, no Python per op.
     wants_ops = False
 
+    @property
+    def wants_steps(self) -> bool:
+        """Whether ``on_step_start`` would do anything (not during a generation without an SDK)."""
+        return not (self._gen_noop and self._gen_span is not None and self._step_span is None)
+
     def __init__(self, cache: Any, tracer_provider: Any = None, op_events: bool = True) -> None:
         from . import __version__
         #: record each cache op as a span event (the main cost of tracing; see docs/tracing.md).
@@ -197,10 +202,10 @@ class TracingSink:
 
     # ------------------------------------------------------------------ steps
     def on_step_start(self, cache: Any, step: StepInfo) -> None:
+        if self._gen_noop and self._gen_span is not None and self._step_span is None:
+            return   # no SDK: nothing would record this step (and no op events are pending)
         self._flush(cache)
         self._end_step_span(None)
-        if self._gen_noop and self._gen_span is not None:
-            return   # no SDK: nothing would record this step
         attrs: dict[str, Any] = {A.CACHE: self.cache_name, A.STEP: step.index}
         prev = _state_value(step.prev)
         if prev is not None:
@@ -221,6 +226,8 @@ class TracingSink:
             self._step_trace = None
 
     def on_step_end(self, cache: Any, step: StepInfo) -> None:
+        if self._step_span is None and self._event_span is None:
+            return   # nothing records (the next flush skips the ops since)
         self._flush(cache)
         if self._step_span is None or self._step_index != step.index:
             return

@@ -334,3 +334,23 @@ def test_garbage_collection_during_attach_does_not_deadlock() -> None:
     t.join(120)
     assert not t.is_alive(), "attach/scrape deadlocked while the garbage collector ran"
     assert not errors, errors
+
+
+def test_step_durations_are_observed_at_scrape_time_and_stay_bounded() -> None:
+    """Without a recording span, step durations wait in a bounded deque and a scrape observes
+    them all; every step is counted exactly once."""
+    from prometheus_client import CollectorRegistry
+
+    from cachescope import metrics as M
+
+    reg = CollectorRegistry()
+    cache = InstrumentedCache(name="deferred", registry=reg, tracing=False)
+    sink = cache.metrics
+    for i in range(M._PENDING_STEPS + 10):
+        cache.mark_step(i, i + 1)
+        cache.end_step(tokens=1)
+    assert len(sink._pending) == 10   # folded once when it filled
+    count = reg.get_sample_value("cachescope_decode_step_duration_seconds_count", {"cache": "deferred"})
+    assert count == M._PENDING_STEPS + 10 and len(sink._pending) == 0
+    assert reg.get_sample_value("cachescope_decode_step_duration_seconds_count",
+                                {"cache": "deferred"}) == count   # a second scrape adds nothing
