@@ -1229,6 +1229,62 @@ static PyTypeObject HotType = {
     .tp_getset = Hot_getset,
 };
 
+/* set(key, value) of a key that is not the state key: the seed's set, counted and recorded,
+ * when neither the old nor the new value is a queue (list). */
+static PyObject *
+plain_set(Hot *h, PyObject *const *all, Py_ssize_t nall)
+{
+    PyObject *cache = all[0], *key = all[1], *value = all[2];
+    if (PyList_CheckExact(value))
+        return slow(h->slow_set, all, nall, NULL);
+    PyObject *owner = NULL, *site = NULL;
+    int found = attribute(h, &owner, &site, 0);
+    if (found <= 0) {
+        PyErr_Clear();
+        return slow(h->slow_set, all, nall, NULL);
+    }
+    PyObject *result = NULL, *rec = NULL, *fs = NULL;
+    if (lock(h) < 0)
+        goto done;
+    PyObject *old = PyDict_GetItemWithError(h->cache, key);
+    fs = (old == NULL && PyErr_Occurred()) || (old != NULL && PyList_CheckExact(old)) ? NULL
+         : family_stats(h, cache, key, 2);
+    if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {
+        Py_CLEAR(fs);
+        unlock(h);
+        PyErr_Clear();
+        result = slow(h->slow_set, all, nall, NULL);
+        goto done;
+    }
+    if (PyDict_SetItem(h->cache, key, value) < 0) {   /* the seed's set */
+        unlock(h);
+        goto done;
+    }
+    int bad = slot_add(fs, off_fs_set, 1) < 0;
+    h->seq += 1;
+    rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
+                                   Py_None);
+    if (rec == NULL || call1(h->timeline_append, rec) < 0)
+        bad = 1;
+    if (!bad) {
+        PyObject *step = h->step;
+        if (step != Py_None && PyObject_TypeCheck(step, StepType))
+            bad = slot_add(step, off_st_ops, 1) < 0;
+    }
+    unlock(h);
+    if (bad)
+        PyErr_WriteUnraisable(key);
+    else if (h->op_sinks)
+        dispatch_op(h, cache, rec);
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(rec);
+    Py_XDECREF(fs);
+    Py_DECREF(owner);
+    Py_DECREF(site);
+    return result;
+}
+
 /* set(key, value): the fast path takes only the decode loop's step boundary in its usual
  * form: set(state_key, (prev, next)) after end_step() closed the previous step, with new state
  * ids and every queue the previous step popped drained (no violation is possible). */
@@ -1236,8 +1292,7 @@ static PyObject *
 Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
     PyObject *cache = all[0];
-    if (!h->enabled || nall != 3 || kwnames != NULL || !PyUnicode_CheckExact(all[1]) ||
-        !PyTuple_CheckExact(all[2]) || PyTuple_GET_SIZE(all[2]) != 2)
+    if (!h->enabled || nall != 3 || kwnames != NULL || !PyUnicode_CheckExact(all[1]))
         return slow(h->slow_set, all, nall, kwnames);
     PyObject *key = all[1], *pair = all[2];
     PyObject *state_key = PyObject_GetAttr(cache, s_state_key);
@@ -1246,6 +1301,8 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     int is_state = PyUnicode_CheckExact(state_key) && PyUnicode_Compare(key, state_key) == 0;
     Py_DECREF(state_key);
     if (!is_state)
+        return plain_set(h, all, nall);
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2)
         return slow(h->slow_set, all, nall, kwnames);
     /* the previous step: closed, other state ids, its popped queues drained */
     PyObject *cur = h->step;
@@ -1323,6 +1380,8 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
                                    Py_None);
     if (rec == NULL || call1(h->timeline_append, rec) < 0)
         bad = 1;
+    if (!bad && cur != Py_None)   /* the set is the closing step's last op, as in _record */
+        bad = slot_add(cur, off_st_ops, 1) < 0;
     h->step_index += 1;
     SLOT(step, off_st_index) = PyLong_FromLongLong(h->step_index);
     SLOT(step, off_st_prev) = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
