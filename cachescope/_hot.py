@@ -35,7 +35,7 @@ class PyHot:
     """The pure-Python stand-in for ``_speedups.Hot``: the same attributes, no fast path."""
 
     __slots__ = ("cache_dict", "seq", "step", "step_index", "step_pops", "op_sinks", "step_sinks",
-                 "full_measure", "enabled")
+                 "full_measure", "enabled", "durations")
 
     def __init__(self, cache_dict: dict[Any, Any] | None = None) -> None:
         self.cache_dict: dict[Any, Any] = {} if cache_dict is None else cache_dict
@@ -47,6 +47,7 @@ class PyHot:
         self.step_sinks = 0
         self.full_measure = 1
         self.enabled = 0
+        self.durations: Any = None   # the C path appends step durations here (unused in Python)
 
     def lookup(self, skip: int) -> None:
         """No fast attribution: the caller asks the ``Attributor``."""
@@ -66,6 +67,8 @@ def _configure() -> None:
         from ._values import Measure
         _speedups.configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure,
                             torch.Tensor, torch.nn.Module)
+        from ._layout import enable
+        enable(_speedups)   # the raw tensor size reader, when its probe is certain
         _configured = True
 
 

@@ -97,7 +97,8 @@ class InstrumentedCache(Cache):
         self._static_op_sinks = False
         self._dynamic_step_sinks: tuple[Any, ...] = ()
         self._static_step_sinks = False
-        self._end_sinks = 0
+        self._dynamic_end_sinks: tuple[Any, ...] = ()
+        self._static_end_sinks = False
         self._dynamic_sinks = False
         self.metrics = None
         self.tracer = None
@@ -213,12 +214,23 @@ class InstrumentedCache(Cache):
         starts = [s for s, _ in self._dispatch["on_step_start"]]
         self._dynamic_step_sinks = tuple(s for s in starts if hasattr(s, "wants_steps"))
         self._static_step_sinks = len(starts) > len(self._dynamic_step_sinks)
-        self._end_sinks = 2 if self._dispatch["on_step_end"] else 0
-        self._dynamic_sinks = bool(self._dynamic_op_sinks or self._dynamic_step_sinks)
+        # A sink with a ``step_durations`` deque (the metrics sink) gets the durations of the
+        # steps the fast path closes appended there, without an ``on_step_end`` call, unless
+        # another sink wants that call now (then every sink gets it, as in the Python path).
+        ends = [s for s, _ in self._dispatch["on_step_end"]]
+        fed = [s for s in ends if getattr(s, "step_durations", None) is not None]
+        feed = fed[0] if len(fed) == 1 else None
+        self._hot.durations = feed.step_durations if feed is not None else None
+        rest = [s for s in ends if s is not feed]
+        self._dynamic_end_sinks = tuple(s for s in rest if hasattr(s, "wants_step_ends"))
+        self._static_end_sinks = len(rest) > len(self._dynamic_end_sinks)
+        self._dynamic_sinks = bool(self._dynamic_op_sinks or self._dynamic_step_sinks
+                                   or self._dynamic_end_sinks)
         self._sync_wants()
 
     def _sync_wants(self) -> None:
-        """Re-read the sinks that want ops or step starts only sometimes (after sink events)."""
+        """Re-read the sinks that want ops, step starts or step ends only sometimes (after sink
+        events)."""
         hot = self._hot
         wanted = self._static_op_sinks
         for sink in self._dynamic_op_sinks:
@@ -227,7 +239,10 @@ class InstrumentedCache(Cache):
         starts = self._static_step_sinks
         for sink in self._dynamic_step_sinks:
             starts = starts or sink.wants_steps
-        hot.step_sinks = (1 if starts else 0) | self._end_sinks
+        ends = self._static_end_sinks
+        for sink in self._dynamic_end_sinks:
+            ends = ends or sink.wants_step_ends
+        hot.step_sinks = (1 if starts else 0) | (2 if ends else 0)
 
     def _emit(self, event: str, *args: Any) -> None:
         for sink, fn in self._dispatch[event]:

@@ -34,7 +34,8 @@
 #define MEMO_SIZE 1024      /* call sites remembered (direct-mapped) */
 #define STEP_MEMORY 4096    /* as _STEP_MEMORY in _instrumented.py */
 #define MAX_FRAMES 6        /* as _MAX_FRAMES in _owners.py */
-#define CODE_MEMO_SIZE 512  /* code objects remembered by code_kind (direct-mapped) */
+#define CODE_MEMO_SIZE 512
+#define DURATIONS_LIMIT 4096  /* as _PENDING_STEPS in metrics.py */  /* code objects remembered by code_kind (direct-mapped) */
 
 typedef struct {
     PyCodeObject *code;     /* strong reference: the pointer cannot be reused while cached */
@@ -77,6 +78,7 @@ typedef struct {
     PyObject *slow_push, *slow_pop, *slow_get, *slow_set, *slow_end_step, *fstats, *emit, *measure, *short_path;
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
+    PyObject *durations;     /* a sink's deque of step durations (metrics), or None */
     long long seq;
     long long step_index;
     int op_sinks;            /* some sink wants on_op now */
@@ -592,6 +594,120 @@ storage_of(PyObject *t)
     return pair;
 }
 
+/* ------------------------------------------------------------------ raw tensor sizes
+ *
+ * Reading `t.nbytes` and `t.untyped_storage()` through torch's Python bindings costs eight calls
+ * per (k, v) push, and inside a decode step (the model's matmuls have just evicted the CPU caches)
+ * they are the largest part of the fast path's cost. cachescope/_layout.py finds, once per process,
+ * where a plain tensor keeps its TensorImpl, storage, element count and dtype, and where a storage
+ * keeps its byte size; it checks the reader below against the Python API on a battery of tensors
+ * before enabling it (set_tensor_layout). Every read is guarded: the tensor's exact type is
+ * torch.Tensor, its TensorImpl and StorageImpl are of the plain classes probed (their vtables),
+ * the dtype is one probed, and the values are in range; anything else, or no layout, goes to the
+ * Python API. Nothing here reads tensor data. */
+static int raw_ok = 0;
+static Py_ssize_t raw_off_impl, raw_off_storage, raw_off_numel, raw_off_dtype, raw_off_snbytes;
+static void *raw_impl_vt, *raw_storage_vt;
+static unsigned char raw_itemsize[256];   /* dtype index -> element size; 0: not probed */
+
+/* 1: *nbytes (logical), *skey (StorageImpl address) and *snbytes read; 0: use the Python API. */
+static int
+raw_tensor(PyObject *t, long long *nbytes, void **skey, long long *snbytes)
+{
+    if (!raw_ok || Py_TYPE(t) != TensorType)
+        return 0;
+    char *impl = *(char **)((char *)t + raw_off_impl);
+    if (impl == NULL || *(void **)impl != raw_impl_vt)
+        return 0;
+    char *st = *(char **)(impl + raw_off_storage);
+    if (st == NULL || *(void **)st != raw_storage_vt)
+        return 0;
+    long long numel = *(long long *)(impl + raw_off_numel);
+    unsigned short dt = *(unsigned short *)(impl + raw_off_dtype);
+    long long sn = *(long long *)(st + raw_off_snbytes);
+    if (dt >= 256 || raw_itemsize[dt] == 0 || numel < 0 || numel > (1LL << 56) ||
+        sn < 0 || sn > (1LL << 60))
+        return 0;
+    *nbytes = numel * raw_itemsize[dt];
+    *skey = st;
+    *snbytes = sn;
+    return 1;
+}
+
+/* set_tensor_layout(off_impl, off_storage, off_numel, off_dtype, off_snbytes, impl_vtable,
+ * storage_vtable, itemsizes: bytes of 256) enables the reader; set_tensor_layout(None) disables it. */
+static PyObject *
+set_tensor_layout(PyObject *mod, PyObject *args)
+{
+    if (PyTuple_GET_SIZE(args) == 1 && PyTuple_GET_ITEM(args, 0) == Py_None) {
+        raw_ok = 0;
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t a, b, c, d, e;
+    unsigned long long ivt, svt;
+    const char *sizes;
+    Py_ssize_t nsizes;
+    if (!PyArg_ParseTuple(args, "nnnnnKKy#", &a, &b, &c, &d, &e, &ivt, &svt, &sizes, &nsizes))
+        return NULL;
+    if (nsizes != 256 || a < (Py_ssize_t)sizeof(PyObject) || b < 8 || c < 8 || d < 8 || e < 8 ||
+        !ivt || !svt) {
+        PyErr_SetString(PyExc_ValueError, "set_tensor_layout: bad layout");
+        return NULL;
+    }
+    raw_ok = 0;
+    raw_off_impl = a; raw_off_storage = b; raw_off_numel = c; raw_off_dtype = d; raw_off_snbytes = e;
+    raw_impl_vt = (void *)(uintptr_t)ivt;
+    raw_storage_vt = (void *)(uintptr_t)svt;
+    memcpy(raw_itemsize, sizes, 256);
+    raw_ok = configured && TensorType != NULL;
+    return PyBool_FromLong(raw_ok);
+}
+
+/* raw_sizes(t) -> (nbytes, storage key, storage nbytes) from the reader, or None (for tests). */
+static PyObject *
+raw_sizes(PyObject *mod, PyObject *t)
+{
+    long long n, sn;
+    void *key;
+    if (!raw_tensor(t, &n, &key, &sn))
+        Py_RETURN_NONE;
+    return Py_BuildValue("(LNL)", n, PyLong_FromVoidPtr(key), sn);
+}
+
+/* The Measure of a (Tensor, Tensor) pair from the reader; NULL (no error) when it cannot. */
+static PyObject *
+measure_kv_raw(PyObject *a, PyObject *b)
+{
+    long long na, nb, sna, snb;
+    void *ka, *kb;
+    if (!raw_tensor(a, &na, &ka, &sna) || !raw_tensor(b, &nb, &kb, &snb))
+        return NULL;
+    PyObject *logical = PyLong_FromLongLong(na + nb);
+    PyObject *sa = Py_BuildValue("(NL)", PyLong_FromVoidPtr(ka), sna);
+    PyObject *sb = ka == kb ? NULL : Py_BuildValue("(NL)", PyLong_FromVoidPtr(kb), snb);
+    PyObject *storages = NULL, *m = NULL;
+    if (logical == NULL || sa == NULL || (ka != kb && sb == NULL))
+        goto fail;
+    storages = ka == kb ? PyTuple_Pack(1, sa) : PyTuple_Pack(2, sa, sb);
+    if (storages == NULL || (m = new_tuple_of(MeasureType, 5)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(m, 0, logical);
+    PyTuple_SET_ITEM(m, 1, storages);
+    PyTuple_SET_ITEM(m, 2, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(m, 3, Py_NewRef(s_tuple2));
+    PyTuple_SET_ITEM(m, 4, Py_NewRef(Py_False));
+    Py_DECREF(sa);
+    Py_XDECREF(sb);
+    return m;
+fail:
+    PyErr_Clear();
+    Py_XDECREF(logical);
+    Py_XDECREF(sa);
+    Py_XDECREF(sb);
+    Py_XDECREF(storages);
+    return NULL;
+}
+
 /* Measure of a (Tensor, Tensor) tuple without shapes (summary None: reports that need them
  * re-measure the value they hold). NULL with no error set: not that shape, use measure(). */
 static PyObject *
@@ -602,6 +718,9 @@ measure_kv(PyObject *value)
     PyObject *a = PyTuple_GET_ITEM(value, 0), *b = PyTuple_GET_ITEM(value, 1);
     if (Py_TYPE(a) != TensorType || Py_TYPE(b) != TensorType)
         return NULL;
+    PyObject *raw = measure_kv_raw(a, b);
+    if (raw != NULL)
+        return raw;
     PyObject *na = PyObject_GetAttr(a, s_nbytes);
     PyObject *nb = na ? PyObject_GetAttr(b, s_nbytes) : NULL;
     PyObject *sa = nb ? storage_of(a) : NULL;
@@ -1033,6 +1152,7 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->short_path);
     Py_VISIT(h->step);
     Py_VISIT(h->step_pops);
+    Py_VISIT(h->durations);
     return 0;
 }
 
@@ -1061,6 +1181,7 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->short_path);
     Py_CLEAR(h->step);
     Py_CLEAR(h->step_pops);
+    Py_CLEAR(h->durations);
     for (int i = 0; i < MEMO_SIZE; i++) {
         Py_CLEAR(h->memo[i].code);
         Py_CLEAR(h->memo[i].site);
@@ -1182,6 +1303,7 @@ static PyMemberDef Hot_members[] = {
     {"full_measure", T_INT, offsetof(Hot, full_measure), 0, NULL},
     {"enabled", T_INT, offsetof(Hot, enabled), 0, NULL},
     {"step_sinks", T_INT, offsetof(Hot, step_sinks), 0, NULL},
+    {"durations", T_OBJECT, offsetof(Hot, durations), 0, NULL},
     {NULL}
 };
 
@@ -1473,7 +1595,22 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     Py_DECREF(stats);
     if (bad)
         PyErr_WriteUnraisable(cache);
-    if (closes && (h->step_sinks & 2)) {
+    int dispatch = closes && (h->step_sinks & 2);
+    if (closes && !dispatch && !bad && h->durations != NULL && h->durations != Py_None) {
+        /* the metrics sink's pending durations, as MetricsSink.on_step_end appends them */
+        Py_ssize_t n = PyObject_Length(h->durations);
+        PyObject *d = n >= 0 && n + 1 < DURATIONS_LIMIT ?
+            PyFloat_FromDouble(PyFloat_AsDouble(SLOT(step, off_st_end)) -
+                               PyFloat_AsDouble(SLOT(step, off_st_start))) : NULL;
+        PyObject *r = d ? PyObject_CallMethodOneArg(h->durations, s_append, d) : NULL;
+        Py_XDECREF(d);
+        if (r == NULL) {   /* full (or odd): on_step_end folds the deque into the histogram */
+            PyErr_Clear();
+            dispatch = 1;
+        }
+        Py_XDECREF(r);
+    }
+    if (dispatch) {
         PyObject *args[3] = {cache, s_on_step_end, step};
         PyObject *r = PyObject_Vectorcall(h->emit, args, 3, NULL);
         if (r == NULL)
@@ -1670,6 +1807,9 @@ configure(PyObject *mod, PyObject *args)
 static PyMethodDef module_methods[] = {
 #if CS_ACCEL
     {"configure", configure, METH_VARARGS, "Bind the Python classes the fast path updates."},
+    {"set_tensor_layout", set_tensor_layout, METH_VARARGS,
+     "Enable (or, with None, disable) the raw tensor size reader; see cachescope/_layout.py."},
+    {"raw_sizes", raw_sizes, METH_O, "(nbytes, storage key, storage nbytes) of a tensor, or None."},
 #endif
     {NULL}
 };

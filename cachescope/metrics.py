@@ -345,6 +345,10 @@ class MetricsSink:
         self._cache_ref = weakref.ref(cache)
         self._collector = _collector_for(self.registry, tuple(n for n, _ in const))
         self._pending: deque[float] = deque()
+        #: The cache's C fast path appends the durations of the steps it closes here itself
+        #: (up to ``_PENDING_STEPS``, then it calls ``on_step_end``), so a decode step runs no
+        #: Python for metrics; ``on_step_end`` still runs whenever another sink wants step ends.
+        self.step_durations = self._pending
         self._hist = self._collector.attach(cache, self, const)
 
     def on_step_end(self, cache: Any, step: Any) -> None:

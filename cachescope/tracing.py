@@ -74,6 +74,11 @@ class TracingSink:
         """Whether ``on_step_start`` would do anything (not during a generation without an SDK)."""
         return not (self._gen_noop and self._gen_span is not None and self._step_span is None)
 
+    @property
+    def wants_step_ends(self) -> bool:
+        """Whether ``on_step_end`` would do anything (a step or op-event span is open)."""
+        return self._step_span is not None or self._event_span is not None
+
     def __init__(self, cache: Any, tracer_provider: Any = None, op_events: bool = True) -> None:
         from . import __version__
         #: record each cache op as a span event (the main cost of tracing; see docs/tracing.md).
