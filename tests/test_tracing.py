@@ -80,9 +80,12 @@ def test_op_events_with_attributes() -> None:
     assert push.attributes[A.QUEUE] == f"attn_kv_{i}" and push.attributes[A.FAMILY] == "attn_kv"
     assert pop.attributes[A.QUEUE] == f"attn_kv_{i - 1}"
     assert push.attributes[A.DEPTH] == 1 and pop.attributes[A.DEPTH] == LAYERS - 1
-    assert push.attributes[A.BYTES_LOGICAL] > 0 and push.attributes[A.BYTES_STORAGE] > 0
+    # storage bytes only where they differ from logical: the prompt step's v is a view of qkv
+    assert push.attributes[A.BYTES_LOGICAL] > 0 and A.BYTES_STORAGE not in push.attributes
+    prompt_push = steps[0].events[0]
+    assert prompt_push.attributes[A.BYTES_STORAGE] > prompt_push.attributes[A.BYTES_LOGICAL] > 0
     assert "attention" in push.attributes[A.OWNER].lower()
-    assert pop.attributes[A.PRODUCER] == pop.attributes[A.OWNER]
+    assert A.PRODUCER not in pop.attributes   # the producer is the owner: said once
     assert A.VIOLATION_KIND not in pop.attributes
     # only plain values: no tensors, no token ids
     for s in steps:
@@ -116,6 +119,9 @@ def test_violation_sets_error_status_and_report_event() -> None:
     assert step.attributes[A.VIOLATION_COUNT] == len(cache.violations)
     flagged = [e for e in step.events if e.name == "pop" and A.VIOLATION_KIND in e.attributes]
     assert flagged and flagged[0].attributes[A.VIOLATION_KIND] == "owner_mismatch"
+    v = cache.violations[0]
+    assert flagged[0].attributes[A.OWNER] == v.consumer
+    assert flagged[0].attributes[A.PRODUCER] == v.producer != v.consumer
     # the generation itself did not raise
     (gen,) = _by_name(spans, "generate")
     assert gen.status.status_code is StatusCode.UNSET
