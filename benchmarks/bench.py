@@ -152,8 +152,19 @@ def machine() -> dict[str, Any]:
         "speedups_env_disabled": bool(getattr(hotpath, "_disabled_by_env", lambda: False)()),
         "speedups_active": bool(getattr(InstrumentedCache(metrics=False, tracing=False),
                                         "speedups_active", False)),
+        "raw_sizes": _raw_sizes_on(),
         "loadavg_start": _loadavg(),
     }
+
+
+def _raw_sizes_on() -> bool:
+    """Whether the C path's raw tensor size reader is on (cachescope/_layout.py)."""
+    try:
+        import torch as _t
+        from cachescope import _speedups
+        return _speedups.raw_sizes(_t.ones(1)) is not None
+    except Exception:
+        return False
 
 
 def _loadavg() -> str:
@@ -1360,8 +1371,12 @@ def speedups_line(m: dict[str, Any]) -> str:
     if m.get("speedups_env_disabled") or not m.get("speedups_active", True):
         return ("built (`cachescope._hot.AVAILABLE` is True) but disabled "
                 "(`CACHESCOPE_PURE_PYTHON`): every mode runs the pure-Python path")
+    raw = m.get("raw_sizes")
+    reader = ("" if raw is None else
+              "; raw tensor size reader (`cachescope/_layout.py`) " + ("on" if raw else "off"))
     return ("built and active (`cachescope._hot.AVAILABLE` is True): push/pop/get of `core`, "
-            "`default` and the tracing modes run in C; `default-py` is the pure-Python path")
+            "`default` and the tracing modes run in C; `default-py` is the pure-Python path"
+            + reader)
 
 
 def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
