@@ -1,7 +1,8 @@
 """Per-family counters the exporters read: ops, depth, bytes held, queue counts, violations.
 
-Plain Python ints updated under the cache's lock; the Prometheus collector reads them at scrape
-time, so no metric object is touched per op.
+Integers updated under the cache's lock (C fields of ``_speedups.FamilyCounters`` when the
+extension is built, so the fast path counts without allocating); the Prometheus collector reads
+them at scrape time, so no metric object is touched per op.
 """
 
 from __future__ import annotations
@@ -13,12 +14,22 @@ from ._records import OPS
 __all__ = ["FamilyStats", "Stats"]
 
 
-class FamilyStats:
+_COUNTERS = ("push", "pop", "set", "get", "clear", "clear_all", "depth", "peak_depth", "logical",
+             "storage", "peak_logical", "peak_storage", "live", "empty")
+
+try:   # with the C extension the counters are C integers, which the fast path updates in place
+    from ._speedups import FamilyCounters as _Counters
+except ImportError:
+    class _Counters:  # type: ignore[no-redef]
+        __slots__ = _COUNTERS
+
+
+class FamilyStats(_Counters):
     """Everything counted for one queue family (``attn_kv``)."""
 
-    __slots__ = ("family", "push", "pop", "set", "get", "clear", "clear_all", "depth", "peak_depth",
-                 "logical", "storage", "peak_logical", "peak_storage", "live", "empty",
-                 "violations", "_storages")
+    __slots__ = ("family", "violations", "_storages")
+    #: Every public field (the counters live in the C base when the extension is built).
+    FIELDS = ("family",) + _COUNTERS + ("violations",)
 
     def __init__(self, family: str) -> None:
         self.family = family

@@ -46,9 +46,7 @@ typedef struct {
 } SiteEntry;
 
 /* Offsets of __slots__ members, read once from the classes' member descriptors. */
-static Py_ssize_t off_fs_set, off_fs_family, off_fs_push, off_fs_pop, off_fs_get, off_fs_depth,
-    off_fs_peak_depth, off_fs_logical, off_fs_storage, off_fs_peak_logical, off_fs_peak_storage,
-    off_fs_live, off_fs_empty, off_fs_storages;
+static Py_ssize_t off_fs_family, off_fs_storages;
 static Py_ssize_t off_q_items, off_q_pops;
 static Py_ssize_t off_st_ops, off_st_pushed, off_st_popped, off_st_index, off_st_prev, off_st_next,
     off_st_start, off_st_start_time, off_st_end, off_st_tokens, off_st_violations;
@@ -227,6 +225,38 @@ static PyTypeObject RLockType = {
     .tp_methods = RLock_methods,
 };
 
+/* ------------------------------------------------------------------ family counters */
+
+/* The numeric fields of FamilyStats (cachescope/_accounting.py subclasses this type when the
+ * extension is built): plain C integers, so counting an op allocates nothing. Python reads and
+ * writes them as int attributes (T_LONGLONG members). */
+typedef struct {
+    PyObject_HEAD
+    long long push, pop, set, get, clear, clear_all, depth, peak_depth, logical, storage,
+        peak_logical, peak_storage, live, empty;
+} FamilyCounters;
+
+#define FC(obj) ((FamilyCounters *)(obj))
+
+static PyMemberDef FamilyCounters_members[] = {
+#define FCM(name) {#name, T_LONGLONG, offsetof(FamilyCounters, name), 0, NULL}
+    FCM(push), FCM(pop), FCM(set), FCM(get), FCM(clear), FCM(clear_all), FCM(depth),
+    FCM(peak_depth), FCM(logical), FCM(storage), FCM(peak_logical), FCM(peak_storage), FCM(live),
+    FCM(empty),
+#undef FCM
+    {NULL}
+};
+
+static PyTypeObject FamilyCountersType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.FamilyCounters",
+    .tp_basicsize = sizeof(FamilyCounters),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "The numeric fields of FamilyStats, as C integers.",
+    .tp_new = PyType_GenericNew,
+    .tp_members = FamilyCounters_members,
+};
+
 /* ------------------------------------------------------------------ small helpers */
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
@@ -257,18 +287,6 @@ slot_get(PyObject *obj, Py_ssize_t off)
     if (v == NULL || !PyLong_CheckExact(v))
         return 0;
     return PyLong_AsLongLong(v);
-}
-
-static int
-slot_set(PyObject *obj, Py_ssize_t off, long long value)
-{
-    PyObject *nv = PyLong_FromLongLong(value);
-    if (nv == NULL)
-        return -1;
-    PyObject *old = SLOT(obj, off);
-    SLOT(obj, off) = nv;
-    Py_XDECREF(old);
-    return 0;
 }
 
 /* time.time() and time.perf_counter(), computed the way CPython computes them */
@@ -490,16 +508,15 @@ attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
 static int
 hold(PyObject *fs, PyObject *logical, PyObject *storages)
 {
-    if (slot_add(fs, off_fs_depth, 1) < 0)
+    FamilyCounters *c = FC(fs);
+    long long lg = PyLong_AsLongLong(logical);
+    if (lg == -1 && PyErr_Occurred())
         return -1;
-    if (slot_get(fs, off_fs_depth) > slot_get(fs, off_fs_peak_depth) &&
-        slot_set(fs, off_fs_peak_depth, slot_get(fs, off_fs_depth)) < 0)
-        return -1;
-    if (slot_add(fs, off_fs_logical, PyLong_AsLongLong(logical)) < 0)
-        return -1;
-    if (slot_get(fs, off_fs_logical) > slot_get(fs, off_fs_peak_logical) &&
-        slot_set(fs, off_fs_peak_logical, slot_get(fs, off_fs_logical)) < 0)
-        return -1;
+    if (++c->depth > c->peak_depth)
+        c->peak_depth = c->depth;
+    c->logical += lg;
+    if (c->logical > c->peak_logical)
+        c->peak_logical = c->logical;
     PyObject *held = SLOT(fs, off_fs_storages);
     if (held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages))
         return -1;
@@ -520,8 +537,9 @@ hold(PyObject *fs, PyObject *logical, PyObject *storages)
             PyList_SET_ITEM(lst, 1, Py_NewRef(nbytes));
             int r = PyDict_SetItem(held, key, lst);
             Py_DECREF(lst);
-            if (r < 0 || slot_add(fs, off_fs_storage, PyLong_AsLongLong(nbytes)) < 0)
+            if (r < 0)
                 return -1;
+            c->storage += PyLong_AsLongLong(nbytes);
         }
         else {
             PyObject *rc = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) + 1);
@@ -529,18 +547,19 @@ hold(PyObject *fs, PyObject *logical, PyObject *storages)
                 return -1;
         }
     }
-    if (slot_get(fs, off_fs_storage) > slot_get(fs, off_fs_peak_storage) &&
-        slot_set(fs, off_fs_peak_storage, slot_get(fs, off_fs_storage)) < 0)
-        return -1;
+    if (c->storage > c->peak_storage)
+        c->peak_storage = c->storage;
     return 0;
 }
 
 static int
 release(PyObject *fs, PyObject *logical, PyObject *storages)
 {
-    if (slot_add(fs, off_fs_depth, -1) < 0 ||
-        slot_add(fs, off_fs_logical, -PyLong_AsLongLong(logical)) < 0)
+    long long lg = PyLong_AsLongLong(logical);
+    if (lg == -1 && PyErr_Occurred())
         return -1;
+    FC(fs)->depth -= 1;
+    FC(fs)->logical -= lg;
     PyObject *held = SLOT(fs, off_fs_storages);
     if (held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages))
         return -1;
@@ -555,8 +574,9 @@ release(PyObject *fs, PyObject *logical, PyObject *storages)
         long long rc = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) - 1;
         if (rc <= 0) {
             long long nbytes = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
-            if (PyDict_DelItem(held, key) < 0 || slot_add(fs, off_fs_storage, -nbytes) < 0)
+            if (PyDict_DelItem(held, key) < 0)
                 return -1;
+            FC(fs)->storage -= nbytes;
         }
         else {
             PyObject *v = PyLong_FromLongLong(rc);
@@ -937,13 +957,12 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     }
     /* the seed's push is done: from here on a failure is reported, never raised */
     Py_ssize_t depth = PyList_GET_SIZE(queue);
-    int bad = slot_add(fs, off_fs_push, 1) < 0;
-    if (!bad && depth == 1) {
-        if (existed) {
-            long long empty = slot_get(fs, off_fs_empty) - 1;
-            bad = slot_set(fs, off_fs_empty, empty > 0 ? empty : 0) < 0;
-        }
-        bad = bad || slot_add(fs, off_fs_live, 1) < 0;
+    int bad = 0;
+    FC(fs)->push += 1;
+    if (depth == 1) {
+        if (existed && --FC(fs)->empty < 0)
+            FC(fs)->empty = 0;
+        FC(fs)->live += 1;
     }
     h->seq += 1;
     rec = bad ? NULL : make_record(h, s_push, name, fs, owner, site, depth, logical, storage, m,
@@ -1048,10 +1067,12 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     }
     result = value;
     Py_ssize_t depth = PyList_GET_SIZE(queue);
-    int bad = slot_add(fs, off_fs_pop, 1) < 0;
-    if (!bad && depth == 0) {
-        long long live = slot_get(fs, off_fs_live) - 1;
-        bad = slot_set(fs, off_fs_live, live > 0 ? live : 0) < 0 || slot_add(fs, off_fs_empty, 1) < 0;
+    int bad = 0;
+    FC(fs)->pop += 1;
+    if (depth == 0) {
+        if (--FC(fs)->live < 0)
+            FC(fs)->live = 0;
+        FC(fs)->empty += 1;
     }
     bad = bad || PyList_SetSlice(items, 0, 1, NULL) < 0 || slot_add(q, off_q_pops, 1) < 0;
     if (!bad && PyList_GET_SIZE(items) == 0)
@@ -1112,8 +1133,7 @@ Hot_get(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         Py_DECREF(fs);
         return NULL;
     }
-    if (slot_add(fs, off_fs_get, 1) < 0)
-        PyErr_WriteUnraisable(args[0]);
+    FC(fs)->get += 1;
     unlock(h);
     Py_DECREF(fs);
     PyObject *v = PyDict_GetItemWithError(h->cache, args[0]);
@@ -1382,7 +1402,8 @@ plain_set(Hot *h, PyObject *const *all, Py_ssize_t nall)
         unlock(h);
         goto done;
     }
-    int bad = slot_add(fs, off_fs_set, 1) < 0;
+    int bad = 0;
+    FC(fs)->set += 1;
     h->seq += 1;
     rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
                                    Py_None);
@@ -1496,7 +1517,8 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         goto done;
     }
     /* the seed's set is done: from here on a failure is reported, never raised */
-    int bad = slot_add(fs, off_fs_set, 1) < 0;
+    int bad = 0;
+    FC(fs)->set += 1;
     h->seq += 1;
     rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
                                    Py_None);
@@ -1754,6 +1776,10 @@ configure(PyObject *mod, PyObject *args)
                           &PyType_Type, &st, &PyType_Type, &at, &PyType_Type, &rec,
                           &PyType_Type, &meas, &PyType_Type, &tensor, &PyType_Type, &module))
         return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)fs, &FamilyCountersType)) {
+        PyErr_SetString(PyExc_TypeError, "FamilyStats must subclass _speedups.FamilyCounters");
+        return NULL;
+    }
     if (!PyType_IsSubtype((PyTypeObject *)rec, &PyTuple_Type) ||
         !PyType_IsSubtype((PyTypeObject *)meas, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "OpRecord and Measure must be tuples");
@@ -1764,18 +1790,6 @@ configure(PyObject *mod, PyObject *args)
     StepType = (PyTypeObject *)st;
     AttribStateType = (PyTypeObject *)at;
     if (offset_of(FamilyStatsType, "family", &off_fs_family) < 0 ||
-        offset_of(FamilyStatsType, "push", &off_fs_push) < 0 ||
-        offset_of(FamilyStatsType, "pop", &off_fs_pop) < 0 ||
-        offset_of(FamilyStatsType, "get", &off_fs_get) < 0 ||
-        offset_of(FamilyStatsType, "set", &off_fs_set) < 0 ||
-        offset_of(FamilyStatsType, "depth", &off_fs_depth) < 0 ||
-        offset_of(FamilyStatsType, "peak_depth", &off_fs_peak_depth) < 0 ||
-        offset_of(FamilyStatsType, "logical", &off_fs_logical) < 0 ||
-        offset_of(FamilyStatsType, "storage", &off_fs_storage) < 0 ||
-        offset_of(FamilyStatsType, "peak_logical", &off_fs_peak_logical) < 0 ||
-        offset_of(FamilyStatsType, "peak_storage", &off_fs_peak_storage) < 0 ||
-        offset_of(FamilyStatsType, "live", &off_fs_live) < 0 ||
-        offset_of(FamilyStatsType, "empty", &off_fs_empty) < 0 ||
         offset_of(FamilyStatsType, "_storages", &off_fs_storages) < 0 ||
         offset_of(QueueType, "items", &off_q_items) < 0 ||
         offset_of(QueueType, "pops", &off_q_pops) < 0 ||
@@ -1827,7 +1841,10 @@ PyInit__speedups(void)
         return NULL;
 #if CS_ACCEL
     if (PyType_Ready(&HotType) < 0 || PyType_Ready(&RLockType) < 0 ||
-        PyType_Ready(&FastOpType) < 0)
+        PyType_Ready(&FastOpType) < 0 || PyType_Ready(&FamilyCountersType) < 0)
+        return NULL;
+    Py_INCREF(&FamilyCountersType);
+    if (PyModule_AddObject(m, "FamilyCounters", (PyObject *)&FamilyCountersType) < 0)
         return NULL;
     Py_INCREF(&FastOpType);
     if (PyModule_AddObject(m, "FastOp", (PyObject *)&FastOpType) < 0)

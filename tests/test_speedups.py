@@ -162,7 +162,7 @@ def norm_error(exc: BaseException | None) -> Any:
 def stats_view(cache: InstrumentedCache) -> dict[str, Any]:
     fams = {}
     for fam, fs in cache.stats.families.items():
-        d = {slot: getattr(fs, slot) for slot in FamilyStats.__slots__ if slot != "_storages"}
+        d = {field: getattr(fs, field) for field in FamilyStats.FIELDS}
         d["violations"] = dict(fs.violations)
         d["_storages"] = sorted(tuple(entry) for entry in fs._storages.values())
         fams[fam] = d
