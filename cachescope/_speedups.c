@@ -35,6 +35,7 @@
 #define STEP_MEMORY 4096    /* as _STEP_MEMORY in _instrumented.py */
 #define MAX_FRAMES 6        /* as _MAX_FRAMES in _owners.py */
 #define CODE_MEMO_SIZE 512
+#define LABEL_MEMO_SIZE 64  /* modules remembered by labelled() (direct-mapped) */
 #define DURATIONS_LIMIT 4096  /* as _PENDING_STEPS in metrics.py */  /* code objects remembered by code_kind (direct-mapped) */
 
 typedef struct {
@@ -44,6 +45,12 @@ typedef struct {
     int self_is_cell;
     PyObject *site;         /* "file.py:123" */
 } SiteEntry;
+
+typedef struct {
+    void *obj;              /* the module (compared by address only; its weakref is checked) */
+    uint64_t version;       /* the labels dict's ma_version_tag when the entry was read */
+    PyObject *entry;        /* strong reference to the dict's (weakref, label) tuple */
+} LabelEntry;
 
 /* Offsets of __slots__ members, read once from the classes' member descriptors. */
 static Py_ssize_t off_fs_family, off_fs_storages;
@@ -84,6 +91,7 @@ typedef struct {
     int enabled;
     int step_sinks;          /* bit 1: some sink wants on_step_start now; bit 2: on_step_end */
     SiteEntry memo[MEMO_SIZE];
+    LabelEntry label_memo[LABEL_MEMO_SIZE];
 } Hot;
 
 /* ------------------------------------------------------------------ the cache's lock */
@@ -377,15 +385,28 @@ code_kind(PyCodeObject *code, int *is_method, int *is_cell)
 static int
 labelled(Hot *h, PyObject *obj, PyObject **owner)
 {
-    PyObject *key = PyLong_FromVoidPtr(obj);
-    if (key == NULL)
-        return -1;
-    PyObject *entry = PyDict_GetItemWithError(h->labels, key);   /* borrowed */
-    Py_DECREF(key);
-    if (entry == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
-        return 0;
+    /* A small memo of the labels dict's answers, valid while the dict is unchanged (its version
+     * tag moves on every insert or delete): no int key is built and no dict is read per op. */
+    LabelEntry *m = &h->label_memo[(((size_t)obj) >> 4) & (LABEL_MEMO_SIZE - 1)];
+    uint64_t version = ((PyDictObject *)h->labels)->ma_version_tag;
+    PyObject *entry;
+    if (m->obj == obj && m->version == version && m->entry != NULL) {
+        entry = m->entry;
+    }
+    else {
+        PyObject *key = PyLong_FromVoidPtr(obj);
+        if (key == NULL)
+            return -1;
+        entry = PyDict_GetItemWithError(h->labels, key);   /* borrowed */
+        Py_DECREF(key);
+        if (entry == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
+            return 0;
+        Py_XSETREF(m->entry, Py_NewRef(entry));
+        m->obj = obj;
+        m->version = version;
+    }
     PyObject *ref = PyTuple_GET_ITEM(entry, 0);
     if (!PyWeakref_Check(ref) || PyWeakref_GET_OBJECT(ref) != obj)
         return 0;
@@ -1206,6 +1227,8 @@ Hot_clear(Hot *h)
         Py_CLEAR(h->memo[i].code);
         Py_CLEAR(h->memo[i].site);
     }
+    for (int i = 0; i < LABEL_MEMO_SIZE; i++)
+        Py_CLEAR(h->label_memo[i].entry);
     return 0;
 }
 
