@@ -14,6 +14,13 @@ from ._records import OPS
 __all__ = ["FamilyStats", "Stats"]
 
 
+try:   # steps and tokens as C integers, which the fast path's end_step updates in place
+    from ._speedups import StepCounters as _StepCounters
+except ImportError:
+    class _StepCounters:  # type: ignore[no-redef]
+        __slots__ = ("steps", "tokens", "__dict__")
+
+
 _COUNTERS = ("push", "pop", "set", "get", "clear", "clear_all", "depth", "peak_depth", "logical",
              "storage", "peak_logical", "peak_storage", "live", "empty")
 
@@ -93,7 +100,7 @@ class FamilyStats(_Counters):
             self.empty = max(0, self.empty - 1)
 
 
-class Stats:
+class Stats(_StepCounters):
     """Counters for one cache, by family, plus decode-loop totals."""
 
     def __init__(self) -> None:

@@ -35,7 +35,7 @@ class PyHot:
     """The pure-Python stand-in for ``_speedups.Hot``: the same attributes, no fast path."""
 
     __slots__ = ("cache_dict", "seq", "step", "step_index", "step_pops", "op_sinks", "step_sinks",
-                 "full_measure", "enabled", "durations")
+                 "full_measure", "enabled", "durations", "stats", "loop_ends_steps")
 
     def __init__(self, cache_dict: dict[Any, Any] | None = None) -> None:
         self.cache_dict: dict[Any, Any] = {} if cache_dict is None else cache_dict
@@ -48,6 +48,8 @@ class PyHot:
         self.full_measure = 1
         self.enabled = 0
         self.durations: Any = None   # the C path appends step durations here (unused in Python)
+        self.stats: Any = None
+        self.loop_ends_steps = 0
 
     def lookup(self, skip: int) -> None:
         """No fast attribution: the caller asks the ``Attributor``."""
@@ -84,7 +86,7 @@ def make(cache: Any, speedups: bool = True) -> Any:
     the C path can serve this instance, else a ``PyHot``."""
     placeholder = cache._hot
     if not (speedups and AVAILABLE) or _disabled_by_env():
-        return PyHot(placeholder.cache_dict)
+        return _carry(placeholder, PyHot(placeholder.cache_dict))
     from ._instrumented import InstrumentedCache
     from ._owners import _short_path
     from ._values import measure
@@ -94,7 +96,7 @@ def make(cache: Any, speedups: bool = True) -> Any:
     if any(getattr(cls, op) is not getattr(InstrumentedCache, op)
            for op in ("push", "pop", "get", "set", "end_step", "_push", "_pop", "_set", "_boundary",
                       "_close_step", "_emit_step_start")):
-        return PyHot(placeholder.cache_dict)
+        return _carry(placeholder, PyHot(placeholder.cache_dict))
     _configure()
     attributor = cache._attributor
     hot = _speedups.Hot(
@@ -105,7 +107,14 @@ def make(cache: Any, speedups: bool = True) -> Any:
         slow_get=_python_op(InstrumentedCache, "get"), slow_set=_python_op(InstrumentedCache, "set"),
         slow_end_step=_python_op(InstrumentedCache, "end_step"), fstats="_fstats", emit=cls._emit,
         measure=measure, short_path=_short_path)
-    return hot
+    return _carry(placeholder, hot)
+
+
+def _carry(old: Any, new: Any) -> Any:
+    """The values ``__init__`` stored on the placeholder before the real state object existed."""
+    new.stats = old.stats
+    new.loop_ends_steps = old.loop_ends_steps
+    return new
 
 
 def _python_op(cls: type, name: str) -> Any:
@@ -119,6 +128,7 @@ def install(cls: type) -> None:
     ``_hot`` is a ``Hot`` and the Python methods otherwise (idempotent; no-op when unbuilt)."""
     if not AVAILABLE:
         return
+    _speedups.set_hot_slot(cls, cls.__dict__["_hot"])   # where instances keep their _hot
     for kind, name in enumerate(_FAST_OPS):
         if type(cls.__dict__[name]) is not _speedups.FastOp:
             setattr(cls, name, _speedups.FastOp(kind, cls.__dict__[name]))

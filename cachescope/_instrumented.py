@@ -63,6 +63,8 @@ class InstrumentedCache(Cache):
         are identical either way, see docs/DESIGN.md).
     """
 
+    __slots__ = ("_hot",)   # a slot the C fast path reads at a fixed offset (instances keep a __dict__)
+
     def __init__(self, *, name: str | None = None, registry: Any = None, tracer_provider: Any = None,
                  strict: bool = False, family: Callable[[Any], str] | None = None,
                  attribution: str = "auto", timeline_size: int = 256, max_violations: int = 1000,
@@ -129,6 +131,24 @@ class InstrumentedCache(Cache):
     @_cache.setter
     def _cache(self, value: dict[Any, Any]) -> None:   # Cache.__init__ and clear_all rebind it
         self._hot.cache_dict = value
+
+    @property
+    def stats(self) -> Stats:
+        """Counters by queue family plus decode-loop totals (read by the exporters)."""
+        return self._hot.stats
+
+    @stats.setter
+    def stats(self, value: Stats) -> None:
+        self._hot.stats = value
+
+    @property
+    def _loop_ends_steps(self) -> bool:
+        """Set once the decode loop calls ``end_step()`` (or enters ``generation()``)."""
+        return bool(self._hot.loop_ends_steps)
+
+    @_loop_ends_steps.setter
+    def _loop_ends_steps(self, value: bool) -> None:
+        self._hot.loop_ends_steps = 1 if value else 0
 
     @property
     def _seq(self) -> int:

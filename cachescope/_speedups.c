@@ -63,8 +63,7 @@ static PyTypeObject *RecordType, *MeasureType, *TensorType;
 static PyObject *ModuleType;   /* torch.nn.Module */
 static int configured = 0;
 
-static PyObject *s_set, *s_state_key, *s_emit_step_start, *s_on_step_end, *s_stats, *s_steps,
-    *s_tokens, *s_loop_ends_steps, *s_zero, *s_one;
+static PyObject *s_set, *s_state_key, *s_emit_step_start, *s_on_step_end, *s_zero, *s_one;
 static PyObject *s_push, *s_pop, *s_append, *s_stack, *s_tuple2, *s_nbytes,
     *s_untyped_storage, *s_cdata, *s_on_op;
 
@@ -84,6 +83,8 @@ typedef struct {
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
     PyObject *durations;     /* a sink's deque of step durations (metrics), or None */
+    PyObject *stats;         /* InstrumentedCache.stats (a Stats) */
+    int loop_ends_steps;     /* InstrumentedCache._loop_ends_steps */
     long long seq;
     long long step_index;
     int op_sinks;            /* some sink wants on_op now */
@@ -263,6 +264,28 @@ static PyTypeObject FamilyCountersType = {
     .tp_doc = "The numeric fields of FamilyStats, as C integers.",
     .tp_new = PyType_GenericNew,
     .tp_members = FamilyCounters_members,
+};
+
+/* Stats.steps and Stats.tokens (cachescope/_accounting.py), as C integers for end_step. */
+typedef struct {
+    PyObject_HEAD
+    long long steps, tokens;
+} StepCounters;
+
+static PyMemberDef StepCounters_members[] = {
+    {"steps", T_LONGLONG, offsetof(StepCounters, steps), 0, NULL},
+    {"tokens", T_LONGLONG, offsetof(StepCounters, tokens), 0, NULL},
+    {NULL}
+};
+
+static PyTypeObject StepCountersType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.StepCounters",
+    .tp_basicsize = sizeof(StepCounters),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Stats.steps and Stats.tokens, as C integers.",
+    .tp_new = PyType_GenericNew,
+    .tp_members = StepCounters_members,
 };
 
 /* ------------------------------------------------------------------ small helpers */
@@ -1194,6 +1217,7 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->step);
     Py_VISIT(h->step_pops);
     Py_VISIT(h->durations);
+    Py_VISIT(h->stats);
     return 0;
 }
 
@@ -1223,6 +1247,7 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->step);
     Py_CLEAR(h->step_pops);
     Py_CLEAR(h->durations);
+    Py_CLEAR(h->stats);
     for (int i = 0; i < MEMO_SIZE; i++) {
         Py_CLEAR(h->memo[i].code);
         Py_CLEAR(h->memo[i].site);
@@ -1347,6 +1372,8 @@ static PyMemberDef Hot_members[] = {
     {"enabled", T_INT, offsetof(Hot, enabled), 0, NULL},
     {"step_sinks", T_INT, offsetof(Hot, step_sinks), 0, NULL},
     {"durations", T_OBJECT, offsetof(Hot, durations), 0, NULL},
+    {"stats", T_OBJECT, offsetof(Hot, stats), 0, NULL},
+    {"loop_ends_steps", T_INT, offsetof(Hot, loop_ends_steps), 0, NULL},
     {NULL}
 };
 
@@ -1604,19 +1631,22 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         tokens = s_zero;
     if (!h->enabled || tokens == NULL || !PyLong_CheckExact(tokens))
         return slow(h->slow_end_step, all, nall, kwnames);
-    PyObject *stats = PyObject_GetAttr(cache, s_stats);
-    if (stats == NULL)
-        return NULL;
-    if (lock(h) < 0) {
-        Py_DECREF(stats);
-        return NULL;
+    PyObject *stats = h->stats;
+    long long ntok = PyLong_AsLongLong(tokens);
+    if (stats == NULL || !PyObject_TypeCheck(stats, &StepCountersType) ||
+        (ntok == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return slow(h->slow_end_step, all, nall, kwnames);
     }
+    if (lock(h) < 0)
+        return NULL;
     PyObject *step = h->step;
     int closes = step != Py_None && PyObject_TypeCheck(step, StepType) &&
                  SLOT(step, off_st_end) == Py_None;
-    int bad = PyObject_SetAttr(cache, s_loop_ends_steps, Py_True) < 0;
+    int bad = 0;
+    h->loop_ends_steps = 1;
     Py_INCREF(step);
-    if (!bad && closes) {
+    if (closes) {
         PyObject *end = PyFloat_FromDouble(perf_counter());
         if (end == NULL) {
             bad = 1;
@@ -1624,20 +1654,11 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         else {
             Py_SETREF(SLOT(step, off_st_end), end);
             Py_SETREF(SLOT(step, off_st_tokens), Py_NewRef(tokens));
-            PyObject *steps = PyObject_GetAttr(stats, s_steps);
-            PyObject *n = steps ? PyNumber_Add(steps, s_one) : NULL;
-            bad = n == NULL || PyObject_SetAttr(stats, s_steps, n) < 0;
-            Py_XDECREF(steps);
-            Py_XDECREF(n);
-            PyObject *toks = bad ? NULL : PyObject_GetAttr(stats, s_tokens);
-            n = toks ? PyNumber_Add(toks, tokens) : NULL;
-            bad = bad || n == NULL || PyObject_SetAttr(stats, s_tokens, n) < 0;
-            Py_XDECREF(toks);
-            Py_XDECREF(n);
+            ((StepCounters *)stats)->steps += 1;
+            ((StepCounters *)stats)->tokens += ntok;
         }
     }
     unlock(h);
-    Py_DECREF(stats);
     if (bad)
         PyErr_WriteUnraisable(cache);
     int dispatch = closes && (h->step_sinks & 2);
@@ -1679,15 +1700,33 @@ typedef struct {
     PyObject *func;    /* the Python method */
 } FastOp;
 
-static PyObject *s_hot;
+static PyTypeObject *hot_type;   /* InstrumentedCache: instances keep `_hot` in a slot */
+static Py_ssize_t hot_offset;
+
+/* set_hot_slot(InstrumentedCache, its `_hot` member descriptor) */
+static PyObject *
+set_hot_slot(PyObject *mod, PyObject *args)
+{
+    PyObject *cls, *descr;
+    if (!PyArg_ParseTuple(args, "O!O", &PyType_Type, &cls, &descr))
+        return NULL;
+    if (Py_TYPE(descr) != &PyMemberDescr_Type ||
+        ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        PyErr_SetString(PyExc_TypeError, "set_hot_slot: `_hot` must be a __slots__ member");
+        return NULL;
+    }
+    Py_XSETREF(hot_type, (PyTypeObject *)Py_NewRef(cls));
+    hot_offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_RETURN_NONE;
+}
 
 static PyObject *
 FastOp_vectorcall(FastOp *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs >= 1) {
-        PyObject **dictptr = _PyObject_GetDictPtr(args[0]);
-        PyObject *hot = (dictptr && *dictptr) ? PyDict_GetItemWithError(*dictptr, s_hot) : NULL;
+        PyObject *hot = hot_type != NULL && PyObject_TypeCheck(args[0], hot_type) ?
+            *(PyObject **)((char *)args[0] + hot_offset) : NULL;
         if (hot != NULL && Py_TYPE(hot) == &HotType && ((Hot *)hot)->enabled) {
             Py_INCREF(hot);
             PyObject *r = op->kind == 0 ? Hot_push((Hot *)hot, args, nargs, kwnames)
@@ -1844,6 +1883,7 @@ configure(PyObject *mod, PyObject *args)
 static PyMethodDef module_methods[] = {
 #if CS_ACCEL
     {"configure", configure, METH_VARARGS, "Bind the Python classes the fast path updates."},
+    {"set_hot_slot", set_hot_slot, METH_VARARGS, "Where InstrumentedCache instances keep `_hot`."},
     {"set_tensor_layout", set_tensor_layout, METH_VARARGS,
      "Enable (or, with None, disable) the raw tensor size reader; see cachescope/_layout.py."},
     {"raw_sizes", raw_sizes, METH_O, "(nbytes, storage key, storage nbytes) of a tensor, or None."},
@@ -1865,6 +1905,11 @@ PyInit__speedups(void)
 #if CS_ACCEL
     if (PyType_Ready(&HotType) < 0 || PyType_Ready(&RLockType) < 0 ||
         PyType_Ready(&FastOpType) < 0 || PyType_Ready(&FamilyCountersType) < 0)
+        return NULL;
+    if (PyType_Ready(&StepCountersType) < 0)
+        return NULL;
+    Py_INCREF(&StepCountersType);
+    if (PyModule_AddObject(m, "StepCounters", (PyObject *)&StepCountersType) < 0)
         return NULL;
     Py_INCREF(&FamilyCountersType);
     if (PyModule_AddObject(m, "FamilyCounters", (PyObject *)&FamilyCountersType) < 0)
@@ -1888,15 +1933,10 @@ PyInit__speedups(void)
     INTERN(s_untyped_storage, "untyped_storage");
     INTERN(s_cdata, "_cdata");
     INTERN(s_on_op, "on_op");
-    INTERN(s_hot, "_hot");
     INTERN(s_set, "set");
     INTERN(s_state_key, "state_key");
     INTERN(s_emit_step_start, "_emit_step_start");
     INTERN(s_on_step_end, "on_step_end");
-    INTERN(s_stats, "stats");
-    INTERN(s_steps, "steps");
-    INTERN(s_tokens, "tokens");
-    INTERN(s_loop_ends_steps, "_loop_ends_steps");
     if ((s_zero = PyLong_FromLong(0)) == NULL || (s_one = PyLong_FromLong(1)) == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "AVAILABLE", 1) < 0)
