@@ -28,14 +28,14 @@ except ImportError:   # not built (no compiler at install time, another interpre
 #: Whether the C fast path is built for this interpreter.
 AVAILABLE = bool(getattr(_speedups, "AVAILABLE", 0))
 _configured = False
-_FAST_OPS = ("push", "pop", "get", "set", "end_step")   # FastOp kinds 0..4
+_FAST_OPS = ("push", "pop", "get", "set", "end_step", "clear")   # FastOp kinds 0..5
 
 
 class PyHot:
     """The pure-Python stand-in for ``_speedups.Hot``: the same attributes, no fast path."""
 
     __slots__ = ("cache_dict", "seq", "step", "step_index", "step_pops", "op_sinks", "step_sinks",
-                 "full_measure", "enabled", "durations", "stats", "loop_ends_steps")
+                 "full_measure", "enabled", "durations", "stats", "loop_ends_steps", "state_key")
 
     def __init__(self, cache_dict: dict[Any, Any] | None = None) -> None:
         self.cache_dict: dict[Any, Any] = {} if cache_dict is None else cache_dict
@@ -50,6 +50,7 @@ class PyHot:
         self.durations: Any = None   # the C path appends step durations here (unused in Python)
         self.stats: Any = None
         self.loop_ends_steps = 0
+        self.state_key: Any = None
 
     def lookup(self, skip: int) -> None:
         """No fast attribution: the caller asks the ``Attributor``."""
@@ -94,8 +95,8 @@ def make(cache: Any, speedups: bool = True) -> Any:
     # A subclass that overrides an op, or the methods that implement one (the fast path does
     # their work without calling them), keeps its override and the Python path for every op.
     if any(getattr(cls, op) is not getattr(InstrumentedCache, op)
-           for op in ("push", "pop", "get", "set", "end_step", "_push", "_pop", "_set", "_boundary",
-                      "_close_step", "_emit_step_start")):
+           for op in ("push", "pop", "get", "set", "end_step", "clear", "_push", "_pop", "_set",
+                      "_clear", "_boundary", "_close_step", "_emit_step_start", "_record")):
         return _carry(placeholder, PyHot(placeholder.cache_dict))
     _configure()
     attributor = cache._attributor
@@ -107,6 +108,8 @@ def make(cache: Any, speedups: bool = True) -> Any:
         slow_get=_python_op(InstrumentedCache, "get"), slow_set=_python_op(InstrumentedCache, "set"),
         slow_end_step=_python_op(InstrumentedCache, "end_step"), fstats="_fstats", emit=cls._emit,
         measure=measure, short_path=_short_path)
+    hot.slow_clear = _python_op(InstrumentedCache, "clear")
+    hot.cleared = cache._cleared
     return _carry(placeholder, hot)
 
 
@@ -114,6 +117,7 @@ def _carry(old: Any, new: Any) -> Any:
     """The values ``__init__`` stored on the placeholder before the real state object existed."""
     new.stats = old.stats
     new.loop_ends_steps = old.loop_ends_steps
+    new.state_key = old.state_key
     return new
 
 

@@ -84,8 +84,8 @@ class InstrumentedCache(Cache):
         self._queues: dict[Any, _Queue] = {}
         self._fs_memo: dict[Any, FamilyStats] = {}
         self._lock = hotpath.new_lock(speedups)
-        self._hot = hotpath.make(self, speedups)
         self._cleared: dict[Any, tuple[int, int, str | None, str | None]] = {}
+        self._hot = hotpath.make(self, speedups)
         self._cleared_all: tuple[int, int, str | None, str | None] | None = None
         self._restarted_step: int | None = None   # index of the last step opened by a retry
         self._generation: dict[str, Any] | None = None
@@ -140,6 +140,15 @@ class InstrumentedCache(Cache):
     @stats.setter
     def stats(self, value: Stats) -> None:
         self._hot.stats = value
+
+    @property
+    def state_key(self) -> Any:
+        """The key whose ``set`` marks a step boundary (labml: 'state_ids')."""
+        return self._hot.state_key
+
+    @state_key.setter
+    def state_key(self, value: Any) -> None:
+        self._hot.state_key = value
 
     @property
     def _loop_ends_steps(self) -> bool:

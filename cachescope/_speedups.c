@@ -36,6 +36,7 @@
 #define MAX_FRAMES 6        /* as _MAX_FRAMES in _owners.py */
 #define CODE_MEMO_SIZE 512
 #define LABEL_MEMO_SIZE 64  /* modules remembered by labelled() (direct-mapped) */
+#define CLEARED_MEMORY 256    /* as _CLEARED_MEMORY in _instrumented.py */
 #define DURATIONS_LIMIT 4096  /* as _PENDING_STEPS in metrics.py */  /* code objects remembered by code_kind (direct-mapped) */
 
 typedef struct {
@@ -64,6 +65,7 @@ static PyObject *ModuleType;   /* torch.nn.Module */
 static int configured = 0;
 
 static PyObject *s_set, *s_state_key, *s_emit_step_start, *s_on_step_end, *s_zero, *s_one;
+static PyObject *s_clear;
 static PyObject *s_push, *s_pop, *s_append, *s_stack, *s_tuple2, *s_nbytes,
     *s_untyped_storage, *s_cdata, *s_on_op;
 
@@ -79,7 +81,10 @@ typedef struct {
     PyObject *lock;          /* the cache's lock: an RLockObject, or any lock with acquire/release */
     PyObject *acquire, *release;   /* its methods, used when it is not an RLockObject */
     PyObject *timeline_append;     /* bound timeline.append */
-    PyObject *slow_push, *slow_pop, *slow_get, *slow_set, *slow_end_step, *fstats, *emit, *measure, *short_path;
+    PyObject *slow_push, *slow_pop, *slow_get, *slow_set, *slow_end_step, *slow_clear, *fstats, *emit,
+        *measure, *short_path;
+    PyObject *cleared;       /* InstrumentedCache._cleared: key -> (seq, step, owner, site) */
+    PyObject *state_key;     /* InstrumentedCache.state_key */
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
     PyObject *durations;     /* a sink's deque of step durations (metrics), or None */
@@ -1210,6 +1215,9 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->slow_get);
     Py_VISIT(h->slow_set);
     Py_VISIT(h->slow_end_step);
+    Py_VISIT(h->slow_clear);
+    Py_VISIT(h->cleared);
+    Py_VISIT(h->state_key);
     Py_VISIT(h->fstats);
     Py_VISIT(h->emit);
     Py_VISIT(h->measure);
@@ -1240,6 +1248,9 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->slow_get);
     Py_CLEAR(h->slow_set);
     Py_CLEAR(h->slow_end_step);
+    Py_CLEAR(h->slow_clear);
+    Py_CLEAR(h->cleared);
+    Py_CLEAR(h->state_key);
     Py_CLEAR(h->fstats);
     Py_CLEAR(h->emit);
     Py_CLEAR(h->measure);
@@ -1373,6 +1384,9 @@ static PyMemberDef Hot_members[] = {
     {"step_sinks", T_INT, offsetof(Hot, step_sinks), 0, NULL},
     {"durations", T_OBJECT, offsetof(Hot, durations), 0, NULL},
     {"stats", T_OBJECT, offsetof(Hot, stats), 0, NULL},
+    {"slow_clear", T_OBJECT, offsetof(Hot, slow_clear), 0, NULL},
+    {"cleared", T_OBJECT, offsetof(Hot, cleared), 0, NULL},
+    {"state_key", T_OBJECT, offsetof(Hot, state_key), 0, NULL},
     {"loop_ends_steps", T_INT, offsetof(Hot, loop_ends_steps), 0, NULL},
     {NULL}
 };
@@ -1478,6 +1492,87 @@ done:
     return result;
 }
 
+/* clear(key): the seed's clear of a str key that holds a plain value or an empty queue with no
+ * items in flight (what a decode loop's cleanup clears), counted and recorded as _clear does. */
+static PyObject *
+Hot_clear_op(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
+{
+    PyObject *cache = all[0];
+    if (h->slow_clear == NULL)
+        return PyErr_Format(PyExc_RuntimeError, "cachescope: the fast path has no slow clear");
+    if (!h->enabled || nall != 2 || kwnames != NULL || !PyUnicode_CheckExact(all[1]) ||
+        h->cleared == NULL || !PyDict_CheckExact(h->cleared))
+        return slow(h->slow_clear, all, nall, kwnames);
+    PyObject *key = all[1];
+    PyObject *owner = NULL, *site = NULL;
+    int found = attribute(h, &owner, &site, 0);
+    if (found <= 0) {
+        PyErr_Clear();
+        return slow(h->slow_clear, all, nall, kwnames);
+    }
+    PyObject *result = NULL, *rec = NULL, *fs = NULL;
+    if (lock(h) < 0)
+        goto done;
+    PyObject *old = PyDict_GetItemWithError(h->cache, key);
+    int queue = old != NULL && PyList_CheckExact(old);
+    fs = old == NULL ? NULL : PyDict_GetItemWithError(h->fs_memo, key);
+    int unusual = fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType) ||
+                  (queue && (PyList_GET_SIZE(old) != 0 || PyDict_Contains(h->queues, key) != 0));
+    if (unusual) {   /* missing (KeyError), a queue with items, a new family: the Python path */
+        fs = NULL;   /* borrowed */
+        unlock(h);
+        PyErr_Clear();
+        result = slow(h->slow_clear, all, nall, kwnames);
+        goto done;
+    }
+    Py_INCREF(fs);
+    Py_INCREF(old);
+    if (PyDict_DelItem(h->cache, key) < 0) {   /* the seed's clear */
+        Py_DECREF(old);
+        unlock(h);
+        goto done;
+    }
+    Py_DECREF(old);   /* the value goes now, as with the seed (a tensor is freed here) */
+    /* the seed's clear is done: from here on a failure is reported, never raised */
+    FC(fs)->clear += 1;
+    if (queue && --FC(fs)->empty < 0)   /* FamilyStats.queue_removed(0) */
+        FC(fs)->empty = 0;
+    h->seq += 1;
+    rec = make_record(h, s_clear, key, fs, owner, site, -1, s_zero, s_zero, Py_None, Py_None);
+    int bad = rec == NULL || call1(h->timeline_append, rec) < 0;
+    if (!bad) {
+        PyObject *step = h->step;
+        if (step != Py_None && PyObject_TypeCheck(step, StepType))
+            bad = slot_add(step, off_st_ops, 1) < 0;
+    }
+    if (!bad) {   /* _cleared: the last CLEARED_MEMORY keys cleared, oldest first */
+        if (PyDict_GET_SIZE(h->cleared) >= CLEARED_MEMORY) {
+            Py_ssize_t pos = 0;
+            PyObject *first, *v;
+            if (PyDict_Next(h->cleared, &pos, &first, &v)) {
+                Py_INCREF(first);
+                bad = PyDict_DelItem(h->cleared, first) < 0;
+                Py_DECREF(first);
+            }
+        }
+        PyObject *entry = bad ? NULL : Py_BuildValue("(LLOO)", h->seq, h->step_index, owner, site);
+        bad = entry == NULL || PyDict_SetItem(h->cleared, key, entry) < 0;
+        Py_XDECREF(entry);
+    }
+    unlock(h);
+    if (bad)
+        PyErr_WriteUnraisable(key);
+    else if (h->op_sinks)
+        dispatch_op(h, cache, rec);
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(rec);
+    Py_XDECREF(fs);
+    Py_DECREF(owner);
+    Py_DECREF(site);
+    return result;
+}
+
 /* set(key, value): the fast path takes only the decode loop's step boundary in its usual
  * form: set(state_key, (prev, next)) after end_step() closed the previous step, with new state
  * ids and every queue the previous step popped drained (no violation is possible). */
@@ -1488,11 +1583,9 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     if (!h->enabled || nall != 3 || kwnames != NULL || !PyUnicode_CheckExact(all[1]))
         return slow(h->slow_set, all, nall, kwnames);
     PyObject *key = all[1], *pair = all[2];
-    PyObject *state_key = PyObject_GetAttr(cache, s_state_key);
-    if (state_key == NULL)
-        return NULL;
-    int is_state = PyUnicode_CheckExact(state_key) && PyUnicode_Compare(key, state_key) == 0;
-    Py_DECREF(state_key);
+    PyObject *state_key = h->state_key;
+    int is_state = state_key != NULL && PyUnicode_CheckExact(state_key) &&
+                   (key == state_key || PyUnicode_Compare(key, state_key) == 0);
     if (!is_state)
         return plain_set(h, all, nall);
     if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2)
@@ -1696,7 +1789,7 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    int kind;          /* 0 push, 1 pop, 2 get, 3 set, 4 end_step */
+    int kind;          /* 0 push, 1 pop, 2 get, 3 set, 4 end_step, 5 clear */
     PyObject *func;    /* the Python method */
 } FastOp;
 
@@ -1733,7 +1826,8 @@ FastOp_vectorcall(FastOp *op, PyObject *const *args, size_t nargsf, PyObject *kw
                         : op->kind == 1 ? Hot_pop((Hot *)hot, args, nargs, kwnames)
                         : op->kind == 2 ? Hot_get((Hot *)hot, args, nargs, kwnames)
                         : op->kind == 3 ? Hot_set((Hot *)hot, args, nargs, kwnames)
-                                        : Hot_end_step((Hot *)hot, args, nargs, kwnames);
+                        : op->kind == 4 ? Hot_end_step((Hot *)hot, args, nargs, kwnames)
+                                        : Hot_clear_op((Hot *)hot, args, nargs, kwnames);
             Py_DECREF(hot);
             return r;
         }
@@ -1750,8 +1844,8 @@ FastOp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *func;
     if (!PyArg_ParseTuple(args, "iO:FastOp", &kind, &func))
         return NULL;
-    if (kind < 0 || kind > 4 || !PyCallable_Check(func)) {
-        PyErr_SetString(PyExc_ValueError, "FastOp(kind in 0..4, callable)");
+    if (kind < 0 || kind > 5 || !PyCallable_Check(func)) {
+        PyErr_SetString(PyExc_ValueError, "FastOp(kind in 0..5, callable)");
         return NULL;
     }
     FastOp *op = (FastOp *)type->tp_alloc(type, 0);
@@ -1925,6 +2019,7 @@ PyInit__speedups(void)
         return NULL;
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL;
     INTERN(s_push, "push");
+    INTERN(s_clear, "clear");
     INTERN(s_pop, "pop");
     INTERN(s_append, "append");
     INTERN(s_stack, "stack");

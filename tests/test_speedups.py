@@ -1268,3 +1268,32 @@ def test_random_op_sequences_match_between_paths(caplog: pytest.LogCaptureFixtur
         max_examples=300, stateful_step_count=40, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     Differential.TestCase().runTest()
+
+
+def test_cleanup_clears_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode's cleanup (clear of drained queues and plain values) runs in C once the families
+    exist, and records what the Python path records; clears it cannot take (a queue that still
+    holds items, a missing key) go to Python, which raises the seed's KeyError."""
+    require_fast_path()
+    slow: Counter[bool] = Counter()
+    orig = InstrumentedCache._clear
+
+    def _clear(self: Any, *args: Any, **kwargs: Any) -> Any:
+        slow[bool(self.speedups_active)] += 1
+        return orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(InstrumentedCache, "_clear", _clear)
+    snaps = []
+    for fast in (True, False):
+        cache = new_cache(fast)
+        run_decode(cache, new_tokens=3)
+        slow.clear()
+        run_decode(cache, new_tokens=5)   # cleanup: 5 queues (the last holds items), 2 values
+        assert slow[fast] == (1 if fast else 7)   # C: only the queue that still holds items
+        cache.set("plain", 1)
+        cache.clear("plain")
+        with pytest.raises(KeyError):
+            cache.clear("plain")
+        assert cache._cleared["plain"][0] == max(r.seq for r in cache.timeline() if r.op == "clear")
+        snaps.append(snapshot(cache))
+    assert_same(snaps[0], snaps[1], "cleanup")
