@@ -108,6 +108,11 @@ def make(cache: Any, speedups: bool = True) -> Any:
         slow_get=_python_op(InstrumentedCache, "get"), slow_set=_python_op(InstrumentedCache, "set"),
         slow_end_step=_python_op(InstrumentedCache, "end_step"), fstats="_fstats", emit=cls._emit,
         measure=measure, short_path=_short_path)
+    from ._families import MAX_LABEL_LEN, default_family
+    families = cache._families
+    hot.families_seen = families._families
+    hot.default_families = int(families._fn is default_family and MAX_LABEL_LEN == 64
+                                and getattr(families, "max_families", 0) > 0)
     hot.slow_clear = _python_op(InstrumentedCache, "clear")
     hot.cleared = cache._cleared
     return _carry(placeholder, hot)

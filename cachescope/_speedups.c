@@ -36,6 +36,8 @@
 #define MAX_FRAMES 6        /* as _MAX_FRAMES in _owners.py */
 #define CODE_MEMO_SIZE 512
 #define LABEL_MEMO_SIZE 64  /* modules remembered by labelled() (direct-mapped) */
+#define FS_MEMO_SIZE 4096     /* as in InstrumentedCache._fstats */
+#define MAX_LABEL_LEN 64      /* as in _families.py */
 #define CLEARED_MEMORY 256    /* as _CLEARED_MEMORY in _instrumented.py */
 #define DURATIONS_LIMIT 4096  /* as _PENDING_STEPS in metrics.py */  /* code objects remembered by code_kind (direct-mapped) */
 
@@ -65,7 +67,7 @@ static PyObject *ModuleType;   /* torch.nn.Module */
 static int configured = 0;
 
 static PyObject *s_set, *s_state_key, *s_emit_step_start, *s_on_step_end, *s_zero, *s_one;
-static PyObject *s_clear;
+static PyObject *s_clear, *s_families;
 static PyObject *s_push, *s_pop, *s_append, *s_stack, *s_tuple2, *s_nbytes,
     *s_untyped_storage, *s_cdata, *s_on_op;
 
@@ -85,6 +87,8 @@ typedef struct {
         *measure, *short_path;
     PyObject *cleared;       /* InstrumentedCache._cleared: key -> (seq, step, owner, site) */
     PyObject *state_key;     /* InstrumentedCache.state_key */
+    PyObject *families_seen; /* FamilyMap._families: the labels in use */
+    int default_families;    /* the FamilyMap uses _families.default_family */
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
     PyObject *durations;     /* a sink's deque of step durations (metrics), or None */
@@ -743,6 +747,22 @@ raw_sizes(PyObject *mod, PyObject *t)
     return Py_BuildValue("(LNL)", n, PyLong_FromVoidPtr(key), sn);
 }
 
+/* (storage key, storage nbytes), as _values._storage_of gives it. New reference or NULL. */
+static PyObject *
+pair_of(void *key, long long nbytes)
+{
+    PyObject *k = PyLong_FromVoidPtr(key), *n = k ? PyLong_FromLongLong(nbytes) : NULL;
+    PyObject *pair = n ? PyTuple_New(2) : NULL;
+    if (pair == NULL) {
+        Py_XDECREF(k);
+        Py_XDECREF(n);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, k);
+    PyTuple_SET_ITEM(pair, 1, n);
+    return pair;
+}
+
 /* The Measure of a (Tensor, Tensor) pair from the reader; NULL (no error) when it cannot. */
 static PyObject *
 measure_kv_raw(PyObject *a, PyObject *b)
@@ -752,8 +772,8 @@ measure_kv_raw(PyObject *a, PyObject *b)
     if (!raw_tensor(a, &na, &ka, &sna) || !raw_tensor(b, &nb, &kb, &snb))
         return NULL;
     PyObject *logical = PyLong_FromLongLong(na + nb);
-    PyObject *sa = Py_BuildValue("(NL)", PyLong_FromVoidPtr(ka), sna);
-    PyObject *sb = ka == kb ? NULL : Py_BuildValue("(NL)", PyLong_FromVoidPtr(kb), snb);
+    PyObject *sa = pair_of(ka, sna);
+    PyObject *sb = ka == kb ? NULL : pair_of(kb, snb);
     PyObject *storages = NULL, *m = NULL;
     if (logical == NULL || sa == NULL || (ka != kb && sb == NULL))
         goto fail;
@@ -904,6 +924,59 @@ step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
 
 /* ------------------------------------------------------------------ the three fast paths */
 
+/* The family of a new queue name under the default normaliser, as _families.default_family
+ * computes it (strip trailing ids: `(?:[_.:/-]?\d+)+$`), when that is an existing family with
+ * plain characters; its FamilyStats is memoised in fs_memo as _fstats does. NULL with no error:
+ * ask Python (another normaliser, a new family, odd characters). A new reference otherwise. */
+static PyObject *
+default_family_stats(Hot *h, PyObject *name)
+{
+    if (!h->default_families || h->families_seen == NULL || !PyAnySet_Check(h->families_seen) ||
+        h->stats == NULL || !PyUnicode_IS_ASCII(name))
+        return NULL;
+    const char *c = (const char *)PyUnicode_DATA(name);
+    Py_ssize_t pos = PyUnicode_GET_LENGTH(name);
+#define DIGIT(ch) ((ch) >= '0' && (ch) <= '9')
+#define SEP(ch) ((ch) == '_' || (ch) == '.' || (ch) == ':' || (ch) == '/' || (ch) == '-')
+    while (pos > 0 && DIGIT(c[pos - 1])) {   /* groups of digits, each after an optional separator */
+        while (pos > 0 && DIGIT(c[pos - 1]))
+            pos--;
+        if (pos > 0 && SEP(c[pos - 1]))
+            pos--;
+    }
+#undef SEP
+    if (pos == 0 || pos > MAX_LABEL_LEN)
+        return NULL;
+    for (Py_ssize_t i = 0; i < pos; i++) {   /* characters _UNSAFE would replace */
+        char ch = c[i];
+        if (!(DIGIT(ch) || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_' ||
+              ch == '.' || ch == ':' || ch == '-'))
+            return NULL;
+    }
+#undef DIGIT
+    PyObject *family = PyUnicode_FromStringAndSize(c, pos);
+    if (family == NULL)
+        return NULL;
+    int known = PySet_Contains(h->families_seen, family);
+    PyObject *families = known > 0 ? PyObject_GetAttr(h->stats, s_families) : NULL;
+    PyObject *fs = families && PyDict_CheckExact(families) ?
+        PyDict_GetItemWithError(families, family) : NULL;
+    Py_DECREF(family);
+    Py_XDECREF(families);   /* the stats object holds it: fs stays valid */
+    if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_INCREF(fs);
+    if (PyDict_GET_SIZE(h->fs_memo) >= FS_MEMO_SIZE)   /* bounded, as in _fstats */
+        PyDict_Clear(h->fs_memo);
+    if (PyDict_SetItem(h->fs_memo, name, fs) < 0) {
+        Py_DECREF(fs);
+        return NULL;
+    }
+    return fs;
+}
+
 /* FamilyStats of a queue name (new reference): the memo, else InstrumentedCache._fstats.
  * On a memo miss, NULL with no error (take the Python path) unless the op can succeed here:
  * `_fstats` creates the family, which the Python path does not do when the seed's op raises
@@ -923,6 +996,9 @@ family_stats(Hot *h, PyObject *cache, PyObject *name, int nonempty_list)
     else if (cur == NULL ? (PyErr_Occurred() || nonempty_list)
                     : (!PyList_CheckExact(cur) || (nonempty_list && PyList_GET_SIZE(cur) == 0)))
         return NULL;
+    PyObject *fast = default_family_stats(h, name);
+    if (fast != NULL || PyErr_Occurred())
+        return fast;
     return PyObject_CallMethodOneArg(cache, h->fstats, name);
 }
 
@@ -1218,6 +1294,7 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->slow_clear);
     Py_VISIT(h->cleared);
     Py_VISIT(h->state_key);
+    Py_VISIT(h->families_seen);
     Py_VISIT(h->fstats);
     Py_VISIT(h->emit);
     Py_VISIT(h->measure);
@@ -1251,6 +1328,7 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->slow_clear);
     Py_CLEAR(h->cleared);
     Py_CLEAR(h->state_key);
+    Py_CLEAR(h->families_seen);
     Py_CLEAR(h->fstats);
     Py_CLEAR(h->emit);
     Py_CLEAR(h->measure);
@@ -1387,6 +1465,8 @@ static PyMemberDef Hot_members[] = {
     {"slow_clear", T_OBJECT, offsetof(Hot, slow_clear), 0, NULL},
     {"cleared", T_OBJECT, offsetof(Hot, cleared), 0, NULL},
     {"state_key", T_OBJECT, offsetof(Hot, state_key), 0, NULL},
+    {"families_seen", T_OBJECT, offsetof(Hot, families_seen), 0, NULL},
+    {"default_families", T_INT, offsetof(Hot, default_families), 0, NULL},
     {"loop_ends_steps", T_INT, offsetof(Hot, loop_ends_steps), 0, NULL},
     {NULL}
 };
@@ -2020,6 +2100,7 @@ PyInit__speedups(void)
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL;
     INTERN(s_push, "push");
     INTERN(s_clear, "clear");
+    INTERN(s_families, "families");
     INTERN(s_pop, "pop");
     INTERN(s_append, "append");
     INTERN(s_stack, "stack");

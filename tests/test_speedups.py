@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from torch import nn
@@ -1297,3 +1297,27 @@ def test_cleanup_clears_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> N
         assert cache._cleared["plain"][0] == max(r.seq for r in cache.timeline() if r.op == "clear")
         snaps.append(snapshot(cache))
     assert_same(snaps[0], snaps[1], "cleanup")
+
+
+@settings(max_examples=300, deadline=None)
+@given(stem=st.text(alphabet="ab_.:/-Z9 é", min_size=0, max_size=8),
+       ids=st.lists(st.tuples(st.sampled_from(["", "_", ".", ":", "/", "-", "__"]),
+                              st.integers(0, 10**6)), min_size=0, max_size=3))
+def test_new_queue_names_get_the_family_python_gives(stem: str, ids: list) -> None:
+    """The C path's family of a new queue name (the default normaliser, an existing family) is
+    the one ``default_family`` gives, for any mix of letters, separators and ids."""
+    require_fast_path()
+    from cachescope._families import FamilyMap
+    suffix = "".join(f"{sep}{n}" for sep, n in ids)
+    first, second = f"{stem}{suffix}", f"{stem}{suffix}7"
+    fast, slow = new_cache(True), new_cache(False)
+    # every prefix that is a family of its own exists too, so a wrong cut would find a family
+    decoys = [second[:i] for i in range(1, len(second)) if FamilyMap()(second[:i]) == second[:i]]
+    for cache in (fast, slow):
+        for name in decoys + [first, second]:   # the first creates the family, the second finds it
+            cache.push(name, 1)
+    for name in (first, second):
+        want = FamilyMap()(name)
+        assert fast._fs_memo[name].family == slow._fs_memo[name].family == want
+        assert fast._fs_memo[name] is fast.stats.families[want]
+    assert snapshot(fast)["stats"] == snapshot(slow)["stats"]
