@@ -66,7 +66,7 @@ static PyTypeObject *RecordType, *MeasureType, *TensorType;
 static PyObject *ModuleType;   /* torch.nn.Module */
 static int configured = 0;
 
-static PyObject *s_set, *s_state_key, *s_emit_step_start, *s_on_step_end, *s_zero, *s_one;
+static PyObject *s_set, *s_emit_step_start, *s_on_step_end, *s_zero, *s_one;
 static PyObject *s_clear, *s_families;
 static PyObject *s_push, *s_pop, *s_append, *s_stack, *s_tuple2, *s_nbytes,
     *s_untyped_storage, *s_cdata, *s_on_op;
@@ -896,6 +896,21 @@ call1(PyObject *fn, PyObject *arg)
     return 0;
 }
 
+/* timeline.append(rec): deque.append's C function directly when the timeline is a deque. */
+static int
+timeline_add(Hot *h, PyObject *rec)
+{
+    PyObject *fn = h->timeline_append;
+    if (PyCFunction_Check(fn) && PyCFunction_GET_FLAGS(fn) == METH_O) {
+        PyObject *r = PyCFunction_GET_FUNCTION(fn)(PyCFunction_GET_SELF(fn), rec);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
+    }
+    return call1(fn, rec);
+}
+
 static void
 dispatch_op(Hot *h, PyObject *cache, PyObject *rec)
 {
@@ -920,6 +935,19 @@ step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
     if (names != NULL && PySet_Check(names) && PySet_GET_SIZE(names) < STEP_MEMORY)
         return PySet_Add(names, name);
     return 0;
+}
+
+/* list.pop(0) of a non-empty list, without the generic slice code (the list keeps its
+ * capacity): the first item, a new reference. */
+static PyObject *
+list_pop_front(PyObject *list)
+{
+    PyListObject *l = (PyListObject *)list;
+    Py_ssize_t n = Py_SIZE(l);
+    PyObject *first = l->ob_item[0];
+    memmove(&l->ob_item[0], &l->ob_item[1], (size_t)(n - 1) * sizeof(PyObject *));
+    Py_SET_SIZE(l, n - 1);
+    return first;   /* the list's reference, now the caller's */
 }
 
 /* ------------------------------------------------------------------ the three fast paths */
@@ -1092,7 +1120,7 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     h->seq += 1;
     rec = bad ? NULL : make_record(h, s_push, name, fs, owner, site, depth, logical, storage, m,
                                    Py_None);
-    if (rec == NULL || call1(h->timeline_append, rec) < 0)
+    if (rec == NULL || timeline_add(h, rec) < 0)
         bad = 1;
     if (!bad && q == NULL) {
         q = QueueType->tp_alloc(QueueType, 0);
@@ -1183,14 +1211,7 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         goto done;
     }
     Py_INCREF(q);
-    PyObject *value = Py_NewRef(PyList_GET_ITEM(queue, 0));     /* the seed's pop(0) */
-    if (PyList_SetSlice(queue, 0, 1, NULL) < 0) {
-        Py_DECREF(value);
-        Py_DECREF(q);
-        unlock(h);
-        goto done;
-    }
-    result = value;
+    result = list_pop_front(queue);     /* the seed's pop(0) */
     Py_ssize_t depth = PyList_GET_SIZE(queue);
     int bad = 0;
     FC(fs)->pop += 1;
@@ -1199,7 +1220,8 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
             FC(fs)->live = 0;
         FC(fs)->empty += 1;
     }
-    bad = bad || PyList_SetSlice(items, 0, 1, NULL) < 0 || slot_add(q, off_q_pops, 1) < 0;
+    Py_DECREF(list_pop_front(items));   /* `item` holds the record */
+    bad = slot_add(q, off_q_pops, 1) < 0;
     if (!bad && PyList_GET_SIZE(items) == 0)
         bad = PyDict_DelItem(h->queues, name) < 0;
     Py_DECREF(q);
@@ -1210,7 +1232,7 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     h->seq += 1;
     if (!bad) {
         rec = make_record(h, s_pop, name, fs, owner, site, depth, logical, storage, m, producer);
-        bad = rec == NULL || call1(h->timeline_append, rec) < 0;
+        bad = rec == NULL || timeline_add(h, rec) < 0;
     }
     if (!bad) {
         PyObject *key = PyTuple_Pack(2, name, owner);
@@ -1551,7 +1573,7 @@ plain_set(Hot *h, PyObject *const *all, Py_ssize_t nall)
     h->seq += 1;
     rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
                                    Py_None);
-    if (rec == NULL || call1(h->timeline_append, rec) < 0)
+    if (rec == NULL || timeline_add(h, rec) < 0)
         bad = 1;
     if (!bad) {
         PyObject *step = h->step;
@@ -1619,7 +1641,7 @@ Hot_clear_op(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         FC(fs)->empty = 0;
     h->seq += 1;
     rec = make_record(h, s_clear, key, fs, owner, site, -1, s_zero, s_zero, Py_None, Py_None);
-    int bad = rec == NULL || call1(h->timeline_append, rec) < 0;
+    int bad = rec == NULL || timeline_add(h, rec) < 0;
     if (!bad) {
         PyObject *step = h->step;
         if (step != Py_None && PyObject_TypeCheck(step, StepType))
@@ -1745,7 +1767,7 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     h->seq += 1;
     rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
                                    Py_None);
-    if (rec == NULL || call1(h->timeline_append, rec) < 0)
+    if (rec == NULL || timeline_add(h, rec) < 0)
         bad = 1;
     if (!bad && cur != Py_None)   /* the set is the closing step's last op, as in _record */
         bad = slot_add(cur, off_st_ops, 1) < 0;
@@ -2110,7 +2132,6 @@ PyInit__speedups(void)
     INTERN(s_cdata, "_cdata");
     INTERN(s_on_op, "on_op");
     INTERN(s_set, "set");
-    INTERN(s_state_key, "state_key");
     INTERN(s_emit_step_start, "_emit_step_start");
     INTERN(s_on_step_end, "on_step_end");
     if ((s_zero = PyLong_FromLong(0)) == NULL || (s_one = PyLong_FromLong(1)) == NULL)
