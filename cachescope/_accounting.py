@@ -45,7 +45,8 @@ class FamilyStats(_Counters):
         self.logical = self.storage = self.peak_logical = self.peak_storage = 0
         self.live = self.empty = 0
         self.violations: dict[str, int] = {}
-        self._storages: dict[int, list[int]] = {}   # storage key -> [refcount, nbytes]
+        # storage key -> nbytes while one queued item holds it, [holders, nbytes] once shared
+        self._storages: dict[int, int | list[int]] = {}
 
     def ops(self) -> dict[str, int]:
         return {op: getattr(self, op) for op in OPS}
@@ -62,8 +63,10 @@ class FamilyStats(_Counters):
         for key, nbytes in storages:
             entry = held.get(key)
             if entry is None:
-                held[key] = [1, nbytes]
+                held[key] = nbytes          # one holder: just its byte count
                 self.storage += nbytes
+            elif type(entry) is int:
+                held[key] = [2, entry]      # shared: [holders, nbytes]
             else:
                 entry[0] += 1
         if self.storage > self.peak_storage:
@@ -76,7 +79,12 @@ class FamilyStats(_Counters):
         held = self._storages
         for key, _ in storages:
             entry = held.get(key)
-            if entry is not None:
+            if entry is None:
+                continue
+            if type(entry) is int:
+                del held[key]
+                self.storage -= entry
+            else:
                 entry[0] -= 1
                 if entry[0] <= 0:
                     del held[key]

@@ -577,24 +577,28 @@ hold(PyObject *fs, PyObject *logical, PyObject *storages)
         PyObject *pair = PyTuple_GET_ITEM(storages, i);
         PyObject *key = PyTuple_GET_ITEM(pair, 0), *nbytes = PyTuple_GET_ITEM(pair, 1);
         PyObject *entry = PyDict_GetItemWithError(held, key);
-        if (entry == NULL) {
-            if (PyErr_Occurred())
+        if (entry == NULL) {   /* one holder: just its byte count (FamilyStats.hold) */
+            if (PyErr_Occurred() || PyDict_SetItem(held, key, nbytes) < 0)
                 return -1;
-            PyObject *one = PyLong_FromLong(1);
-            PyObject *lst = PyList_New(2);
+            c->storage += PyLong_AsLongLong(nbytes);
+        }
+        else if (PyLong_CheckExact(entry)) {   /* shared: [holders, nbytes] */
+            PyObject *two = PyLong_FromLong(2);
+            PyObject *lst = two ? PyList_New(2) : NULL;
             if (lst == NULL) {
-                Py_XDECREF(one);
+                Py_XDECREF(two);
                 return -1;
             }
-            PyList_SET_ITEM(lst, 0, one);
-            PyList_SET_ITEM(lst, 1, Py_NewRef(nbytes));
+            PyList_SET_ITEM(lst, 0, two);
+            PyList_SET_ITEM(lst, 1, Py_NewRef(entry));
             int r = PyDict_SetItem(held, key, lst);
             Py_DECREF(lst);
             if (r < 0)
                 return -1;
-            c->storage += PyLong_AsLongLong(nbytes);
         }
         else {
+            if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2)
+                return -1;
             PyObject *rc = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) + 1);
             if (rc == NULL || PyList_SetItem(entry, 0, rc) < 0)
                 return -1;
@@ -624,6 +628,15 @@ release(PyObject *fs, PyObject *logical, PyObject *storages)
                 return -1;
             continue;
         }
+        if (PyLong_CheckExact(entry)) {   /* its only holder left */
+            long long nbytes = PyLong_AsLongLong(entry);
+            if (PyDict_DelItem(held, key) < 0)
+                return -1;
+            FC(fs)->storage -= nbytes;
+            continue;
+        }
+        if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2)
+            return -1;
         long long rc = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) - 1;
         if (rc <= 0) {
             long long nbytes = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
