@@ -107,10 +107,56 @@ typedef struct {
 /* ------------------------------------------------------------------ the cache's lock */
 
 /* A reentrant lock with threading.RLock's Python interface that the fast path takes without a
- * Python call. Waiting releases the GIL. */
+ * Python call. Waiting releases the GIL. The owner and count are only read and written with the
+ * GIL held; the mutex is what a second thread blocks on. A POSIX mutex, not a PyThread lock:
+ * CPython 3.11's PyThread_acquire_lock_timed reads the monotonic clock to compute a deadline
+ * even for a non-blocking try, which the fast path would pay on every op. */
+#ifndef _WIN32
+#include <pthread.h>
+#include <errno.h>
+typedef pthread_mutex_t cs_mutex;
+static int mutex_init(cs_mutex *m) { return pthread_mutex_init(m, NULL) == 0; }
+static int mutex_try(cs_mutex *m) { return pthread_mutex_trylock(m) == 0; }
+static void mutex_wait(cs_mutex *m) { pthread_mutex_lock(m); }
+static void mutex_unlock(cs_mutex *m) { pthread_mutex_unlock(m); }
+static void mutex_free(cs_mutex *m) { pthread_mutex_destroy(m); }
+/* 1: acquired within `seconds` (< 0: wait forever) */
+static int
+mutex_wait_for(cs_mutex *m, double seconds)
+{
+    if (seconds < 0) {
+        pthread_mutex_lock(m);
+        return 1;
+    }
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    long long ns = (long long)t.tv_nsec + (long long)((seconds - (long long)seconds) * 1e9);
+    t.tv_sec += (time_t)seconds + (time_t)(ns / 1000000000LL);
+    t.tv_nsec = (long)(ns % 1000000000LL);
+    int r;
+    while ((r = pthread_mutex_timedlock(m, &t)) == EINTR)
+        ;
+    return r == 0;
+}
+#else
+typedef PyThread_type_lock cs_mutex;
+static int mutex_init(cs_mutex *m) { return (*m = PyThread_allocate_lock()) != NULL; }
+static int mutex_try(cs_mutex *m) { return PyThread_acquire_lock(*m, NOWAIT_LOCK); }
+static void mutex_wait(cs_mutex *m) { PyThread_acquire_lock(*m, WAIT_LOCK); }
+static void mutex_unlock(cs_mutex *m) { PyThread_release_lock(*m); }
+static void mutex_free(cs_mutex *m) { PyThread_free_lock(*m); }
+static int
+mutex_wait_for(cs_mutex *m, double seconds)
+{
+    PY_TIMEOUT_T us = seconds < 0 ? -1 : (PY_TIMEOUT_T)(seconds * 1e6);
+    return PyThread_acquire_lock_timed(*m, us, 0) == PY_LOCK_ACQUIRED;
+}
+#endif
+
 typedef struct {
     PyObject_HEAD
-    PyThread_type_lock lock;
+    cs_mutex mutex;
+    int ready;
     unsigned long owner;
     unsigned long count;
 } RLockObject;
@@ -125,9 +171,9 @@ rlock_acquire(RLockObject *l)
         l->count++;
         return 0;
     }
-    if (!PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+    if (!mutex_try(&l->mutex)) {
         Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(l->lock, WAIT_LOCK);
+        mutex_wait(&l->mutex);
         Py_END_ALLOW_THREADS
     }
     l->owner = me;
@@ -144,7 +190,7 @@ rlock_release(RLockObject *l)
     }
     if (--l->count == 0) {
         l->owner = 0;
-        PyThread_release_lock(l->lock);
+        mutex_unlock(&l->mutex);
     }
     return 0;
 }
@@ -155,21 +201,21 @@ RLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     RLockObject *l = (RLockObject *)type->tp_alloc(type, 0);
     if (l == NULL)
         return NULL;
-    l->lock = PyThread_allocate_lock();
-    if (l->lock == NULL) {
+    if (!mutex_init(&l->mutex)) {
         Py_DECREF(l);
         return PyErr_NoMemory();
     }
+    l->ready = 1;
     return (PyObject *)l;
 }
 
 static void
 RLock_dealloc(RLockObject *l)
 {
-    if (l->lock != NULL) {
+    if (l->ready) {
         if (l->count > 0)
-            PyThread_release_lock(l->lock);
-        PyThread_free_lock(l->lock);
+            mutex_unlock(&l->mutex);
+        mutex_free(&l->mutex);
     }
     Py_TYPE(l)->tp_free((PyObject *)l);
 }
@@ -187,15 +233,14 @@ RLock_acquire(RLockObject *l, PyObject *args, PyObject *kwds)
         l->count++;
         Py_RETURN_TRUE;
     }
-    if (!PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+    if (!mutex_try(&l->mutex)) {
         if (!blocking)
             Py_RETURN_FALSE;
-        PyLockStatus r;
-        PY_TIMEOUT_T us = timeout < 0 ? -1 : (PY_TIMEOUT_T)(timeout * 1e6);
+        int got;
         Py_BEGIN_ALLOW_THREADS
-        r = PyThread_acquire_lock_timed(l->lock, us, 0);
+        got = mutex_wait_for(&l->mutex, timeout);
         Py_END_ALLOW_THREADS
-        if (r != PY_LOCK_ACQUIRED)
+        if (!got)
             Py_RETURN_FALSE;
     }
     l->owner = me;
@@ -299,6 +344,19 @@ static PyTypeObject StepCountersType = {
 
 /* ------------------------------------------------------------------ small helpers */
 
+/* Branch hints: error and fallback paths are laid out away from the common path, so an op
+ * touches fewer instruction cache lines (inside a decode step they are all cold). */
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* An internal failure after the seed's op succeeded: reported, never raised. */
+static void __attribute__((cold, noinline))
+report(PyObject *obj)
+{
+    PyErr_WriteUnraisable(obj);
+}
+
+
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 static int
@@ -354,7 +412,7 @@ lock(Hot *h)
     if (Py_TYPE(h->lock) == &RLockType)
         return rlock_acquire((RLockObject *)h->lock);
     PyObject *r = PyObject_CallNoArgs(h->acquire);
-    if (r == NULL)
+    if (UNLIKELY(r == NULL))
         return -1;
     Py_DECREF(r);
     return 0;
@@ -427,20 +485,20 @@ labelled(Hot *h, PyObject *obj, PyObject **owner)
     }
     else {
         PyObject *key = PyLong_FromVoidPtr(obj);
-        if (key == NULL)
+        if (UNLIKELY(key == NULL))
             return -1;
         entry = PyDict_GetItemWithError(h->labels, key);   /* borrowed */
         Py_DECREF(key);
         if (entry == NULL)
             return PyErr_Occurred() ? -1 : 0;
-        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2)
+        if (UNLIKELY(!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2))
             return 0;
         Py_XSETREF(m->entry, Py_NewRef(entry));
         m->obj = obj;
         m->version = version;
     }
     PyObject *ref = PyTuple_GET_ITEM(entry, 0);
-    if (!PyWeakref_Check(ref) || PyWeakref_GET_OBJECT(ref) != obj)
+    if (UNLIKELY(!PyWeakref_Check(ref) || PyWeakref_GET_OBJECT(ref) != obj))
         return 0;
     *owner = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
     return 1;
@@ -465,7 +523,7 @@ attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
         while (f != NULL && _PyFrame_IsIncomplete(f))
             f = f->previous;
     }
-    if (f == NULL)
+    if (UNLIKELY(f == NULL))
         return 0;
     PyCodeObject *code = f->f_code;
     int lasti = _PyInterpreterFrame_LASTI(f);
@@ -474,16 +532,16 @@ attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
     if (e->code != code || e->lasti != lasti) {
         int line = PyCode_Addr2Line(code, lasti * (int)sizeof(_Py_CODEUNIT));
         PyObject *path = PyObject_CallOneArg(h->short_path, code->co_filename);
-        if (path == NULL)
+        if (UNLIKELY(path == NULL))
             return -1;
         PyObject *s = PyUnicode_FromFormat("%U:%d", path, line);
         Py_DECREF(path);
-        if (s == NULL)
+        if (UNLIKELY(s == NULL))
             return -1;
         int is_method = 0, is_cell = 0;
         if (code->co_argcount > 0) {
             PyObject *names = PyCode_GetVarnames(code);
-            if (names == NULL) {
+            if (UNLIKELY(names == NULL)) {
                 Py_DECREF(s);
                 return -1;
             }
@@ -505,12 +563,12 @@ attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
     if (mode == 1 && slot_get(h->astate, off_at_watching) > 0) {
         PyObject *stack = PyObject_GetAttr(h->local, s_stack);
         if (stack == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            if (UNLIKELY(!PyErr_ExceptionMatches(PyExc_AttributeError)))
                 return -1;
             PyErr_Clear();
         }
         else {
-            if (PyList_CheckExact(stack) && PyList_GET_SIZE(stack) > 0) {
+            if (LIKELY(PyList_CheckExact(stack) && PyList_GET_SIZE(stack) > 0)) {
                 PyObject *top = PyList_GET_ITEM(stack, PyList_GET_SIZE(stack) - 1);
                 if (PyTuple_CheckExact(top) && PyTuple_GET_SIZE(top) == 2) {
                     *owner = Py_NewRef(PyTuple_GET_ITEM(top, 1));
@@ -529,7 +587,7 @@ attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
      * the Python path; none at all means no owner. */
     int is_method = e->is_method, is_cell = e->self_is_cell;
     for (int depth = 0; f != NULL && depth < MAX_FRAMES; depth++) {
-        if (depth > 0 && code_kind(f->f_code, &is_method, &is_cell) < 0)
+        if (UNLIKELY(depth > 0 && code_kind(f->f_code, &is_method, &is_cell) < 0))
             return -1;
         if (is_method) {
             PyObject *obj = f->localsplus[0];
@@ -563,7 +621,7 @@ hold(PyObject *fs, PyObject *logical, PyObject *storages)
 {
     FamilyCounters *c = FC(fs);
     long long lg = PyLong_AsLongLong(logical);
-    if (lg == -1 && PyErr_Occurred())
+    if (UNLIKELY(lg == -1 && PyErr_Occurred()))
         return -1;
     if (++c->depth > c->peak_depth)
         c->peak_depth = c->depth;
@@ -571,21 +629,21 @@ hold(PyObject *fs, PyObject *logical, PyObject *storages)
     if (c->logical > c->peak_logical)
         c->peak_logical = c->logical;
     PyObject *held = SLOT(fs, off_fs_storages);
-    if (held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages))
+    if (UNLIKELY(held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages)))
         return -1;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
         PyObject *pair = PyTuple_GET_ITEM(storages, i);
         PyObject *key = PyTuple_GET_ITEM(pair, 0), *nbytes = PyTuple_GET_ITEM(pair, 1);
         PyObject *entry = PyDict_GetItemWithError(held, key);
         if (entry == NULL) {   /* one holder: just its byte count (FamilyStats.hold) */
-            if (PyErr_Occurred() || PyDict_SetItem(held, key, nbytes) < 0)
+            if (UNLIKELY(PyErr_Occurred() || PyDict_SetItem(held, key, nbytes) < 0))
                 return -1;
             c->storage += PyLong_AsLongLong(nbytes);
         }
         else if (PyLong_CheckExact(entry)) {   /* shared: [holders, nbytes] */
             PyObject *two = PyLong_FromLong(2);
             PyObject *lst = two ? PyList_New(2) : NULL;
-            if (lst == NULL) {
+            if (UNLIKELY(lst == NULL)) {
                 Py_XDECREF(two);
                 return -1;
             }
@@ -593,14 +651,14 @@ hold(PyObject *fs, PyObject *logical, PyObject *storages)
             PyList_SET_ITEM(lst, 1, Py_NewRef(entry));
             int r = PyDict_SetItem(held, key, lst);
             Py_DECREF(lst);
-            if (r < 0)
+            if (UNLIKELY(r < 0))
                 return -1;
         }
         else {
-            if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2)
+            if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
                 return -1;
             PyObject *rc = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) + 1);
-            if (rc == NULL || PyList_SetItem(entry, 0, rc) < 0)
+            if (UNLIKELY(rc == NULL || PyList_SetItem(entry, 0, rc) < 0))
                 return -1;
         }
     }
@@ -613,40 +671,40 @@ static int
 release(PyObject *fs, PyObject *logical, PyObject *storages)
 {
     long long lg = PyLong_AsLongLong(logical);
-    if (lg == -1 && PyErr_Occurred())
+    if (UNLIKELY(lg == -1 && PyErr_Occurred()))
         return -1;
     FC(fs)->depth -= 1;
     FC(fs)->logical -= lg;
     PyObject *held = SLOT(fs, off_fs_storages);
-    if (held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages))
+    if (UNLIKELY(held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages)))
         return -1;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
         PyObject *key = PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 0);
         PyObject *entry = PyDict_GetItemWithError(held, key);
         if (entry == NULL) {
-            if (PyErr_Occurred())
+            if (UNLIKELY(PyErr_Occurred()))
                 return -1;
             continue;
         }
         if (PyLong_CheckExact(entry)) {   /* its only holder left */
             long long nbytes = PyLong_AsLongLong(entry);
-            if (PyDict_DelItem(held, key) < 0)
+            if (UNLIKELY(PyDict_DelItem(held, key) < 0))
                 return -1;
             FC(fs)->storage -= nbytes;
             continue;
         }
-        if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2)
+        if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
             return -1;
         long long rc = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) - 1;
         if (rc <= 0) {
             long long nbytes = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
-            if (PyDict_DelItem(held, key) < 0)
+            if (UNLIKELY(PyDict_DelItem(held, key) < 0))
                 return -1;
             FC(fs)->storage -= nbytes;
         }
         else {
             PyObject *v = PyLong_FromLongLong(rc);
-            if (v == NULL || PyList_SetItem(entry, 0, v) < 0)
+            if (UNLIKELY(v == NULL || PyList_SetItem(entry, 0, v) < 0))
                 return -1;
         }
     }
@@ -700,13 +758,13 @@ static unsigned char raw_itemsize[256];   /* dtype index -> element size; 0: not
 static int
 raw_tensor(PyObject *t, long long *nbytes, void **skey, long long *snbytes)
 {
-    if (!raw_ok || Py_TYPE(t) != TensorType)
+    if (UNLIKELY(!raw_ok || Py_TYPE(t) != TensorType))
         return 0;
     char *impl = *(char **)((char *)t + raw_off_impl);
-    if (impl == NULL || *(void **)impl != raw_impl_vt)
+    if (UNLIKELY(impl == NULL || *(void **)impl != raw_impl_vt))
         return 0;
     char *st = *(char **)(impl + raw_off_storage);
-    if (st == NULL || *(void **)st != raw_storage_vt)
+    if (UNLIKELY(st == NULL || *(void **)st != raw_storage_vt))
         return 0;
     long long numel = *(long long *)(impl + raw_off_numel);
     unsigned short dt = *(unsigned short *)(impl + raw_off_dtype);
@@ -766,7 +824,7 @@ pair_of(void *key, long long nbytes)
 {
     PyObject *k = PyLong_FromVoidPtr(key), *n = k ? PyLong_FromLongLong(nbytes) : NULL;
     PyObject *pair = n ? PyTuple_New(2) : NULL;
-    if (pair == NULL) {
+    if (UNLIKELY(pair == NULL)) {
         Py_XDECREF(k);
         Py_XDECREF(n);
         return NULL;
@@ -782,16 +840,16 @@ measure_kv_raw(PyObject *a, PyObject *b)
 {
     long long na, nb, sna, snb;
     void *ka, *kb;
-    if (!raw_tensor(a, &na, &ka, &sna) || !raw_tensor(b, &nb, &kb, &snb))
+    if (UNLIKELY(!raw_tensor(a, &na, &ka, &sna) || !raw_tensor(b, &nb, &kb, &snb)))
         return NULL;
     PyObject *logical = PyLong_FromLongLong(na + nb);
     PyObject *sa = pair_of(ka, sna);
     PyObject *sb = ka == kb ? NULL : pair_of(kb, snb);
     PyObject *storages = NULL, *m = NULL;
-    if (logical == NULL || sa == NULL || (ka != kb && sb == NULL))
+    if (UNLIKELY(logical == NULL || sa == NULL || (ka != kb && sb == NULL)))
         goto fail;
     storages = ka == kb ? PyTuple_Pack(1, sa) : PyTuple_Pack(2, sa, sb);
-    if (storages == NULL || (m = new_tuple_of(MeasureType, 5)) == NULL)
+    if (UNLIKELY(storages == NULL || (m = new_tuple_of(MeasureType, 5)) == NULL))
         goto fail;
     PyTuple_SET_ITEM(m, 0, logical);
     PyTuple_SET_ITEM(m, 1, storages);
@@ -815,10 +873,10 @@ fail:
 static PyObject *
 measure_kv(PyObject *value)
 {
-    if (!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 2)
+    if (UNLIKELY(!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 2))
         return NULL;
     PyObject *a = PyTuple_GET_ITEM(value, 0), *b = PyTuple_GET_ITEM(value, 1);
-    if (Py_TYPE(a) != TensorType || Py_TYPE(b) != TensorType)
+    if (UNLIKELY(Py_TYPE(a) != TensorType || Py_TYPE(b) != TensorType))
         return NULL;
     PyObject *raw = measure_kv_raw(a, b);
     if (raw != NULL)
@@ -828,19 +886,19 @@ measure_kv(PyObject *value)
     PyObject *sa = nb ? storage_of(a) : NULL;
     PyObject *sb = sa ? storage_of(b) : NULL;
     PyObject *logical = NULL, *storages = NULL, *m = NULL;
-    if (sb == NULL)
+    if (UNLIKELY(sb == NULL))
         goto fail;
     logical = PyNumber_Add(na, nb);
-    if (logical == NULL)
+    if (UNLIKELY(logical == NULL))
         goto fail;
     int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(sa, 0), PyTuple_GET_ITEM(sb, 0), Py_EQ);
-    if (same < 0)
+    if (UNLIKELY(same < 0))
         goto fail;
     storages = same ? PyTuple_Pack(1, sa) : PyTuple_Pack(2, sa, sb);
-    if (storages == NULL)
+    if (UNLIKELY(storages == NULL))
         goto fail;
     m = new_tuple_of(MeasureType, 5);
-    if (m == NULL)
+    if (UNLIKELY(m == NULL))
         goto fail;
     PyTuple_SET_ITEM(m, 0, logical);
     PyTuple_SET_ITEM(m, 1, storages);
@@ -874,7 +932,7 @@ make_record(Hot *h, PyObject *op, PyObject *name, PyObject *fs, PyObject *owner,
     PyObject *step = PyLong_FromLongLong(h->step_index);
     PyObject *d = depth < 0 ? Py_NewRef(Py_None) : PyLong_FromSsize_t(depth);   /* -1: not a queue */
     PyObject *rec = (seq && t && step && d) ? new_tuple_of(RecordType, 14) : NULL;
-    if (rec == NULL) {
+    if (UNLIKELY(rec == NULL)) {
         Py_XDECREF(seq);
         Py_XDECREF(t);
         Py_XDECREF(step);
@@ -914,9 +972,9 @@ static int
 timeline_add(Hot *h, PyObject *rec)
 {
     PyObject *fn = h->timeline_append;
-    if (PyCFunction_Check(fn) && PyCFunction_GET_FLAGS(fn) == METH_O) {
+    if (LIKELY(PyCFunction_Check(fn) && PyCFunction_GET_FLAGS(fn) == METH_O)) {
         PyObject *r = PyCFunction_GET_FUNCTION(fn)(PyCFunction_GET_SELF(fn), rec);
-        if (r == NULL)
+        if (UNLIKELY(r == NULL))
             return -1;
         Py_DECREF(r);
         return 0;
@@ -938,11 +996,11 @@ static int
 step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
 {
     PyObject *step = h->step;
-    if (step == Py_None || step == NULL)
+    if (UNLIKELY(step == Py_None || step == NULL))
         return 0;
-    if (!PyObject_TypeCheck(step, StepType))
+    if (UNLIKELY(!PyObject_TypeCheck(step, StepType)))
         return -1;
-    if (slot_add(step, off_st_ops, 1) < 0)
+    if (UNLIKELY(slot_add(step, off_st_ops, 1) < 0))
         return -1;
     PyObject *names = SLOT(step, off_set);
     if (names != NULL && PySet_Check(names) && PySet_GET_SIZE(names) < STEP_MEMORY)
@@ -986,7 +1044,7 @@ default_family_stats(Hot *h, PyObject *name)
             pos--;
     }
 #undef SEP
-    if (pos == 0 || pos > MAX_LABEL_LEN)
+    if (UNLIKELY(pos == 0 || pos > MAX_LABEL_LEN))
         return NULL;
     for (Py_ssize_t i = 0; i < pos; i++) {   /* characters _UNSAFE would replace */
         char ch = c[i];
@@ -996,7 +1054,7 @@ default_family_stats(Hot *h, PyObject *name)
     }
 #undef DIGIT
     PyObject *family = PyUnicode_FromStringAndSize(c, pos);
-    if (family == NULL)
+    if (UNLIKELY(family == NULL))
         return NULL;
     int known = PySet_Contains(h->families_seen, family);
     PyObject *families = known > 0 ? PyObject_GetAttr(h->stats, s_families) : NULL;
@@ -1004,14 +1062,14 @@ default_family_stats(Hot *h, PyObject *name)
         PyDict_GetItemWithError(families, family) : NULL;
     Py_DECREF(family);
     Py_XDECREF(families);   /* the stats object holds it: fs stays valid */
-    if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {
+    if (UNLIKELY(fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType))) {
         PyErr_Clear();
         return NULL;
     }
     Py_INCREF(fs);
     if (PyDict_GET_SIZE(h->fs_memo) >= FS_MEMO_SIZE)   /* bounded, as in _fstats */
         PyDict_Clear(h->fs_memo);
-    if (PyDict_SetItem(h->fs_memo, name, fs) < 0) {
+    if (UNLIKELY(PyDict_SetItem(h->fs_memo, name, fs) < 0)) {
         Py_DECREF(fs);
         return NULL;
     }
@@ -1029,7 +1087,7 @@ family_stats(Hot *h, PyObject *cache, PyObject *name, int nonempty_list)
     PyObject *fs = PyDict_GetItemWithError(h->fs_memo, name);
     if (fs != NULL)
         return Py_NewRef(fs);
-    if (PyErr_Occurred())
+    if (UNLIKELY(PyErr_Occurred()))
         return NULL;
     PyObject *cur = nonempty_list == 2 ? NULL : PyDict_GetItemWithError(h->cache, name);
     if (nonempty_list == 2)   /* set: any value; the caller checked the old one */
@@ -1044,7 +1102,7 @@ family_stats(Hot *h, PyObject *cache, PyObject *name, int nonempty_list)
 }
 
 /* The Python method, with the same arguments (args[0] is the cache). */
-static PyObject *
+static PyObject *__attribute__((cold, noinline))
 slow(PyObject *fn, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
     return PyObject_Vectorcall(fn, all, nall, kwnames);
@@ -1056,19 +1114,19 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     PyObject *cache = all[0];
     PyObject *const *args = all + 1;
     Py_ssize_t nargs = nall - 1;
-    if (!h->enabled || nargs != 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
+    if (UNLIKELY(!h->enabled || nargs != 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0])))
         return slow(h->slow_push, all, nall, kwnames);
     PyObject *name = args[0], *value = args[1];
     PyObject *owner = NULL, *site = NULL;
     int found = attribute(h, &owner, &site, 0);
-    if (found <= 0) {
+    if (UNLIKELY(found <= 0)) {
         PyErr_Clear();
         return slow(h->slow_push, all, nall, kwnames);
     }
     PyObject *m = h->full_measure ? NULL : measure_kv(value);
     if (m == NULL) {
         m = PyObject_CallOneArg(h->measure, value);
-        if (m == NULL || !PyObject_TypeCheck(m, MeasureType)) {
+        if (UNLIKELY(m == NULL || !PyObject_TypeCheck(m, MeasureType))) {
             PyErr_Clear();
             Py_XDECREF(m);
             Py_DECREF(owner);
@@ -1081,16 +1139,25 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     if (PyTuple_GET_SIZE(storages) == 1) {
         storage = Py_NewRef(PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, 0), 1));
     }
-    else {
-        storage = PyLong_FromLong(0);
-        for (Py_ssize_t i = 0; storage && i < PyTuple_GET_SIZE(storages); i++) {
-            PyObject *s = PyNumber_Add(storage, PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 1));
-            Py_DECREF(storage);
-            storage = s;
+    else {   /* Measure.storage: the sum of the storages' bytes */
+        long long sum = 0;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++)
+            sum += PyLong_AsLongLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 1));
+        if (LIKELY(!PyErr_Occurred())) {
+            storage = PyLong_FromLongLong(sum);
+        }
+        else {   /* beyond 64 bits: Python integers */
+            PyErr_Clear();
+            storage = PyLong_FromLong(0);
+            for (Py_ssize_t i = 0; storage && i < PyTuple_GET_SIZE(storages); i++) {
+                PyObject *t = PyNumber_Add(storage, PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 1));
+                Py_DECREF(storage);
+                storage = t;
+            }
         }
     }
     PyObject *result = NULL, *rec = NULL;
-    if (storage == NULL || lock(h) < 0)
+    if (UNLIKELY(storage == NULL || lock(h) < 0))
         goto done;
     /* everything that can send us back to Python happens before the cache changes */
     PyObject *fs = family_stats(h, cache, name, 0);
@@ -1108,7 +1175,7 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     int existed = queue != NULL;
     if (!existed) {
         queue = PyList_New(0);
-        if (queue == NULL || PyDict_SetItem(h->cache, name, queue) < 0) {
+        if (UNLIKELY(queue == NULL || PyDict_SetItem(h->cache, name, queue) < 0)) {
             Py_XDECREF(queue);
             Py_DECREF(fs);
             unlock(h);
@@ -1116,7 +1183,7 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         }
         Py_DECREF(queue);   /* the dict holds it */
     }
-    if (PyList_Append(queue, value) < 0) {
+    if (UNLIKELY(PyList_Append(queue, value) < 0)) {
         Py_DECREF(fs);
         unlock(h);
         goto done;
@@ -1164,7 +1231,7 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     Py_DECREF(fs);
     unlock(h);
     if (bad)
-        PyErr_WriteUnraisable(name);
+        report(name);
     else if (h->op_sinks)
         dispatch_op(h, cache, rec);
     result = Py_NewRef(Py_None);
@@ -1183,17 +1250,17 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     PyObject *cache = all[0];
     PyObject *const *args = all + 1;
     Py_ssize_t nargs = nall - 1;
-    if (!h->enabled || nargs != 1 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
+    if (UNLIKELY(!h->enabled || nargs != 1 || kwnames != NULL || !PyUnicode_CheckExact(args[0])))
         return slow(h->slow_pop, all, nall, kwnames);
     PyObject *name = args[0];
     PyObject *owner = NULL, *site = NULL;
     int found = attribute(h, &owner, &site, 0);
-    if (found <= 0) {
+    if (UNLIKELY(found <= 0)) {
         PyErr_Clear();
         return slow(h->slow_pop, all, nall, kwnames);
     }
     PyObject *result = NULL, *rec = NULL, *item = NULL, *fs = NULL;
-    if (lock(h) < 0)
+    if (UNLIKELY(lock(h) < 0))
         goto done;
     fs = family_stats(h, cache, name, 1);
     PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
@@ -1262,7 +1329,7 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         bad = step_note(h, off_st_popped, name) < 0;
     unlock(h);
     if (bad)
-        PyErr_WriteUnraisable(name);
+        report(name);
     else if (h->op_sinks)
         dispatch_op(h, cache, rec);
 done:
@@ -1281,15 +1348,15 @@ Hot_get(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     (void)cache;
     PyObject *const *args = all + 1;
     Py_ssize_t nargs = nall - 1;
-    if (!h->enabled || nargs < 1 || nargs > 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0]))
+    if (UNLIKELY(!h->enabled || nargs < 1 || nargs > 2 || kwnames != NULL || !PyUnicode_CheckExact(args[0])))
         return slow(h->slow_get, all, nall, kwnames);
     PyObject *fs = PyDict_GetItemWithError(h->fs_memo, args[0]);
-    if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {
+    if (UNLIKELY(fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType))) {
         PyErr_Clear();
         return slow(h->slow_get, all, nall, kwnames);
     }
     Py_INCREF(fs);
-    if (lock(h) < 0) {
+    if (UNLIKELY(lock(h) < 0)) {
         Py_DECREF(fs);
         return NULL;
     }
@@ -1298,7 +1365,7 @@ Hot_get(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     Py_DECREF(fs);
     PyObject *v = PyDict_GetItemWithError(h->cache, args[0]);
     if (v == NULL) {
-        if (PyErr_Occurred())
+        if (UNLIKELY(PyErr_Occurred()))
             return NULL;
         return Py_NewRef(nargs == 2 ? args[1] : Py_None);
     }
@@ -1556,21 +1623,21 @@ static PyObject *
 plain_set(Hot *h, PyObject *const *all, Py_ssize_t nall)
 {
     PyObject *cache = all[0], *key = all[1], *value = all[2];
-    if (PyList_CheckExact(value))
+    if (UNLIKELY(PyList_CheckExact(value)))
         return slow(h->slow_set, all, nall, NULL);
     PyObject *owner = NULL, *site = NULL;
     int found = attribute(h, &owner, &site, 0);
-    if (found <= 0) {
+    if (UNLIKELY(found <= 0)) {
         PyErr_Clear();
         return slow(h->slow_set, all, nall, NULL);
     }
     PyObject *result = NULL, *rec = NULL, *fs = NULL;
-    if (lock(h) < 0)
+    if (UNLIKELY(lock(h) < 0))
         goto done;
     PyObject *old = PyDict_GetItemWithError(h->cache, key);
     fs = (old == NULL && PyErr_Occurred()) || (old != NULL && PyList_CheckExact(old)) ? NULL
          : family_stats(h, cache, key, 2);
-    if (fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType)) {
+    if (UNLIKELY(fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType))) {
         Py_CLEAR(fs);
         unlock(h);
         PyErr_Clear();
@@ -1595,7 +1662,7 @@ plain_set(Hot *h, PyObject *const *all, Py_ssize_t nall)
     }
     unlock(h);
     if (bad)
-        PyErr_WriteUnraisable(key);
+        report(key);
     else if (h->op_sinks)
         dispatch_op(h, cache, rec);
     result = Py_NewRef(Py_None);
@@ -1621,12 +1688,12 @@ Hot_clear_op(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     PyObject *key = all[1];
     PyObject *owner = NULL, *site = NULL;
     int found = attribute(h, &owner, &site, 0);
-    if (found <= 0) {
+    if (UNLIKELY(found <= 0)) {
         PyErr_Clear();
         return slow(h->slow_clear, all, nall, kwnames);
     }
     PyObject *result = NULL, *rec = NULL, *fs = NULL;
-    if (lock(h) < 0)
+    if (UNLIKELY(lock(h) < 0))
         goto done;
     PyObject *old = PyDict_GetItemWithError(h->cache, key);
     int queue = old != NULL && PyList_CheckExact(old);
@@ -1676,7 +1743,7 @@ Hot_clear_op(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     }
     unlock(h);
     if (bad)
-        PyErr_WriteUnraisable(key);
+        report(key);
     else if (h->op_sinks)
         dispatch_op(h, cache, rec);
     result = Py_NewRef(Py_None);
@@ -1695,7 +1762,7 @@ static PyObject *
 Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
     PyObject *cache = all[0];
-    if (!h->enabled || nall != 3 || kwnames != NULL || !PyUnicode_CheckExact(all[1]))
+    if (UNLIKELY(!h->enabled || nall != 3 || kwnames != NULL || !PyUnicode_CheckExact(all[1])))
         return slow(h->slow_set, all, nall, kwnames);
     PyObject *key = all[1], *pair = all[2];
     PyObject *state_key = h->state_key;
@@ -1703,7 +1770,7 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
                    (key == state_key || PyUnicode_Compare(key, state_key) == 0);
     if (!is_state)
         return plain_set(h, all, nall);
-    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2)
+    if (UNLIKELY(!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2))
         return slow(h->slow_set, all, nall, kwnames);
     /* the previous step: closed, other state ids, its popped queues drained */
     PyObject *cur = h->step;
@@ -1715,21 +1782,21 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         PyObject *prev = SLOT(cur, off_st_prev), *next = SLOT(cur, off_st_next);
         int same_prev = PyObject_RichCompareBool(prev, PyTuple_GET_ITEM(pair, 0), Py_EQ);
         int same_next = same_prev >= 0 ? PyObject_RichCompareBool(next, PyTuple_GET_ITEM(pair, 1), Py_EQ) : -1;
-        if (same_prev < 0 || same_next < 0) {
+        if (UNLIKELY(same_prev < 0 || same_next < 0)) {
             PyErr_Clear();
             return slow(h->slow_set, all, nall, kwnames);
         }
-        if (same_prev && same_next)
+        if (UNLIKELY(same_prev && same_next))
             return slow(h->slow_set, all, nall, kwnames);
         PyObject *popped = SLOT(cur, off_st_popped);
-        if (popped == NULL || !PyAnySet_Check(popped))
+        if (UNLIKELY(popped == NULL || !PyAnySet_Check(popped)))
             return slow(h->slow_set, all, nall, kwnames);
         Py_ssize_t pos = 0;
         PyObject *name;
         Py_hash_t hash;
         while (_PySet_NextEntry(popped, &pos, &name, &hash)) {
             int held = PyDict_Contains(h->queues, name);
-            if (held != 0) {
+            if (UNLIKELY(held != 0)) {
                 PyErr_Clear();
                 return slow(h->slow_set, all, nall, kwnames);
             }
@@ -1737,15 +1804,15 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     }
     PyObject *owner = NULL, *site = NULL;
     int found = attribute(h, &owner, &site, 0);
-    if (found <= 0) {
+    if (UNLIKELY(found <= 0)) {
         PyErr_Clear();
         return slow(h->slow_set, all, nall, kwnames);
     }
     PyObject *result = NULL, *rec = NULL, *fs = NULL, *step = NULL;
-    if (lock(h) < 0)
+    if (UNLIKELY(lock(h) < 0))
         goto done;
     PyObject *old = PyDict_GetItemWithError(h->cache, key);
-    if (old == NULL && PyErr_Occurred()) {
+    if (UNLIKELY(old == NULL && PyErr_Occurred())) {
         unlock(h);
         goto done;
     }
@@ -1761,7 +1828,7 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     step = StepType->tp_alloc(StepType, 0);
     PyObject *pushed = step ? PySet_New(NULL) : NULL, *popped = pushed ? PySet_New(NULL) : NULL;
     PyObject *pops = popped ? PySet_New(NULL) : NULL;
-    if (pops == NULL) {
+    if (UNLIKELY(pops == NULL)) {
         Py_XDECREF(pushed);
         Py_XDECREF(popped);
         unlock(h);
@@ -1804,13 +1871,13 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     Py_XSETREF(h->step_pops, pops);
     unlock(h);
     if (bad)
-        PyErr_WriteUnraisable(key);
+        report(key);
     else if (h->op_sinks)
         dispatch_op(h, cache, rec);
     if (h->step_sinks & 1) {
         PyObject *r = PyObject_CallMethodNoArgs(cache, s_emit_step_start);
         if (r == NULL)
-            PyErr_WriteUnraisable(cache);
+            report(cache);
         Py_XDECREF(r);
     }
     result = Py_NewRef(Py_None);
@@ -1837,7 +1904,7 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         tokens = all[1];
     else if (nall == 1 && nkw == 0)
         tokens = s_zero;
-    if (!h->enabled || tokens == NULL || !PyLong_CheckExact(tokens))
+    if (UNLIKELY(!h->enabled || tokens == NULL || !PyLong_CheckExact(tokens)))
         return slow(h->slow_end_step, all, nall, kwnames);
     PyObject *stats = h->stats;
     long long ntok = PyLong_AsLongLong(tokens);
@@ -1846,7 +1913,7 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         PyErr_Clear();
         return slow(h->slow_end_step, all, nall, kwnames);
     }
-    if (lock(h) < 0)
+    if (UNLIKELY(lock(h) < 0))
         return NULL;
     PyObject *step = h->step;
     int closes = step != Py_None && PyObject_TypeCheck(step, StepType) &&
@@ -1868,7 +1935,7 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     }
     unlock(h);
     if (bad)
-        PyErr_WriteUnraisable(cache);
+        report(cache);
     int dispatch = closes && (h->step_sinks & 2);
     if (closes && !dispatch && !bad && h->durations != NULL && h->durations != Py_None) {
         /* the metrics sink's pending durations, as MetricsSink.on_step_end appends them */
@@ -1888,7 +1955,7 @@ Hot_end_step(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         PyObject *args[3] = {cache, s_on_step_end, step};
         PyObject *r = PyObject_Vectorcall(h->emit, args, 3, NULL);
         if (r == NULL)
-            PyErr_WriteUnraisable(h->emit);
+            report(h->emit);
         Py_XDECREF(r);
     }
     Py_DECREF(step);
@@ -1932,7 +1999,7 @@ static PyObject *
 FastOp_vectorcall(FastOp *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs >= 1) {
+    if (LIKELY(nargs >= 1)) {
         PyObject *hot = hot_type != NULL && PyObject_TypeCheck(args[0], hot_type) ?
             *(PyObject **)((char *)args[0] + hot_offset) : NULL;
         if (hot != NULL && Py_TYPE(hot) == &HotType && ((Hot *)hot)->enabled) {
@@ -1946,7 +2013,7 @@ FastOp_vectorcall(FastOp *op, PyObject *const *args, size_t nargsf, PyObject *kw
             Py_DECREF(hot);
             return r;
         }
-        if (hot == NULL && PyErr_Occurred())
+        if (UNLIKELY(hot == NULL && PyErr_Occurred()))
             return NULL;
     }
     return PyObject_Vectorcall(op->func, args, nargsf, kwnames);

@@ -1321,3 +1321,39 @@ def test_new_queue_names_get_the_family_python_gives(stem: str, ids: list) -> No
         assert fast._fs_memo[name].family == slow._fs_memo[name].family == want
         assert fast._fs_memo[name] is fast.stats.families[want]
     assert snapshot(fast)["stats"] == snapshot(slow)["stats"]
+
+
+def test_the_cache_lock_behaves_like_threading_rlock() -> None:
+    """The fast path's lock: reentrant for its owner, refused to others while held (non-blocking
+    and timed tries), handed over on release, and only its owner may release it."""
+    require_fast_path()
+    lock = new_cache(True)._lock
+    assert type(lock).__name__ == "RLock" and type(lock).__module__ == "cachescope._speedups"
+    assert lock.acquire() and lock.acquire(blocking=False) and lock._is_owned()
+    seen: dict[str, Any] = {}
+
+    def other() -> None:
+        seen["try"] = lock.acquire(blocking=False)
+        seen["timed"] = lock.acquire(timeout=0.05)
+        try:
+            lock.release()
+        except RuntimeError as exc:
+            seen["release"] = str(exc)
+        seen["blocking"] = lock.acquire()   # returns once the owner released twice
+        seen["owned"] = lock._is_owned()
+        lock.release()
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and seen == {"try": False, "timed": False,
+                                     "release": "cannot release un-acquired lock"}
+    lock.release()
+    t.join(0.2)
+    assert t.is_alive() and "blocking" not in seen   # still held once: the other thread waits
+    lock.release()
+    t.join(5)
+    assert not t.is_alive() and seen["blocking"] is True and seen["owned"] is True
+    with lock:   # free again, usable as a context manager
+        assert lock._is_owned()
+    assert not lock._is_owned()
