@@ -7,7 +7,7 @@
 
 MODES: comma-separated, must include ``plain``; ``plain*`` = ``Cache()``, ``core`` =
 ``InstrumentedCache(metrics=False, tracing=False)``, ``default`` = ``InstrumentedCache()``; a
-``-py`` suffix adds ``speedups=False``. Prints, per mode, the median of the per-repetition ratios
+``-py`` suffix adds ``speedups=False``; ``trace-all`` / ``trace-10`` as in bench.py. Prints, per mode, the median of the per-repetition ratios
 to plain minus 1 with a 95 % bootstrap CI, and the mean.
 """
 
@@ -27,10 +27,15 @@ from cachescope import Cache, InstrumentedCache  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from cachescope.neox import NeoXConfig, NeoXModel, generate  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (its tracing modes)
 
-def make(mode: str) -> object:
+
+def make(mode: str, modes: "bench.Modes") -> object:
     if mode.startswith("plain"):
         return Cache()
+    if mode.startswith("trace"):   # bench.py's tracing modes: SDK provider, batch processor
+        return modes.make(mode, registry=CollectorRegistry())
     bare = mode.startswith("core")
     return InstrumentedCache(name=mode, registry=CollectorRegistry(), metrics=not bare,
                              tracing=not bare, speedups=not mode.endswith("-py"))
@@ -43,7 +48,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     model = NeoXModel(NeoXConfig.preset(preset)).eval()
     prompt = list(range(16))
-    caches = {m: make(m) for m in modes}
+    factory = bench.Modes("paired")
+    caches = {m: make(m, factory) for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     with torch.inference_mode():
         for m in modes:
