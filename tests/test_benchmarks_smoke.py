@@ -77,3 +77,20 @@ def test_from_json_rerenders(quick_run: tuple[subprocess.CompletedProcess[str], 
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert again.read_text() == md.read_text()
+
+
+def test_insitu_op_timer_builds_and_reports_every_op() -> None:
+    """``benchmarks/insitu_ops.py`` still patches the current ``_speedups.c``, builds, and times
+    every C op of a short decode (no timing assertion: only that each op was seen)."""
+    import platform
+    import shutil
+
+    from _kvloop import require_fast_path
+    require_fast_path()
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("gcc") is None:
+        pytest.skip("the in-situ timer reads the x86-64 TSC and builds with gcc")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "insitu_ops.py"), "tiny", "4", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    seen = {line.split()[0] for line in proc.stdout.splitlines()[2:]}
+    assert {"push", "pop", "get", "set", "end_step", "clear", "all"} <= seen, proc.stdout
