@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from typing import Any
 
 import torch
 
-__all__ = ["AVAILABLE", "PyHot", "install", "make", "new_lock"]
+__all__ = ["AVAILABLE", "PyHot", "install", "make", "new_lock", "new_timeline", "queue_type"]
 
 try:
     from . import _speedups
@@ -66,9 +67,9 @@ def _configure() -> None:
     if not _configured:
         from ._accounting import FamilyStats
         from ._owners import AttribState
-        from ._records import OpRecord, StepInfo, _Queue
+        from ._records import OpRecord, StepInfo
         from ._values import Measure
-        _speedups.configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure,
+        _speedups.configure(FamilyStats, StepInfo, AttribState, OpRecord, Measure,
                             torch.Tensor, torch.nn.Module)
         from ._layout import enable
         enable(_speedups)   # the raw tensor size reader, when its probe is certain
@@ -80,6 +81,28 @@ def new_lock(speedups: bool = True) -> Any:
     if speedups and AVAILABLE and not _disabled_by_env():
         return _speedups.RLock()
     return threading.RLock()
+
+
+def _c_structures(speedups: bool) -> bool:
+    return speedups and AVAILABLE and not _disabled_by_env()
+
+
+def new_timeline(maxlen: int, speedups: bool = True) -> Any:
+    """The cache's timeline of recent ops: a ``_speedups.Timeline`` (a ring of compact entries,
+    read as OpRecords) when the fast path may run, else a ``deque``. Both take the Python path's
+    records through ``append``."""
+    if _c_structures(speedups):
+        _configure()
+        return _speedups.Timeline(maxlen)
+    return deque(maxlen=maxlen)
+
+
+def queue_type(speedups: bool = True) -> Any:
+    """The class of a live queue's provenance: ``_speedups.Queue`` or ``_records._Queue``."""
+    if _c_structures(speedups):
+        return _speedups.Queue
+    from ._records import _Queue
+    return _Queue
 
 
 def make(cache: Any, speedups: bool = True) -> Any:

@@ -80,7 +80,9 @@ class InstrumentedCache(Cache):
         self.violations: list[Violation] = []
         self._families = FamilyMap(family)
         self._attributor = Attributor(attribution)
-        self._timeline: deque[OpRecord] = deque(maxlen=max(1, timeline_size))
+        # a ring of compact entries in C when the fast path can run, else a deque
+        self._timeline: deque[OpRecord] = hotpath.new_timeline(max(1, timeline_size), speedups)
+        self._new_queue: Callable[[], _Queue] = hotpath.queue_type(speedups)
         self._queues: dict[Any, _Queue] = {}
         self._fs_memo: dict[Any, FamilyStats] = {}
         self._lock = hotpath.new_lock(speedups)
@@ -373,8 +375,8 @@ class InstrumentedCache(Cache):
             self._timeline.append(rec)
             q = self._queues.get(name)
             if q is None:
-                q = self._queues[name] = _Queue()
-            q.items.append(rec)                  # provenance: the push record itself
+                q = self._queues[name] = self._new_queue()
+            q.append(rec)                        # provenance: the push record itself
             fs.hold(m.logical, storages)
             if step is not None:
                 step.ops += 1
@@ -416,11 +418,10 @@ class InstrumentedCache(Cache):
             item = None
             position = None
             if q is not None:
-                items = q.items
-                if items:
-                    item = items.pop(0)
+                if len(q):
+                    item = q.popleft()
                 q.pops = position = q.pops + 1
-                if not items:
+                if not len(q):
                     del self._queues[name]       # drained: free the bookkeeping
             producer = kind = None
             m = EMPTY

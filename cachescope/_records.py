@@ -51,10 +51,23 @@ class StepInfo:
 
 
 class _Queue:
-    """Provenance of one live queue: the pushes not yet popped, and how many pops it has seen."""
+    """Provenance of one live queue: the pushes not yet popped, and how many pops it has seen.
+
+    With the C extension, ``_speedups.Queue`` (compact entries) has the same interface; ``items``
+    is then a copy, so the cache changes provenance only through ``append`` and ``popleft``.
+    """
 
     __slots__ = ("items", "pops")
 
     def __init__(self) -> None:
         self.items: list[OpRecord] = []   # push records not yet popped (a few per queue)
         self.pops = 0
+
+    def append(self, rec: OpRecord) -> None:
+        self.items.append(rec)
+
+    def popleft(self) -> OpRecord:
+        return self.items.pop(0)
+
+    def __len__(self) -> int:
+        return len(self.items)

@@ -57,11 +57,10 @@ typedef struct {
 
 /* Offsets of __slots__ members, read once from the classes' member descriptors. */
 static Py_ssize_t off_fs_family, off_fs_storages;
-static Py_ssize_t off_q_items, off_q_pops;
 static Py_ssize_t off_st_ops, off_st_pushed, off_st_popped, off_st_index, off_st_prev, off_st_next,
     off_st_start, off_st_start_time, off_st_end, off_st_tokens, off_st_violations;
 static Py_ssize_t off_at_mode, off_at_watching;
-static PyTypeObject *FamilyStatsType, *QueueType, *StepType, *AttribStateType;
+static PyTypeObject *FamilyStatsType, *StepType, *AttribStateType;
 static PyTypeObject *RecordType, *MeasureType, *TensorType;
 static PyObject *ModuleType;   /* torch.nn.Module */
 static int configured = 0;
@@ -76,13 +75,12 @@ typedef struct {
     PyObject *cache;         /* the seed's dict (InstrumentedCache._cache) */
     PyObject *queues;        /* name -> _Queue (provenance) */
     PyObject *fs_memo;       /* name -> FamilyStats */
-    PyObject *timeline;      /* deque(maxlen=...) of OpRecord */
+    PyObject *timeline;      /* a Timeline */
     PyObject *labels;        /* Attributor._labels: id(module) -> (weakref, label) */
     PyObject *local;         /* Attributor._local (threading.local with .stack) */
     PyObject *astate;        /* Attributor.state (mode, watching) */
     PyObject *lock;          /* the cache's lock: an RLockObject, or any lock with acquire/release */
     PyObject *acquire, *release;   /* its methods, used when it is not an RLockObject */
-    PyObject *timeline_append;     /* bound timeline.append */
     PyObject *slow_push, *slow_pop, *slow_get, *slow_set, *slow_end_step, *slow_clear, *fstats, *emit,
         *measure, *short_path;
     PyObject *cleared;       /* InstrumentedCache._cleared: key -> (seq, step, owner, site) */
@@ -616,51 +614,125 @@ attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
 
 /* ------------------------------------------------------------------ storage accounting */
 
-static int
-hold(PyObject *fs, PyObject *logical, PyObject *storages)
+static void
+hold_counts(FamilyCounters *c, long long lg)
 {
-    FamilyCounters *c = FC(fs);
-    long long lg = PyLong_AsLongLong(logical);
-    if (UNLIKELY(lg == -1 && PyErr_Occurred()))
-        return -1;
     if (++c->depth > c->peak_depth)
         c->peak_depth = c->depth;
     c->logical += lg;
     if (c->logical > c->peak_logical)
         c->peak_logical = c->logical;
-    PyObject *held = SLOT(fs, off_fs_storages);
-    if (UNLIKELY(held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages)))
+}
+
+/* One storage of an item that entered a queue (FamilyStats.hold): `held` maps storage key ->
+ * nbytes while one item holds it, [holders, nbytes] once shared. */
+static int
+hold_one(FamilyCounters *c, PyObject *held, PyObject *key, long long nb)
+{
+    PyObject *entry = PyDict_GetItemWithError(held, key);
+    if (entry == NULL) {   /* one holder: just its byte count */
+        PyObject *n = PyErr_Occurred() ? NULL : PyLong_FromLongLong(nb);
+        int r = n == NULL ? -1 : PyDict_SetItem(held, key, n);
+        Py_XDECREF(n);
+        if (UNLIKELY(r < 0))
+            return -1;
+        c->storage += nb;
+        return 0;
+    }
+    if (PyLong_CheckExact(entry)) {   /* shared: [holders, nbytes] */
+        PyObject *two = PyLong_FromLong(2);
+        PyObject *lst = two ? PyList_New(2) : NULL;
+        if (UNLIKELY(lst == NULL)) {
+            Py_XDECREF(two);
+            return -1;
+        }
+        PyList_SET_ITEM(lst, 0, two);
+        PyList_SET_ITEM(lst, 1, Py_NewRef(entry));
+        int r = PyDict_SetItem(held, key, lst);
+        Py_DECREF(lst);
+        return r;
+    }
+    if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
         return -1;
+    PyObject *rc = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) + 1);
+    if (UNLIKELY(rc == NULL || PyList_SetItem(entry, 0, rc) < 0))
+        return -1;
+    return 0;
+}
+
+/* One storage of an item that left a queue (FamilyStats.release). */
+static int
+release_one(FamilyCounters *c, PyObject *held, PyObject *key)
+{
+    PyObject *entry = PyDict_GetItemWithError(held, key);
+    if (entry == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (PyLong_CheckExact(entry)) {   /* its only holder left */
+        long long nbytes = PyLong_AsLongLong(entry);
+        if (UNLIKELY(PyDict_DelItem(held, key) < 0))
+            return -1;
+        c->storage -= nbytes;
+        return 0;
+    }
+    if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
+        return -1;
+    long long rc = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) - 1;
+    if (rc <= 0) {
+        long long nbytes = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
+        if (UNLIKELY(PyDict_DelItem(held, key) < 0))
+            return -1;
+        c->storage -= nbytes;
+        return 0;
+    }
+    PyObject *v = PyLong_FromLongLong(rc);
+    if (UNLIKELY(v == NULL || PyList_SetItem(entry, 0, v) < 0))
+        return -1;
+    return 0;
+}
+
+static PyObject *
+held_of(PyObject *fs)
+{
+    PyObject *held = SLOT(fs, off_fs_storages);
+    return LIKELY(held != NULL && PyDict_CheckExact(held)) ? held : NULL;
+}
+
+/* An item measured as a Measure entered a queue: its storages are (key, nbytes) pairs. */
+static int
+hold(PyObject *fs, long long lg, PyObject *storages)
+{
+    FamilyCounters *c = FC(fs);
+    PyObject *held = held_of(fs);
+    if (UNLIKELY(held == NULL || !PyTuple_Check(storages)))
+        return -1;
+    hold_counts(c, lg);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
         PyObject *pair = PyTuple_GET_ITEM(storages, i);
-        PyObject *key = PyTuple_GET_ITEM(pair, 0), *nbytes = PyTuple_GET_ITEM(pair, 1);
-        PyObject *entry = PyDict_GetItemWithError(held, key);
-        if (entry == NULL) {   /* one holder: just its byte count (FamilyStats.hold) */
-            if (UNLIKELY(PyErr_Occurred() || PyDict_SetItem(held, key, nbytes) < 0))
-                return -1;
-            c->storage += PyLong_AsLongLong(nbytes);
-        }
-        else if (PyLong_CheckExact(entry)) {   /* shared: [holders, nbytes] */
-            PyObject *two = PyLong_FromLong(2);
-            PyObject *lst = two ? PyList_New(2) : NULL;
-            if (UNLIKELY(lst == NULL)) {
-                Py_XDECREF(two);
-                return -1;
-            }
-            PyList_SET_ITEM(lst, 0, two);
-            PyList_SET_ITEM(lst, 1, Py_NewRef(entry));
-            int r = PyDict_SetItem(held, key, lst);
-            Py_DECREF(lst);
-            if (UNLIKELY(r < 0))
-                return -1;
-        }
-        else {
-            if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
-                return -1;
-            PyObject *rc = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) + 1);
-            if (UNLIKELY(rc == NULL || PyList_SetItem(entry, 0, rc) < 0))
-                return -1;
-        }
+        long long nb = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+        if (UNLIKELY((nb == -1 && PyErr_Occurred()) ||
+                     hold_one(c, held, PyTuple_GET_ITEM(pair, 0), nb) < 0))
+            return -1;
+    }
+    if (c->storage > c->peak_storage)
+        c->peak_storage = c->storage;
+    return 0;
+}
+
+/* A compactly measured (k, v) item entered a queue. */
+static int
+hold_kv(PyObject *fs, long long lg, int nst, void **skey, long long *snb)
+{
+    FamilyCounters *c = FC(fs);
+    PyObject *held = held_of(fs);
+    if (UNLIKELY(held == NULL))
+        return -1;
+    hold_counts(c, lg);
+    for (int i = 0; i < nst; i++) {
+        PyObject *key = PyLong_FromVoidPtr(skey[i]);
+        int r = key == NULL ? -1 : hold_one(c, held, key, snb[i]);
+        Py_XDECREF(key);
+        if (UNLIKELY(r < 0))
+            return -1;
     }
     if (c->storage > c->peak_storage)
         c->peak_storage = c->storage;
@@ -668,45 +740,33 @@ hold(PyObject *fs, PyObject *logical, PyObject *storages)
 }
 
 static int
-release(PyObject *fs, PyObject *logical, PyObject *storages)
+release(PyObject *fs, long long lg, PyObject *storages)
 {
-    long long lg = PyLong_AsLongLong(logical);
-    if (UNLIKELY(lg == -1 && PyErr_Occurred()))
+    PyObject *held = held_of(fs);
+    if (UNLIKELY(held == NULL || !PyTuple_Check(storages)))
         return -1;
     FC(fs)->depth -= 1;
     FC(fs)->logical -= lg;
-    PyObject *held = SLOT(fs, off_fs_storages);
-    if (UNLIKELY(held == NULL || !PyDict_CheckExact(held) || !PyTuple_Check(storages)))
-        return -1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
-        PyObject *key = PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 0);
-        PyObject *entry = PyDict_GetItemWithError(held, key);
-        if (entry == NULL) {
-            if (UNLIKELY(PyErr_Occurred()))
-                return -1;
-            continue;
-        }
-        if (PyLong_CheckExact(entry)) {   /* its only holder left */
-            long long nbytes = PyLong_AsLongLong(entry);
-            if (UNLIKELY(PyDict_DelItem(held, key) < 0))
-                return -1;
-            FC(fs)->storage -= nbytes;
-            continue;
-        }
-        if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++)
+        if (UNLIKELY(release_one(FC(fs), held, PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 0)) < 0))
             return -1;
-        long long rc = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) - 1;
-        if (rc <= 0) {
-            long long nbytes = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
-            if (UNLIKELY(PyDict_DelItem(held, key) < 0))
-                return -1;
-            FC(fs)->storage -= nbytes;
-        }
-        else {
-            PyObject *v = PyLong_FromLongLong(rc);
-            if (UNLIKELY(v == NULL || PyList_SetItem(entry, 0, v) < 0))
-                return -1;
-        }
+    return 0;
+}
+
+static int
+release_kv(PyObject *fs, long long lg, int nst, void **skey)
+{
+    PyObject *held = held_of(fs);
+    if (UNLIKELY(held == NULL))
+        return -1;
+    FC(fs)->depth -= 1;
+    FC(fs)->logical -= lg;
+    for (int i = 0; i < nst; i++) {
+        PyObject *key = PyLong_FromVoidPtr(skey[i]);
+        int r = key == NULL ? -1 : release_one(FC(fs), held, key);
+        Py_XDECREF(key);
+        if (UNLIKELY(r < 0))
+            return -1;
     }
     return 0;
 }
@@ -926,70 +986,563 @@ fail:
     return NULL;
 }
 
-/* ------------------------------------------------------------------ records */
 
-static PyObject *
-make_record(Hot *h, PyObject *op, PyObject *name, PyObject *fs, PyObject *owner, PyObject *site,
-            Py_ssize_t depth, PyObject *logical, PyObject *storage, PyObject *m, PyObject *producer)
+/* ------------------------------------------------------------------ compact op entries
+ *
+ * The timeline and each queue's provenance hold their ops as Entry structs, not OpRecord
+ * tuples: an op writes a few words into a ring slot and allocates nothing, and an entry that
+ * leaves the ring frees nothing but its references to long-lived strings. OpRecords are built
+ * from entries when Python reads them (reports, tracing's batches, timeline()); an entry keeps
+ * the record it built, so reading it twice gives the same object. An op recorded by the Python
+ * path, or while a sink wants on_op, is kept as its OpRecord (`rec`). */
+typedef struct {
+    PyObject *rec;        /* the OpRecord, or NULL: the compact fields below */
+    PyObject *op, *name, *family, *owner, *site, *producer;   /* strong references */
+    PyObject *value;      /* the Measure (or None), or NULL: a (k, v) measure from nst/skey/snb */
+    long long seq, step, depth, logical, storage;   /* depth < 0: None */
+    double t;
+    int nst;              /* distinct storages of a compact measure (1 or 2) */
+    void *skey[2];
+    long long snb[2];
+} Entry;
+
+static void
+entry_release(Entry *e)
 {
-    PyObject *seq = PyLong_FromLongLong(h->seq);
-    PyObject *t = PyFloat_FromDouble(now());
-    PyObject *step = PyLong_FromLongLong(h->step_index);
-    PyObject *d = depth < 0 ? Py_NewRef(Py_None) : PyLong_FromSsize_t(depth);   /* -1: not a queue */
-    PyObject *rec = (seq && t && step && d) ? new_tuple_of(RecordType, 14) : NULL;
+    Py_CLEAR(e->rec);
+    Py_CLEAR(e->op);
+    Py_CLEAR(e->name);
+    Py_CLEAR(e->family);
+    Py_CLEAR(e->owner);
+    Py_CLEAR(e->site);
+    Py_CLEAR(e->producer);
+    Py_CLEAR(e->value);
+}
+
+/* The Measure of an entry (new reference): its object, or one built from the compact fields. */
+static PyObject *
+entry_measure(Entry *e)
+{
+    if (e->value != NULL)
+        return Py_NewRef(e->value);
+    PyObject *logical = PyLong_FromLongLong(e->logical);
+    PyObject *storages = logical ? PyTuple_New(e->nst) : NULL;
+    PyObject *m = storages ? new_tuple_of(MeasureType, 5) : NULL;
+    if (UNLIKELY(m == NULL)) {
+        Py_XDECREF(logical);
+        Py_XDECREF(storages);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(m, 0, logical);
+    PyTuple_SET_ITEM(m, 1, storages);
+    PyTuple_SET_ITEM(m, 2, Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(m, 3, Py_NewRef(s_tuple2));
+    PyTuple_SET_ITEM(m, 4, Py_NewRef(Py_False));
+    for (int i = 0; i < e->nst; i++) {
+        PyObject *pair = pair_of(e->skey[i], e->snb[i]);
+        if (UNLIKELY(pair == NULL)) {
+            Py_DECREF(m);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(storages, i, pair);
+    }
+    return m;
+}
+
+/* The OpRecord of an entry (new reference), built once and kept. */
+static PyObject *
+entry_record(Entry *e)
+{
+    if (e->rec != NULL)
+        return Py_NewRef(e->rec);
+    PyObject *seq = PyLong_FromLongLong(e->seq);
+    PyObject *t = PyFloat_FromDouble(e->t);
+    PyObject *step = PyLong_FromLongLong(e->step);
+    PyObject *d = e->depth < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(e->depth);
+    PyObject *lg = PyLong_FromLongLong(e->logical), *sg = PyLong_FromLongLong(e->storage);
+    PyObject *m = entry_measure(e);
+    PyObject *rec = (seq && t && step && d && lg && sg && m) ? new_tuple_of(RecordType, 14) : NULL;
     if (UNLIKELY(rec == NULL)) {
         Py_XDECREF(seq);
         Py_XDECREF(t);
         Py_XDECREF(step);
         Py_XDECREF(d);
+        Py_XDECREF(lg);
+        Py_XDECREF(sg);
+        Py_XDECREF(m);
         return NULL;
     }
     PyTuple_SET_ITEM(rec, 0, seq);
     PyTuple_SET_ITEM(rec, 1, t);
     PyTuple_SET_ITEM(rec, 2, step);
-    PyTuple_SET_ITEM(rec, 3, Py_NewRef(op));
-    PyTuple_SET_ITEM(rec, 4, Py_NewRef(name));
-    PyTuple_SET_ITEM(rec, 5, Py_NewRef(SLOT(fs, off_fs_family)));
-    PyTuple_SET_ITEM(rec, 6, Py_NewRef(owner));
-    PyTuple_SET_ITEM(rec, 7, Py_NewRef(site));
+    PyTuple_SET_ITEM(rec, 3, Py_NewRef(e->op));
+    PyTuple_SET_ITEM(rec, 4, Py_NewRef(e->name));
+    PyTuple_SET_ITEM(rec, 5, Py_NewRef(e->family));
+    PyTuple_SET_ITEM(rec, 6, Py_NewRef(e->owner));
+    PyTuple_SET_ITEM(rec, 7, Py_NewRef(e->site));
     PyTuple_SET_ITEM(rec, 8, d);
-    PyTuple_SET_ITEM(rec, 9, Py_NewRef(logical));
-    PyTuple_SET_ITEM(rec, 10, Py_NewRef(storage));
-    PyTuple_SET_ITEM(rec, 11, Py_NewRef(m));
+    PyTuple_SET_ITEM(rec, 9, lg);
+    PyTuple_SET_ITEM(rec, 10, sg);
+    PyTuple_SET_ITEM(rec, 11, m);
     PyTuple_SET_ITEM(rec, 12, Py_NewRef(Py_None));
-    PyTuple_SET_ITEM(rec, 13, Py_NewRef(producer));
-    /* A record holds strings, numbers, None and a Measure: it cannot be part of a reference
-     * cycle, so the collector need not track it (CPython untracks such tuples itself, but only
-     * when a collection runs). Untracking now, while its neighbours in the collector's list are
-     * in cache, spares its deallocation, hundreds of ops later, two cold cache lines. */
-    PyObject_GC_UnTrack(rec);
+    PyTuple_SET_ITEM(rec, 13, Py_NewRef(e->producer));
+    Py_XSETREF(e->value, Py_NewRef(m));   /* the pop of this item shares the Measure */
+    e->rec = Py_NewRef(rec);
     return rec;
 }
 
-
-static int
-call1(PyObject *fn, PyObject *arg)
+/* Fill a released entry with an op's fields (new references are taken). */
+static inline void
+entry_fill(Entry *e, PyObject *op, PyObject *name, PyObject *family, PyObject *owner,
+           PyObject *site, PyObject *producer, long long seq, long long step, long long depth,
+           double t)
 {
-    PyObject *r = PyObject_CallOneArg(fn, arg);
-    if (r == NULL)
+    e->op = Py_NewRef(op);
+    e->name = Py_NewRef(name);
+    e->family = Py_NewRef(family);
+    e->owner = Py_NewRef(owner);
+    e->site = Py_NewRef(site);
+    e->producer = Py_NewRef(producer);
+    e->seq = seq;
+    e->step = step;
+    e->depth = depth;
+    e->t = t;
+}
+
+static void
+entry_copy(Entry *dst, const Entry *src)
+{
+    *dst = *src;
+    Py_XINCREF(dst->rec);
+    Py_XINCREF(dst->op);
+    Py_XINCREF(dst->name);
+    Py_XINCREF(dst->family);
+    Py_XINCREF(dst->owner);
+    Py_XINCREF(dst->site);
+    Py_XINCREF(dst->producer);
+    Py_XINCREF(dst->value);
+}
+
+/* An entry holding an OpRecord the Python path made. */
+static int
+entry_box(Entry *e, PyObject *rec)
+{
+    if (!PyObject_TypeCheck(rec, RecordType)) {
+        PyErr_SetString(PyExc_TypeError, "cachescope: the timeline holds OpRecords only");
         return -1;
-    Py_DECREF(r);
+    }
+    memset(e, 0, sizeof(*e));
+    e->rec = Py_NewRef(rec);
     return 0;
 }
 
-/* timeline.append(rec): deque.append's C function directly when the timeline is a deque. */
-static int
-timeline_add(Hot *h, PyObject *rec)
+static long long
+entry_seq(Entry *e)
 {
-    PyObject *fn = h->timeline_append;
-    if (LIKELY(PyCFunction_Check(fn) && PyCFunction_GET_FLAGS(fn) == METH_O)) {
-        PyObject *r = PyCFunction_GET_FUNCTION(fn)(PyCFunction_GET_SELF(fn), rec);
-        if (UNLIKELY(r == NULL))
-            return -1;
-        Py_DECREF(r);
-        return 0;
+    if (e->rec == NULL)
+        return e->seq;
+    return PyLong_AsLongLong(PyTuple_GET_ITEM(e->rec, 0));
+}
+
+/* ------------------------------------------------------------------ the timeline ring */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t cap, start, len;
+    unsigned long long version;   /* moves on every change: iterators check it */
+    Entry *e;
+} Timeline;
+
+static PyTypeObject TimelineType, TimelineIterType;
+
+/* The slot for the next op (released; the oldest entry leaves when the ring is full). */
+static inline Entry *
+timeline_slot(Timeline *tl)
+{
+    Entry *e;
+    tl->version++;
+    if (tl->len == tl->cap) {
+        e = &tl->e[tl->start];
+        entry_release(e);
+        tl->start = tl->start + 1 == tl->cap ? 0 : tl->start + 1;
     }
-    return call1(fn, rec);
+    else {
+        Py_ssize_t i = tl->start + tl->len;
+        e = &tl->e[i >= tl->cap ? i - tl->cap : i];
+        tl->len++;
+    }
+    return e;
+}
+
+static Entry *
+timeline_at(Timeline *tl, Py_ssize_t i)
+{
+    Py_ssize_t j = tl->start + i;
+    return &tl->e[j >= tl->cap ? j - tl->cap : j];
+}
+
+static PyObject *
+Timeline_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kw[] = {"maxlen", NULL};
+    Py_ssize_t cap;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:Timeline", kw, &cap))
+        return NULL;
+    if (cap < 1 || cap > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "Timeline(maxlen): 1 <= maxlen <= 2**24");
+        return NULL;
+    }
+    Timeline *tl = (Timeline *)type->tp_alloc(type, 0);
+    if (tl == NULL)
+        return NULL;
+    tl->e = PyMem_Calloc((size_t)cap, sizeof(Entry));
+    if (tl->e == NULL) {
+        Py_DECREF(tl);
+        return PyErr_NoMemory();
+    }
+    tl->cap = cap;
+    return (PyObject *)tl;
+}
+
+static void
+timeline_clear_all(Timeline *tl)
+{
+    /* release from a copy: a string freed here cannot reach this timeline again, but keep the
+     * ring consistent whatever a destructor does */
+    Py_ssize_t n = tl->len;
+    tl->version++;
+    tl->len = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t j = tl->start + i;
+        entry_release(&tl->e[j >= tl->cap ? j - tl->cap : j]);
+    }
+    tl->start = 0;
+}
+
+static void
+Timeline_dealloc(Timeline *tl)
+{
+    if (tl->e != NULL) {
+        timeline_clear_all(tl);
+        PyMem_Free(tl->e);
+        tl->e = NULL;
+    }
+    Py_TYPE(tl)->tp_free((PyObject *)tl);
+}
+
+static PyObject *
+Timeline_append(Timeline *tl, PyObject *rec)
+{
+    Entry tmp;
+    if (entry_box(&tmp, rec) < 0)
+        return NULL;
+    *timeline_slot(tl) = tmp;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Timeline_clear(Timeline *tl, PyObject *unused)
+{
+    timeline_clear_all(tl);
+    Py_RETURN_NONE;
+}
+
+/* since(seq): the records with a larger op number, oldest first (tracing's batches). */
+static PyObject *
+Timeline_since(Timeline *tl, PyObject *arg)
+{
+    long long last = PyLong_AsLongLong(arg);
+    if (last == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t first = tl->len;
+    while (first > 0) {
+        long long s = entry_seq(timeline_at(tl, first - 1));
+        if (s == -1 && PyErr_Occurred())
+            return NULL;
+        if (s <= last)
+            break;
+        first--;
+    }
+    PyObject *out = PyList_New(tl->len - first);
+    for (Py_ssize_t i = first; out != NULL && i < tl->len; i++) {
+        PyObject *r = entry_record(timeline_at(tl, i));
+        if (r == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i - first, r);
+    }
+    return out;
+}
+
+static Py_ssize_t Timeline_len(Timeline *tl) { return tl->len; }
+
+static PyObject *
+Timeline_item(Timeline *tl, Py_ssize_t i)
+{
+    if (i < 0 || i >= tl->len) {
+        PyErr_SetString(PyExc_IndexError, "timeline index out of range");
+        return NULL;
+    }
+    return entry_record(timeline_at(tl, i));
+}
+
+typedef struct {
+    PyObject_HEAD
+    Timeline *tl;
+    Py_ssize_t i;
+    int step;                     /* +1 forward, -1 reversed */
+    unsigned long long version;
+} TimelineIter;
+
+static PyObject *
+timeline_iter(Timeline *tl, int reverse)
+{
+    TimelineIter *it = PyObject_New(TimelineIter, &TimelineIterType);
+    if (it == NULL)
+        return NULL;
+    it->tl = (Timeline *)Py_NewRef(tl);
+    it->step = reverse ? -1 : 1;
+    it->i = reverse ? tl->len - 1 : 0;
+    it->version = tl->version;
+    return (PyObject *)it;
+}
+
+static PyObject *Timeline_iter(Timeline *tl) { return timeline_iter(tl, 0); }
+static PyObject *Timeline_reversed(Timeline *tl, PyObject *unused) { return timeline_iter(tl, 1); }
+
+static PyObject *
+TimelineIter_next(TimelineIter *it)
+{
+    if (it->tl->version != it->version) {
+        PyErr_SetString(PyExc_RuntimeError, "timeline mutated during iteration");
+        return NULL;
+    }
+    if (it->i < 0 || it->i >= it->tl->len)
+        return NULL;
+    PyObject *r = entry_record(timeline_at(it->tl, it->i));
+    it->i += it->step;
+    return r;
+}
+
+static void
+TimelineIter_dealloc(TimelineIter *it)
+{
+    Py_DECREF(it->tl);
+    PyObject_Free(it);
+}
+
+static PyObject *Timeline_maxlen(Timeline *tl, void *c) { return PyLong_FromSsize_t(tl->cap); }
+
+static PyMethodDef Timeline_methods[] = {
+    {"append", (PyCFunction)Timeline_append, METH_O, "append(record): add an OpRecord"},
+    {"clear", (PyCFunction)Timeline_clear, METH_NOARGS, "clear(): drop every entry"},
+    {"since", (PyCFunction)Timeline_since, METH_O, "since(seq): records after op seq, oldest first"},
+    {"__reversed__", (PyCFunction)Timeline_reversed, METH_NOARGS, NULL},
+    {NULL}
+};
+
+static PyGetSetDef Timeline_getset[] = {
+    {"maxlen", (getter)Timeline_maxlen, NULL, "capacity of the ring", NULL},
+    {NULL}
+};
+
+static PySequenceMethods Timeline_seq = {
+    .sq_length = (lenfunc)Timeline_len,
+    .sq_item = (ssizeargfunc)Timeline_item,
+};
+
+static PyTypeObject TimelineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.Timeline",
+    .tp_basicsize = sizeof(Timeline),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The last maxlen ops of a cache, oldest first: a ring of compact entries that reads "
+              "as OpRecords (the deque interface the cache uses: append, clear, len, [i], "
+              "iteration, reversed, maxlen).",
+    .tp_new = Timeline_new,
+    .tp_dealloc = (destructor)Timeline_dealloc,
+    .tp_iter = (getiterfunc)Timeline_iter,
+    .tp_methods = Timeline_methods,
+    .tp_getset = Timeline_getset,
+    .tp_as_sequence = &Timeline_seq,
+};
+
+static PyTypeObject TimelineIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.TimelineIterator",
+    .tp_basicsize = sizeof(TimelineIter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)TimelineIter_dealloc,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)TimelineIter_next,
+};
+
+/* ------------------------------------------------------------------ queue provenance */
+
+/* The push entries of one live queue not yet popped, oldest first, and how many pops it has
+ * seen (the C counterpart of _records._Queue, with the same interface). */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t pops;
+    Py_ssize_t head, len, cap;
+    Entry *e;
+} Queue;
+
+static PyTypeObject CQueueType;
+
+static PyObject *
+Queue_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (!_PyArg_NoPositional("Queue", args) || !_PyArg_NoKeywords("Queue", kwds))
+        return NULL;
+    return type->tp_alloc(type, 0);
+}
+
+/* A released slot at the tail (NULL with MemoryError set). */
+static Entry *
+queue_slot(Queue *q)
+{
+    if (q->head + q->len == q->cap) {
+        if (q->head > 0) {   /* slide the live entries to the front */
+            memmove(q->e, q->e + q->head, (size_t)q->len * sizeof(Entry));
+            q->head = 0;
+        }
+        else {
+            Py_ssize_t cap = q->cap < 4 ? 4 : q->cap * 2;
+            Entry *n = PyMem_Realloc(q->e, (size_t)cap * sizeof(Entry));
+            if (n == NULL) {
+                PyErr_NoMemory();
+                return NULL;
+            }
+            q->e = n;
+            q->cap = cap;
+        }
+    }
+    Entry *e = &q->e[q->head + q->len];
+    q->len++;
+    return e;
+}
+
+/* Drop the head entry (its references are the caller's to release or keep). */
+static inline void
+queue_advance(Queue *q)
+{
+    q->head++;
+    if (--q->len == 0)
+        q->head = 0;
+}
+
+static void
+Queue_dealloc(Queue *q)
+{
+    Py_ssize_t n = q->len, h = q->head;
+    q->len = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        entry_release(&q->e[h + i]);
+    PyMem_Free(q->e);
+    Py_TYPE(q)->tp_free((PyObject *)q);
+}
+
+static PyObject *
+Queue_append(Queue *q, PyObject *rec)
+{
+    Entry tmp;
+    if (entry_box(&tmp, rec) < 0)
+        return NULL;
+    Entry *e = queue_slot(q);
+    if (e == NULL) {
+        entry_release(&tmp);
+        return NULL;
+    }
+    *e = tmp;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Queue_popleft(Queue *q, PyObject *unused)
+{
+    if (q->len == 0) {
+        PyErr_SetString(PyExc_IndexError, "pop from an empty queue");
+        return NULL;
+    }
+    Entry *e = &q->e[q->head];
+    PyObject *r = entry_record(e);
+    if (r == NULL)
+        return NULL;
+    Entry tmp = *e;
+    queue_advance(q);
+    entry_release(&tmp);
+    return r;
+}
+
+static PyObject *
+Queue_items(Queue *q, void *c)
+{
+    PyObject *out = PyList_New(q->len);
+    for (Py_ssize_t i = 0; out != NULL && i < q->len; i++) {
+        PyObject *r = entry_record(&q->e[q->head + i]);
+        if (r == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, r);
+    }
+    return out;
+}
+
+static Py_ssize_t Queue_len(Queue *q) { return q->len; }
+
+static PyMethodDef Queue_methods[] = {
+    {"append", (PyCFunction)Queue_append, METH_O, "append(record): a push not yet popped"},
+    {"popleft", (PyCFunction)Queue_popleft, METH_NOARGS, "popleft(): the oldest push record"},
+    {NULL}
+};
+
+static PyMemberDef Queue_members[] = {
+    {"pops", T_PYSSIZET, offsetof(Queue, pops), 0, "pops this queue has seen"},
+    {NULL}
+};
+
+static PyGetSetDef Queue_getset[] = {
+    {"items", (getter)Queue_items, NULL, "the push records not yet popped, oldest first (a copy)", NULL},
+    {NULL}
+};
+
+static PySequenceMethods Queue_seq = {
+    .sq_length = (lenfunc)Queue_len,
+};
+
+static PyTypeObject CQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "cachescope._speedups.Queue",
+    .tp_basicsize = sizeof(Queue),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Provenance of one live queue: the pushes not yet popped (compact entries).",
+    .tp_new = Queue_new,
+    .tp_dealloc = (destructor)Queue_dealloc,
+    .tp_methods = Queue_methods,
+    .tp_members = Queue_members,
+    .tp_getset = Queue_getset,
+    .tp_as_sequence = &Queue_seq,
+};
+
+/* Record a set or clear in the timeline; while a sink wants ops, its OpRecord (new reference in
+ * *rec, else NULL). */
+static int
+record_plain(Hot *h, PyObject *op, PyObject *key, PyObject *fs, PyObject *owner, PyObject *site,
+             PyObject **rec)
+{
+    Entry *te = timeline_slot((Timeline *)h->timeline);
+    entry_fill(te, op, key, SLOT(fs, off_fs_family), owner, site, Py_None, h->seq, h->step_index,
+               -1, now());
+    te->value = Py_NewRef(Py_None);
+    te->logical = te->storage = 0;
+    te->nst = 0;
+    *rec = NULL;
+    if (h->op_sinks) {
+        *rec = entry_record(te);
+        return *rec == NULL ? -1 : 0;
+    }
+    return 0;
 }
 
 static void
@@ -1118,6 +1671,74 @@ slow(PyObject *fn, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     return PyObject_Vectorcall(fn, all, nall, kwnames);
 }
 
+/* A (Tensor, Tensor) push measured from the raw reader into the entry's compact fields: 1 done,
+ * 0 not that shape (or not readable: the API or measure() does it). */
+static int
+measure_kv_compact(PyObject *value, Entry *e)
+{
+    if (UNLIKELY(!PyTuple_CheckExact(value) || PyTuple_GET_SIZE(value) != 2))
+        return 0;
+    long long na, nb, sna, snb;
+    void *ka, *kb;
+    if (UNLIKELY(!raw_tensor(PyTuple_GET_ITEM(value, 0), &na, &ka, &sna) ||
+                 !raw_tensor(PyTuple_GET_ITEM(value, 1), &nb, &kb, &snb)))
+        return 0;
+    e->value = NULL;
+    e->logical = na + nb;
+    e->skey[0] = ka;
+    e->snb[0] = sna;
+    if (ka == kb) {
+        e->nst = 1;
+        e->storage = sna;
+    }
+    else {
+        e->nst = 2;
+        e->skey[1] = kb;
+        e->snb[1] = snb;
+        e->storage = sna + snb;
+    }
+    return 1;
+}
+
+/* The measure of a pushed value as an entry's fields: compact, or a Measure object (value,
+ * logical and storage set). 0: done; -1: take the Python path (error cleared). */
+static int
+measure_push(Hot *h, PyObject *value, Entry *e)
+{
+    if (LIKELY(!h->full_measure) && measure_kv_compact(value, e))
+        return 0;
+    PyObject *m = h->full_measure ? NULL : measure_kv(value);
+    if (m == NULL) {
+        m = PyObject_CallOneArg(h->measure, value);
+        if (UNLIKELY(m == NULL || !PyObject_TypeCheck(m, MeasureType)))
+            goto fail;
+    }
+    e->value = m;
+    e->nst = 0;
+    e->logical = PyLong_AsLongLong(PyTuple_GET_ITEM(m, 0));
+    if (UNLIKELY(e->logical == -1 && PyErr_Occurred()))
+        goto fail;
+    PyObject *storages = PyTuple_GET_ITEM(m, 1);
+    if (UNLIKELY(!PyTuple_Check(storages)))
+        goto fail;
+    long long sum = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(storages, i);
+        if (UNLIKELY(!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2))
+            goto fail;
+        long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+        if (UNLIKELY((n == -1 && PyErr_Occurred()) || __builtin_add_overflow(sum, n, &sum)))
+            goto fail;   /* beyond 64 bits: Python integers, on the Python path */
+    }
+    e->storage = sum;
+    return 0;
+fail:
+    PyErr_Clear();
+    Py_XDECREF(m);
+    e->value = NULL;
+    return -1;
+}
+
 static PyObject *
 Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
 {
@@ -1133,49 +1754,22 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         PyErr_Clear();
         return slow(h->slow_push, all, nall, kwnames);
     }
-    PyObject *m = h->full_measure ? NULL : measure_kv(value);
-    if (m == NULL) {
-        m = PyObject_CallOneArg(h->measure, value);
-        if (UNLIKELY(m == NULL || !PyObject_TypeCheck(m, MeasureType))) {
-            PyErr_Clear();
-            Py_XDECREF(m);
-            Py_DECREF(owner);
-            Py_DECREF(site);
-            return slow(h->slow_push, all, nall, kwnames);
-        }
-    }
-    PyObject *logical = PyTuple_GET_ITEM(m, 0), *storages = PyTuple_GET_ITEM(m, 1);
-    PyObject *storage = NULL;
-    if (PyTuple_GET_SIZE(storages) == 1) {
-        storage = Py_NewRef(PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, 0), 1));
-    }
-    else {   /* Measure.storage: the sum of the storages' bytes */
-        long long sum = 0;
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++)
-            sum += PyLong_AsLongLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 1));
-        if (LIKELY(!PyErr_Occurred())) {
-            storage = PyLong_FromLongLong(sum);
-        }
-        else {   /* beyond 64 bits: Python integers */
-            PyErr_Clear();
-            storage = PyLong_FromLong(0);
-            for (Py_ssize_t i = 0; storage && i < PyTuple_GET_SIZE(storages); i++) {
-                PyObject *t = PyNumber_Add(storage, PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 1));
-                Py_DECREF(storage);
-                storage = t;
-            }
-        }
+    Entry m;   /* the measure: compact fields, or a Measure in m.value */
+    if (UNLIKELY(measure_push(h, value, &m) < 0)) {
+        Py_DECREF(owner);
+        Py_DECREF(site);
+        return slow(h->slow_push, all, nall, kwnames);
     }
     PyObject *result = NULL, *rec = NULL;
-    if (UNLIKELY(storage == NULL || lock(h) < 0))
+    if (UNLIKELY(lock(h) < 0))
         goto done;
     /* everything that can send us back to Python happens before the cache changes */
     PyObject *fs = family_stats(h, cache, name, 0);
     PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
     PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
-    if (PyErr_Occurred() || fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType) ||
-        (queue != NULL && !PyList_CheckExact(queue)) ||
-        (q != NULL && !PyObject_TypeCheck(q, QueueType))) {
+    if (UNLIKELY(PyErr_Occurred() || fs == NULL || !PyObject_TypeCheck(fs, FamilyStatsType) ||
+                 (queue != NULL && !PyList_CheckExact(queue)) ||
+                 (q != NULL && Py_TYPE(q) != &CQueueType))) {
         Py_XDECREF(fs);
         unlock(h);
         PyErr_Clear();
@@ -1208,50 +1802,75 @@ Hot_push(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         FC(fs)->live += 1;
     }
     h->seq += 1;
-    rec = bad ? NULL : make_record(h, s_push, name, fs, owner, site, depth, logical, storage, m,
-                                   Py_None);
-    if (rec == NULL || timeline_add(h, rec) < 0)
-        bad = 1;
-    if (!bad && q == NULL) {
-        q = QueueType->tp_alloc(QueueType, 0);
-        PyObject *items = q ? PyList_New(0) : NULL;
-        PyObject *zero = PyLong_FromLong(0);
-        if (items == NULL || zero == NULL) {
-            Py_XDECREF(q);
-            Py_XDECREF(items);
-            Py_XDECREF(zero);
-            q = NULL;
-            bad = 1;
-        }
-        else {
-            SLOT(q, off_q_items) = items;
-            SLOT(q, off_q_pops) = zero;
-            bad = PyDict_SetItem(h->queues, name, q) < 0;
-            Py_DECREF(q);
-        }
+    Entry *te = timeline_slot((Timeline *)h->timeline);
+    entry_fill(te, s_push, name, SLOT(fs, off_fs_family), owner, site, Py_None, h->seq,
+               h->step_index, depth, now());
+    te->value = Py_XNewRef(m.value);
+    te->logical = m.logical;
+    te->storage = m.storage;
+    te->nst = m.nst;
+    te->skey[0] = m.skey[0];
+    te->skey[1] = m.skey[1];
+    te->snb[0] = m.snb[0];
+    te->snb[1] = m.snb[1];
+    if (q == NULL) {
+        q = CQueueType.tp_alloc(&CQueueType, 0);
+        bad = q == NULL || PyDict_SetItem(h->queues, name, q) < 0;
+        Py_XDECREF(q);   /* the dict holds it */
     }
-    if (!bad) {
-        PyObject *items = SLOT(q, off_q_items);
-        bad = items == NULL || !PyList_CheckExact(items) || PyList_Append(items, rec) < 0;
+    Entry *qe = bad ? NULL : queue_slot((Queue *)q);
+    if (qe == NULL)
+        bad = 1;
+    else
+        entry_copy(qe, te);
+    if (!bad && h->op_sinks) {   /* a sink gets the record now: the entries keep that object */
+        rec = entry_record(te);
+        if (rec == NULL)
+            bad = 1;
+        else
+            Py_XSETREF(qe->rec, Py_NewRef(rec));
     }
     if (!bad)
-        bad = hold(fs, logical, storages) < 0;
+        bad = (m.value == NULL ? hold_kv(fs, m.logical, m.nst, m.skey, m.snb)
+                               : hold(fs, m.logical, PyTuple_GET_ITEM(m.value, 1))) < 0;
     if (!bad)
         bad = step_note(h, off_st_pushed, name) < 0;
     Py_DECREF(fs);
     unlock(h);
     if (bad)
         report(name);
-    else if (h->op_sinks)
+    else if (rec != NULL)
         dispatch_op(h, cache, rec);
     result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(rec);
-    Py_XDECREF(storage);
-    Py_DECREF(m);
+    Py_XDECREF(m.value);
     Py_DECREF(owner);
     Py_DECREF(site);
     return result;
+}
+
+/* Whether a push record of the Python path can be popped here: its byte counts fit in 64 bits
+ * and its value is a Measure. 0 yes, -1 no (no error set). */
+static int
+boxed_push_ok(Entry *e)
+{
+    PyObject *rec = e->rec;
+    if (rec == NULL || !PyObject_TypeCheck(rec, RecordType) || PyTuple_GET_SIZE(rec) != 14 ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(rec, 11), MeasureType) ||
+        !PyTuple_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(rec, 11), 1)))
+        return -1;
+    int overflow = 0;
+    PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(rec, 9), &overflow);
+    if (overflow || PyErr_Occurred())
+        goto no;
+    PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(rec, 10), &overflow);
+    if (overflow || PyErr_Occurred())
+        goto no;
+    return 0;
+no:
+    PyErr_Clear();
+    return -1;
 }
 
 static PyObject *
@@ -1269,38 +1888,46 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         PyErr_Clear();
         return slow(h->slow_pop, all, nall, kwnames);
     }
-    PyObject *result = NULL, *rec = NULL, *item = NULL, *fs = NULL;
+    PyObject *result = NULL, *rec = NULL, *fs = NULL;
     if (UNLIKELY(lock(h) < 0))
         goto done;
     fs = family_stats(h, cache, name, 1);
     PyObject *queue = fs ? PyDict_GetItemWithError(h->cache, name) : NULL;
     PyObject *q = fs ? PyDict_GetItemWithError(h->queues, name) : NULL;
-    PyObject *items = NULL;
-    if (!PyErr_Occurred() && fs != NULL && PyObject_TypeCheck(fs, FamilyStatsType) &&
-        queue != NULL && PyList_CheckExact(queue) && PyList_GET_SIZE(queue) > 0 &&
-        q != NULL && PyObject_TypeCheck(q, QueueType)) {
-        items = SLOT(q, off_q_items);
-        if (items != NULL && PyList_CheckExact(items) && PyList_GET_SIZE(items) > 0)
-            item = Py_NewRef(PyList_GET_ITEM(items, 0));
+    Entry *he = NULL;   /* the provenance of the item this pop takes: a compact push entry */
+    if (LIKELY(!PyErr_Occurred() && fs != NULL && PyObject_TypeCheck(fs, FamilyStatsType) &&
+               queue != NULL && PyList_CheckExact(queue) && PyList_GET_SIZE(queue) > 0 &&
+               q != NULL && Py_TYPE(q) == &CQueueType && ((Queue *)q)->len > 0)) {
+        he = &((Queue *)q)->e[((Queue *)q)->head];
+        if (UNLIKELY(he->op == NULL) && boxed_push_ok(he) < 0)   /* the Python path's record */
+            he = NULL;
     }
-    PyObject *producer = item ? PyTuple_GET_ITEM(item, 6) : NULL;
     int same = 0;
-    if (item != NULL && PyObject_TypeCheck(item, RecordType)) {
+    if (he != NULL) {
+        PyObject *producer = he->op ? he->owner : PyTuple_GET_ITEM(he->rec, 6);
         if (producer == owner || producer == Py_None || owner == Py_None)
             same = 1;
         else if (PyUnicode_CheckExact(producer) && PyUnicode_CheckExact(owner))
             same = PyUnicode_Compare(producer, owner) == 0;
     }
-    if (!same) {   /* a violation, or something unusual: the Python path decides */
+    if (UNLIKELY(!same)) {   /* a violation, or something unusual: the Python path decides */
         Py_CLEAR(fs);
         unlock(h);
         PyErr_Clear();
-        Py_XDECREF(item);
-        item = NULL;
         result = slow(h->slow_pop, all, nall, kwnames);
         goto done;
     }
+    Entry head = *he;   /* its references are ours now */
+    if (head.op == NULL) {   /* a record: the fields the pop needs */
+        head.owner = Py_NewRef(PyTuple_GET_ITEM(head.rec, 6));
+        head.value = Py_NewRef(PyTuple_GET_ITEM(head.rec, 11));
+        head.logical = PyLong_AsLongLong(PyTuple_GET_ITEM(head.rec, 9));
+        head.storage = PyLong_AsLongLong(PyTuple_GET_ITEM(head.rec, 10));
+        head.nst = 0;
+    }
     Py_INCREF(q);
+    queue_advance((Queue *)q);
+    ((Queue *)q)->pops += 1;
     result = list_pop_front(queue);     /* the seed's pop(0) */
     Py_ssize_t depth = PyList_GET_SIZE(queue);
     int bad = 0;
@@ -1310,24 +1937,36 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
             FC(fs)->live = 0;
         FC(fs)->empty += 1;
     }
-    Py_DECREF(list_pop_front(items));   /* `item` holds the record */
-    bad = slot_add(q, off_q_pops, 1) < 0;
-    if (!bad && PyList_GET_SIZE(items) == 0)
-        bad = PyDict_DelItem(h->queues, name) < 0;
+    if (((Queue *)q)->len == 0)
+        bad = PyDict_DelItem(h->queues, name) < 0;   /* drained: free the bookkeeping */
     Py_DECREF(q);
-    PyObject *logical = PyTuple_GET_ITEM(item, 9), *storage = PyTuple_GET_ITEM(item, 10);
-    PyObject *m = PyTuple_GET_ITEM(item, 11);
     if (!bad)
-        bad = release(fs, logical, PyTuple_GET_ITEM(m, 1)) < 0;
+        bad = (head.value == NULL ? release_kv(fs, head.logical, head.nst, head.skey)
+                                  : release(fs, head.logical, PyTuple_GET_ITEM(head.value, 1))) < 0;
     h->seq += 1;
-    if (!bad) {
-        rec = make_record(h, s_pop, name, fs, owner, site, depth, logical, storage, m, producer);
-        bad = rec == NULL || timeline_add(h, rec) < 0;
+    Entry *te = timeline_slot((Timeline *)h->timeline);
+    entry_fill(te, s_pop, name, SLOT(fs, off_fs_family), owner, site, head.owner, h->seq,
+               h->step_index, depth, now());
+    te->value = head.value;   /* moved: the pop shares the push's measure */
+    head.value = NULL;
+    te->logical = head.logical;
+    te->storage = head.storage;
+    te->nst = head.nst;
+    te->skey[0] = head.skey[0];
+    te->skey[1] = head.skey[1];
+    te->snb[0] = head.snb[0];
+    te->snb[1] = head.snb[1];
+    if (head.rec != NULL && te->value == NULL)   /* read as a record already: share its Measure */
+        te->value = Py_NewRef(PyTuple_GET_ITEM(head.rec, 11));
+    entry_release(&head);
+    if (!bad && h->op_sinks) {
+        rec = entry_record(te);
+        bad = rec == NULL;
     }
     if (!bad) {
         PyObject *key = PyTuple_Pack(2, name, owner);
         if (LIKELY(key != NULL))
-            PyObject_GC_UnTrack(key);   /* two strings: no cycles (see make_record) */
+            PyObject_GC_UnTrack(key);   /* two strings: no cycles */
         if (key == NULL || !PySet_Check(h->step_pops))
             bad = 1;
         else {
@@ -1342,12 +1981,11 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     unlock(h);
     if (bad)
         report(name);
-    else if (h->op_sinks)
+    else if (rec != NULL)
         dispatch_op(h, cache, rec);
 done:
     Py_XDECREF(fs);
     Py_XDECREF(rec);
-    Py_XDECREF(item);
     Py_DECREF(owner);
     Py_DECREF(site);
     return result;
@@ -1397,7 +2035,6 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->local);
     Py_VISIT(h->astate);
     Py_VISIT(h->lock);
-    Py_VISIT(h->timeline_append);
     Py_VISIT(h->acquire);
     Py_VISIT(h->release);
     Py_VISIT(h->slow_push);
@@ -1431,7 +2068,6 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->local);
     Py_CLEAR(h->astate);
     Py_CLEAR(h->lock);
-    Py_CLEAR(h->timeline_append);
     Py_CLEAR(h->acquire);
     Py_CLEAR(h->release);
     Py_CLEAR(h->slow_push);
@@ -1491,12 +2127,15 @@ Hot_init(Hot *h, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "astate must be an AttribState");
         return -1;
     }
+    if (Py_TYPE(timeline) != &TimelineType) {
+        PyErr_SetString(PyExc_TypeError, "timeline must be a _speedups.Timeline");
+        return -1;
+    }
     Hot_clear(h);
     h->lock = Py_NewRef(lk);
     h->acquire = PyObject_GetAttrString(lk, "acquire");
     h->release = PyObject_GetAttrString(lk, "release");
-    h->timeline_append = PyObject_GetAttrString(timeline, "append");
-    if (h->acquire == NULL || h->release == NULL || h->timeline_append == NULL)
+    if (h->acquire == NULL || h->release == NULL)
         return -1;
     h->cache = Py_NewRef(cache_dict);
     h->queues = Py_NewRef(queues);
@@ -1663,9 +2302,7 @@ plain_set(Hot *h, PyObject *const *all, Py_ssize_t nall)
     int bad = 0;
     FC(fs)->set += 1;
     h->seq += 1;
-    rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
-                                   Py_None);
-    if (rec == NULL || timeline_add(h, rec) < 0)
+    if (record_plain(h, s_set, key, fs, owner, site, &rec) < 0)
         bad = 1;
     if (!bad) {
         PyObject *step = h->step;
@@ -1675,7 +2312,7 @@ plain_set(Hot *h, PyObject *const *all, Py_ssize_t nall)
     unlock(h);
     if (bad)
         report(key);
-    else if (h->op_sinks)
+    else if (rec != NULL)
         dispatch_op(h, cache, rec);
     result = Py_NewRef(Py_None);
 done:
@@ -1732,8 +2369,7 @@ Hot_clear_op(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     if (queue && --FC(fs)->empty < 0)   /* FamilyStats.queue_removed(0) */
         FC(fs)->empty = 0;
     h->seq += 1;
-    rec = make_record(h, s_clear, key, fs, owner, site, -1, s_zero, s_zero, Py_None, Py_None);
-    int bad = rec == NULL || timeline_add(h, rec) < 0;
+    int bad = record_plain(h, s_clear, key, fs, owner, site, &rec) < 0;
     if (!bad) {
         PyObject *step = h->step;
         if (step != Py_None && PyObject_TypeCheck(step, StepType))
@@ -1756,7 +2392,7 @@ Hot_clear_op(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     unlock(h);
     if (bad)
         report(key);
-    else if (h->op_sinks)
+    else if (rec != NULL)
         dispatch_op(h, cache, rec);
     result = Py_NewRef(Py_None);
 done:
@@ -1857,9 +2493,7 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     int bad = 0;
     FC(fs)->set += 1;
     h->seq += 1;
-    rec = bad ? NULL : make_record(h, s_set, key, fs, owner, site, -1, s_zero, s_zero, Py_None,
-                                   Py_None);
-    if (rec == NULL || timeline_add(h, rec) < 0)
+    if (record_plain(h, s_set, key, fs, owner, site, &rec) < 0)
         bad = 1;
     if (!bad && cur != Py_None)   /* the set is the closing step's last op, as in _record */
         bad = slot_add(cur, off_st_ops, 1) < 0;
@@ -1884,7 +2518,7 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     unlock(h);
     if (bad)
         report(key);
-    else if (h->op_sinks)
+    else if (rec != NULL)
         dispatch_op(h, cache, rec);
     if (h->step_sinks & 1) {
         PyObject *r = PyObject_CallMethodNoArgs(cache, s_emit_step_start);
@@ -2100,7 +2734,7 @@ static PyTypeObject FastOpType = {
     .tp_members = FastOp_members,
 };
 
-/* configure(FamilyStats, _Queue, StepInfo, AttribState, OpRecord, Measure, Tensor, nn.Module) */
+/* configure(FamilyStats, StepInfo, AttribState, OpRecord, Measure, Tensor, nn.Module) */
 static int
 offset_of(PyTypeObject *type, const char *name, Py_ssize_t *out)
 {
@@ -2121,8 +2755,8 @@ offset_of(PyTypeObject *type, const char *name, Py_ssize_t *out)
 static PyObject *
 configure(PyObject *mod, PyObject *args)
 {
-    PyObject *fs, *q, *st, *at, *rec, *meas, *tensor, *module;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!O!O!", &PyType_Type, &fs, &PyType_Type, &q,
+    PyObject *fs, *st, *at, *rec, *meas, *tensor, *module;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!O!", &PyType_Type, &fs,
                           &PyType_Type, &st, &PyType_Type, &at, &PyType_Type, &rec,
                           &PyType_Type, &meas, &PyType_Type, &tensor, &PyType_Type, &module))
         return NULL;
@@ -2136,13 +2770,10 @@ configure(PyObject *mod, PyObject *args)
         return NULL;
     }
     FamilyStatsType = (PyTypeObject *)fs;
-    QueueType = (PyTypeObject *)q;
     StepType = (PyTypeObject *)st;
     AttribStateType = (PyTypeObject *)at;
     if (offset_of(FamilyStatsType, "family", &off_fs_family) < 0 ||
         offset_of(FamilyStatsType, "_storages", &off_fs_storages) < 0 ||
-        offset_of(QueueType, "items", &off_q_items) < 0 ||
-        offset_of(QueueType, "pops", &off_q_pops) < 0 ||
         offset_of(StepType, "ops", &off_st_ops) < 0 ||
         offset_of(StepType, "pushed", &off_st_pushed) < 0 ||
         offset_of(StepType, "popped", &off_st_popped) < 0 ||
@@ -2157,7 +2788,7 @@ configure(PyObject *mod, PyObject *args)
         offset_of(AttribStateType, "mode", &off_at_mode) < 0 ||
         offset_of(AttribStateType, "watching", &off_at_watching) < 0)
         return NULL;
-    Py_INCREF(fs); Py_INCREF(q); Py_INCREF(st); Py_INCREF(at);
+    Py_INCREF(fs); Py_INCREF(st); Py_INCREF(at);
     RecordType = (PyTypeObject *)Py_NewRef(rec);
     MeasureType = (PyTypeObject *)Py_NewRef(meas);
     TensorType = (PyTypeObject *)Py_NewRef(tensor);
@@ -2194,7 +2825,14 @@ PyInit__speedups(void)
     if (PyType_Ready(&HotType) < 0 || PyType_Ready(&RLockType) < 0 ||
         PyType_Ready(&FastOpType) < 0 || PyType_Ready(&FamilyCountersType) < 0)
         return NULL;
-    if (PyType_Ready(&StepCountersType) < 0)
+    if (PyType_Ready(&StepCountersType) < 0 || PyType_Ready(&TimelineType) < 0 ||
+        PyType_Ready(&TimelineIterType) < 0 || PyType_Ready(&CQueueType) < 0)
+        return NULL;
+    Py_INCREF(&TimelineType);
+    if (PyModule_AddObject(m, "Timeline", (PyObject *)&TimelineType) < 0)
+        return NULL;
+    Py_INCREF(&CQueueType);
+    if (PyModule_AddObject(m, "Queue", (PyObject *)&CQueueType) < 0)
         return NULL;
     Py_INCREF(&StepCountersType);
     if (PyModule_AddObject(m, "StepCounters", (PyObject *)&StepCountersType) < 0)

@@ -135,16 +135,21 @@ class TracingSink:
         if span is None or seq_now <= last:
             return
         with lock:
-            recs = []
-            for rec in reversed(timeline):
-                if rec.seq <= last:
-                    break
-                recs.append(rec)
-        if recs and recs[-1].seq > last + 1:   # the ring buffer wrapped within one span
-            self.ops_dropped += recs[-1].seq - last - 1
+            since = getattr(timeline, "since", None)
+            if since is not None:   # the C ring: builds records only for these ops
+                recs = since(last)
+            else:
+                recs = []
+                for rec in reversed(timeline):
+                    if rec.seq <= last:
+                        break
+                    recs.append(rec)
+                recs.reverse()
+        if recs and recs[0].seq > last + 1:   # the ring buffer wrapped within one span
+            self.ops_dropped += recs[0].seq - last - 1
             if span.is_recording():
-                span.set_attribute(A.OPS_DROPPED, recs[-1].seq - last - 1)
-        for rec in reversed(recs):
+                span.set_attribute(A.OPS_DROPPED, recs[0].seq - last - 1)
+        for rec in recs:
             if rec.seq <= seq_now:
                 self._op_event(span, rec)
 
