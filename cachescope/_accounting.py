@@ -24,32 +24,14 @@ except ImportError:
 _COUNTERS = ("push", "pop", "set", "get", "clear", "clear_all", "depth", "peak_depth", "logical",
              "storage", "peak_logical", "peak_storage", "live", "empty")
 
-try:   # with the C extension the counters are C integers, which the fast path updates in place
-    from ._speedups import FamilyCounters as _Counters
-except ImportError:
-    class _Counters:  # type: ignore[no-redef]
-        __slots__ = _COUNTERS
+class _PyCounters:
+    """The pure-Python counterpart of ``_speedups.FamilyCounters`` (used when it is not built)."""
 
+    __slots__ = _COUNTERS + ("_storages",)
 
-class FamilyStats(_Counters):
-    """Everything counted for one queue family (``attn_kv``)."""
-
-    __slots__ = ("family", "violations", "_storages")
-    #: Every public field (the counters live in the C base when the extension is built).
-    FIELDS = ("family",) + _COUNTERS + ("violations",)
-
-    def __init__(self, family: str) -> None:
-        self.family = family
-        self.push = self.pop = self.set = self.get = self.clear = self.clear_all = 0
-        self.depth = self.peak_depth = 0
-        self.logical = self.storage = self.peak_logical = self.peak_storage = 0
-        self.live = self.empty = 0
-        self.violations: dict[str, int] = {}
+    def __init__(self) -> None:
         # storage key -> nbytes while one queued item holds it, [holders, nbytes] once shared
         self._storages: dict[int, int | list[int]] = {}
-
-    def ops(self) -> dict[str, int]:
-        return {op: getattr(self, op) for op in OPS}
 
     def hold(self, logical: int, storages: Iterable[tuple[int, int]]) -> None:
         """An item entered a queue of this family."""
@@ -94,6 +76,36 @@ class FamilyStats(_Counters):
         """``clear_all``: nothing is held any more."""
         self.depth = self.logical = self.storage = self.live = self.empty = 0
         self._storages.clear()
+
+    def held_storages(self) -> list[tuple[int, int]]:
+        """Sorted ``(holders, nbytes)`` of the storages held now."""
+        return sorted((1, e) if type(e) is int else (e[0], e[1]) for e in self._storages.values())
+
+
+try:   # with the C extension the counters are C integers, which the fast path updates in place
+    from ._speedups import FamilyCounters as _Counters
+except ImportError:
+    _Counters = _PyCounters  # type: ignore[misc,assignment]
+
+
+class FamilyStats(_Counters):
+    """Everything counted for one queue family (``attn_kv``)."""
+
+    __slots__ = ("family", "violations")
+    #: Every public field (the counters live in the C base when the extension is built).
+    FIELDS = ("family",) + _COUNTERS + ("violations",)
+
+    def __init__(self, family: str) -> None:
+        super().__init__()
+        self.family = family
+        self.push = self.pop = self.set = self.get = self.clear = self.clear_all = 0
+        self.depth = self.peak_depth = 0
+        self.logical = self.storage = self.peak_logical = self.peak_storage = 0
+        self.live = self.empty = 0
+        self.violations: dict[str, int] = {}
+
+    def ops(self) -> dict[str, int]:
+        return {op: getattr(self, op) for op in OPS}
 
     def queue_added(self, length: int) -> None:
         if length:

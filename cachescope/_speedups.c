@@ -31,6 +31,11 @@
 
 #if CS_ACCEL
 
+/* Branch hints: error and fallback paths are laid out away from the common path, so an op
+ * touches fewer instruction cache lines (inside a decode step they are all cold). */
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
 #define MEMO_SIZE 1024      /* call sites remembered (direct-mapped) */
 #define STEP_MEMORY 4096    /* as _STEP_MEMORY in _instrumented.py */
 #define MAX_FRAMES 6        /* as _MAX_FRAMES in _owners.py */
@@ -56,7 +61,7 @@ typedef struct {
 } LabelEntry;
 
 /* Offsets of __slots__ members, read once from the classes' member descriptors. */
-static Py_ssize_t off_fs_family, off_fs_storages;
+static Py_ssize_t off_fs_family;
 static Py_ssize_t off_st_ops, off_st_pushed, off_st_popped, off_st_index, off_st_prev, off_st_next,
     off_st_start, off_st_start_time, off_st_end, off_st_tokens, off_st_violations;
 static Py_ssize_t off_at_mode, off_at_watching;
@@ -295,9 +300,240 @@ typedef struct {
     PyObject_HEAD
     long long push, pop, set, get, clear, clear_all, depth, peak_depth, logical, storage,
         peak_logical, peak_storage, live, empty;
+    /* The storages held by this family's queued items (FamilyStats.hold/release): an open
+     * addressing table of storage key -> (nbytes, holders), so that shared storages are counted
+     * once. holders == 0: an empty slot. */
+    Py_ssize_t st_cap, st_used;
+    struct StSlot *st;
 } FamilyCounters;
 
+typedef struct StSlot {
+    uintptr_t key;
+    long long nbytes;
+    long long holders;
+} StSlot;
+
 #define FC(obj) ((FamilyCounters *)(obj))
+
+static inline size_t
+st_hash(uintptr_t key, Py_ssize_t cap)
+{
+    return (size_t)(((uint64_t)key >> 4) * 0x9E3779B97F4A7C15ull >> 20) & (size_t)(cap - 1);
+}
+
+/* The slot of `key`, or of the empty slot where it would go. */
+static inline StSlot *
+st_lookup(FamilyCounters *c, uintptr_t key)
+{
+    size_t mask = (size_t)c->st_cap - 1, i = st_hash(key, c->st_cap);
+    while (c->st[i].holders != 0 && c->st[i].key != key)
+        i = (i + 1) & mask;
+    return &c->st[i];
+}
+
+static int
+st_grow(FamilyCounters *c)
+{
+    Py_ssize_t cap = c->st_cap ? c->st_cap * 2 : 16;
+    StSlot *old = c->st, *n = PyMem_Calloc((size_t)cap, sizeof(StSlot));
+    if (n == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t oldcap = c->st_cap;
+    c->st = n;
+    c->st_cap = cap;
+    for (Py_ssize_t i = 0; i < oldcap; i++)
+        if (old[i].holders != 0)
+            *st_lookup(c, old[i].key) = old[i];
+    PyMem_Free(old);
+    return 0;
+}
+
+/* One storage of an item that entered a queue: counted in `storage` by its first holder. */
+static inline int
+st_hold(FamilyCounters *c, uintptr_t key, long long nbytes)
+{
+    if (UNLIKELY(2 * (c->st_used + 1) > c->st_cap) && st_grow(c) < 0)
+        return -1;
+    StSlot *s = st_lookup(c, key);
+    if (s->holders == 0) {
+        s->key = key;
+        s->nbytes = nbytes;
+        s->holders = 1;
+        c->st_used++;
+        c->storage += nbytes;
+    }
+    else {
+        s->holders++;
+    }
+    return 0;
+}
+
+/* One storage of an item that left a queue: uncounted when its last holder leaves. */
+static inline void
+st_release(FamilyCounters *c, uintptr_t key)
+{
+    if (c->st_used == 0)
+        return;
+    StSlot *s = st_lookup(c, key);
+    if (s->holders == 0 || --s->holders > 0)
+        return;
+    c->storage -= s->nbytes;
+    c->st_used--;
+    /* backward-shift deletion: no tombstones, probes stay short */
+    size_t mask = (size_t)c->st_cap - 1, i = (size_t)(s - c->st), j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (c->st[j].holders == 0)
+            break;
+        size_t home = st_hash(c->st[j].key, c->st_cap);
+        if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
+            c->st[i] = c->st[j];
+            i = j;
+        }
+    }
+    c->st[i].holders = 0;
+}
+
+static void
+FamilyCounters_dealloc(PyObject *self)
+{
+    PyMem_Free(FC(self)->st);
+    FC(self)->st = NULL;
+    Py_TYPE(self)->tp_free(self);
+}
+
+/* A storage key from Python (an int: a storage's _cdata or a tensor's id). */
+static int
+st_key(PyObject *k, uintptr_t *out)
+{
+    if (!PyLong_Check(k)) {
+        PyErr_SetString(PyExc_TypeError, "cachescope: a storage key must be an int");
+        return -1;
+    }
+    *out = (uintptr_t)PyLong_AsUnsignedLongLongMask(k);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static void
+hold_counts(FamilyCounters *c, long long lg)
+{
+    if (++c->depth > c->peak_depth)
+        c->peak_depth = c->depth;
+    c->logical += lg;
+    if (c->logical > c->peak_logical)
+        c->peak_logical = c->logical;
+}
+
+/* hold(logical, storages): an item entered a queue of this family (FamilyStats.hold). */
+static PyObject *
+FamilyCounters_hold(PyObject *self, PyObject *args)
+{
+    FamilyCounters *c = FC(self);
+    long long lg;
+    PyObject *storages;
+    if (!PyArg_ParseTuple(args, "LO:hold", &lg, &storages))
+        return NULL;
+    PyObject *seq = PySequence_Fast(storages, "storages must be a sequence of (key, nbytes)");
+    if (seq == NULL)
+        return NULL;
+    hold_counts(c, lg);
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        uintptr_t key;
+        long long nb;
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "storages must be (key, nbytes) pairs");
+            goto fail;
+        }
+        if (st_key(PyTuple_GET_ITEM(pair, 0), &key) < 0)
+            goto fail;
+        nb = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+        if ((nb == -1 && PyErr_Occurred()) || st_hold(c, key, nb) < 0)
+            goto fail;
+    }
+    Py_DECREF(seq);
+    if (c->storage > c->peak_storage)
+        c->peak_storage = c->storage;
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* release(logical, storages): an item left a queue of this family (popped or cleared). */
+static PyObject *
+FamilyCounters_release(PyObject *self, PyObject *args)
+{
+    FamilyCounters *c = FC(self);
+    long long lg;
+    PyObject *storages;
+    if (!PyArg_ParseTuple(args, "LO:release", &lg, &storages))
+        return NULL;
+    PyObject *seq = PySequence_Fast(storages, "storages must be a sequence of (key, nbytes)");
+    if (seq == NULL)
+        return NULL;
+    c->depth -= 1;
+    c->logical -= lg;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        uintptr_t key;
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) < 1) {
+            PyErr_SetString(PyExc_TypeError, "storages must be (key, nbytes) pairs");
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (st_key(PyTuple_GET_ITEM(pair, 0), &key) < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        st_release(c, key);
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+/* drop_all(): clear_all, nothing is held any more. */
+static PyObject *
+FamilyCounters_drop_all(PyObject *self, PyObject *unused)
+{
+    FamilyCounters *c = FC(self);
+    c->depth = c->logical = c->storage = c->live = c->empty = 0;
+    if (c->st != NULL)
+        memset(c->st, 0, (size_t)c->st_cap * sizeof(StSlot));
+    c->st_used = 0;
+    Py_RETURN_NONE;
+}
+
+/* held_storages(): sorted (holders, nbytes) of the storages held now (for tests). */
+static PyObject *
+FamilyCounters_held_storages(PyObject *self, PyObject *unused)
+{
+    FamilyCounters *c = FC(self);
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0; out != NULL && i < c->st_cap; i++) {
+        if (c->st[i].holders == 0)
+            continue;
+        PyObject *t = Py_BuildValue("(LL)", c->st[i].holders, c->st[i].nbytes);
+        if (t == NULL || PyList_Append(out, t) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(t);
+    }
+    if (out != NULL && PyList_Sort(out) < 0)
+        Py_CLEAR(out);
+    return out;
+}
+
+static PyMethodDef FamilyCounters_methods[] = {
+    {"hold", FamilyCounters_hold, METH_VARARGS, "hold(logical, storages): an item entered a queue"},
+    {"release", FamilyCounters_release, METH_VARARGS,
+     "release(logical, storages): an item left a queue (popped or cleared)"},
+    {"drop_all", FamilyCounters_drop_all, METH_NOARGS, "drop_all(): clear_all, nothing is held"},
+    {"held_storages", FamilyCounters_held_storages, METH_NOARGS,
+     "held_storages(): sorted (holders, nbytes) of the storages held now"},
+    {NULL}
+};
 
 static PyMemberDef FamilyCounters_members[] = {
 #define FCM(name) {#name, T_LONGLONG, offsetof(FamilyCounters, name), 0, NULL}
@@ -313,9 +549,11 @@ static PyTypeObject FamilyCountersType = {
     .tp_name = "cachescope._speedups.FamilyCounters",
     .tp_basicsize = sizeof(FamilyCounters),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_doc = "The numeric fields of FamilyStats, as C integers.",
+    .tp_doc = "The numeric fields of FamilyStats, as C integers, and the storages its items hold.",
     .tp_new = PyType_GenericNew,
+    .tp_dealloc = FamilyCounters_dealloc,
     .tp_members = FamilyCounters_members,
+    .tp_methods = FamilyCounters_methods,
 };
 
 /* Stats.steps and Stats.tokens (cachescope/_accounting.py), as C integers for end_step. */
@@ -342,10 +580,6 @@ static PyTypeObject StepCountersType = {
 
 /* ------------------------------------------------------------------ small helpers */
 
-/* Branch hints: error and fallback paths are laid out away from the common path, so an op
- * touches fewer instruction cache lines (inside a decode step they are all cold). */
-#define LIKELY(x) __builtin_expect(!!(x), 1)
-#define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 /* An internal failure after the seed's op succeeded: reported, never raised. */
 static void __attribute__((cold, noinline))
@@ -614,103 +848,20 @@ attribute(Hot *h, PyObject **owner, PyObject **site, int skip)
 
 /* ------------------------------------------------------------------ storage accounting */
 
-static void
-hold_counts(FamilyCounters *c, long long lg)
-{
-    if (++c->depth > c->peak_depth)
-        c->peak_depth = c->depth;
-    c->logical += lg;
-    if (c->logical > c->peak_logical)
-        c->peak_logical = c->logical;
-}
-
-/* One storage of an item that entered a queue (FamilyStats.hold): `held` maps storage key ->
- * nbytes while one item holds it, [holders, nbytes] once shared. */
-static int
-hold_one(FamilyCounters *c, PyObject *held, PyObject *key, long long nb)
-{
-    PyObject *entry = PyDict_GetItemWithError(held, key);
-    if (entry == NULL) {   /* one holder: just its byte count */
-        PyObject *n = PyErr_Occurred() ? NULL : PyLong_FromLongLong(nb);
-        int r = n == NULL ? -1 : PyDict_SetItem(held, key, n);
-        Py_XDECREF(n);
-        if (UNLIKELY(r < 0))
-            return -1;
-        c->storage += nb;
-        return 0;
-    }
-    if (PyLong_CheckExact(entry)) {   /* shared: [holders, nbytes] */
-        PyObject *two = PyLong_FromLong(2);
-        PyObject *lst = two ? PyList_New(2) : NULL;
-        if (UNLIKELY(lst == NULL)) {
-            Py_XDECREF(two);
-            return -1;
-        }
-        PyList_SET_ITEM(lst, 0, two);
-        PyList_SET_ITEM(lst, 1, Py_NewRef(entry));
-        int r = PyDict_SetItem(held, key, lst);
-        Py_DECREF(lst);
-        return r;
-    }
-    if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
-        return -1;
-    PyObject *rc = PyLong_FromLongLong(PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) + 1);
-    if (UNLIKELY(rc == NULL || PyList_SetItem(entry, 0, rc) < 0))
-        return -1;
-    return 0;
-}
-
-/* One storage of an item that left a queue (FamilyStats.release). */
-static int
-release_one(FamilyCounters *c, PyObject *held, PyObject *key)
-{
-    PyObject *entry = PyDict_GetItemWithError(held, key);
-    if (entry == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    if (PyLong_CheckExact(entry)) {   /* its only holder left */
-        long long nbytes = PyLong_AsLongLong(entry);
-        if (UNLIKELY(PyDict_DelItem(held, key) < 0))
-            return -1;
-        c->storage -= nbytes;
-        return 0;
-    }
-    if (UNLIKELY(!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 2))
-        return -1;
-    long long rc = PyLong_AsLongLong(PyList_GET_ITEM(entry, 0)) - 1;
-    if (rc <= 0) {
-        long long nbytes = PyLong_AsLongLong(PyList_GET_ITEM(entry, 1));
-        if (UNLIKELY(PyDict_DelItem(held, key) < 0))
-            return -1;
-        c->storage -= nbytes;
-        return 0;
-    }
-    PyObject *v = PyLong_FromLongLong(rc);
-    if (UNLIKELY(v == NULL || PyList_SetItem(entry, 0, v) < 0))
-        return -1;
-    return 0;
-}
-
-static PyObject *
-held_of(PyObject *fs)
-{
-    PyObject *held = SLOT(fs, off_fs_storages);
-    return LIKELY(held != NULL && PyDict_CheckExact(held)) ? held : NULL;
-}
-
 /* An item measured as a Measure entered a queue: its storages are (key, nbytes) pairs. */
 static int
 hold(PyObject *fs, long long lg, PyObject *storages)
 {
     FamilyCounters *c = FC(fs);
-    PyObject *held = held_of(fs);
-    if (UNLIKELY(held == NULL || !PyTuple_Check(storages)))
+    if (UNLIKELY(!PyTuple_Check(storages)))
         return -1;
     hold_counts(c, lg);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
         PyObject *pair = PyTuple_GET_ITEM(storages, i);
+        uintptr_t key;
         long long nb = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
-        if (UNLIKELY((nb == -1 && PyErr_Occurred()) ||
-                     hold_one(c, held, PyTuple_GET_ITEM(pair, 0), nb) < 0))
+        if (UNLIKELY((nb == -1 && PyErr_Occurred()) || st_key(PyTuple_GET_ITEM(pair, 0), &key) < 0 ||
+                     st_hold(c, key, nb) < 0))
             return -1;
     }
     if (c->storage > c->peak_storage)
@@ -723,17 +874,10 @@ static int
 hold_kv(PyObject *fs, long long lg, int nst, void **skey, long long *snb)
 {
     FamilyCounters *c = FC(fs);
-    PyObject *held = held_of(fs);
-    if (UNLIKELY(held == NULL))
-        return -1;
     hold_counts(c, lg);
-    for (int i = 0; i < nst; i++) {
-        PyObject *key = PyLong_FromVoidPtr(skey[i]);
-        int r = key == NULL ? -1 : hold_one(c, held, key, snb[i]);
-        Py_XDECREF(key);
-        if (UNLIKELY(r < 0))
+    for (int i = 0; i < nst; i++)
+        if (UNLIKELY(st_hold(c, (uintptr_t)skey[i], snb[i]) < 0))
             return -1;
-    }
     if (c->storage > c->peak_storage)
         c->peak_storage = c->storage;
     return 0;
@@ -742,32 +886,26 @@ hold_kv(PyObject *fs, long long lg, int nst, void **skey, long long *snb)
 static int
 release(PyObject *fs, long long lg, PyObject *storages)
 {
-    PyObject *held = held_of(fs);
-    if (UNLIKELY(held == NULL || !PyTuple_Check(storages)))
+    if (UNLIKELY(!PyTuple_Check(storages)))
         return -1;
     FC(fs)->depth -= 1;
     FC(fs)->logical -= lg;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++)
-        if (UNLIKELY(release_one(FC(fs), held, PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 0)) < 0))
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(storages); i++) {
+        uintptr_t key;
+        if (UNLIKELY(st_key(PyTuple_GET_ITEM(PyTuple_GET_ITEM(storages, i), 0), &key) < 0))
             return -1;
+        st_release(FC(fs), key);
+    }
     return 0;
 }
 
 static int
 release_kv(PyObject *fs, long long lg, int nst, void **skey)
 {
-    PyObject *held = held_of(fs);
-    if (UNLIKELY(held == NULL))
-        return -1;
     FC(fs)->depth -= 1;
     FC(fs)->logical -= lg;
-    for (int i = 0; i < nst; i++) {
-        PyObject *key = PyLong_FromVoidPtr(skey[i]);
-        int r = key == NULL ? -1 : release_one(FC(fs), held, key);
-        Py_XDECREF(key);
-        if (UNLIKELY(r < 0))
-            return -1;
-    }
+    for (int i = 0; i < nst; i++)
+        st_release(FC(fs), (uintptr_t)skey[i]);
     return 0;
 }
 
@@ -2773,7 +2911,6 @@ configure(PyObject *mod, PyObject *args)
     StepType = (PyTypeObject *)st;
     AttribStateType = (PyTypeObject *)at;
     if (offset_of(FamilyStatsType, "family", &off_fs_family) < 0 ||
-        offset_of(FamilyStatsType, "_storages", &off_fs_storages) < 0 ||
         offset_of(StepType, "ops", &off_st_ops) < 0 ||
         offset_of(StepType, "pushed", &off_st_pushed) < 0 ||
         offset_of(StepType, "popped", &off_st_popped) < 0 ||

@@ -164,7 +164,7 @@ def stats_view(cache: InstrumentedCache) -> dict[str, Any]:
     for fam, fs in cache.stats.families.items():
         d = {field: getattr(fs, field) for field in FamilyStats.FIELDS}
         d["violations"] = dict(fs.violations)
-        d["_storages"] = sorted((1, e) if type(e) is int else tuple(e) for e in fs._storages.values())
+        d["_storages"] = fs.held_storages()
         fams[fam] = d
     s = cache.stats
     return {"families": fams, "steps": s.steps, "tokens": s.tokens,
