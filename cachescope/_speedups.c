@@ -94,6 +94,7 @@ typedef struct {
     int default_families;    /* the FamilyMap uses _families.default_family */
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
+    PyObject *memo_step, *last_pushed, *last_popped;   /* step_note: last names added to step */
     PyObject *durations;     /* a sink's deque of step durations (metrics), or None */
     PyObject *stats;         /* InstrumentedCache.stats (a Stats) */
     int loop_ends_steps;     /* InstrumentedCache._loop_ends_steps */
@@ -1703,9 +1704,24 @@ step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
         return -1;
     if (UNLIKELY(slot_add(step, off_st_ops, 1) < 0))
         return -1;
+    /* Every layer pushes (pops) the same queue name in a step: remember the last name added
+     * to this step's set and skip adding an equal one again. */
+    PyObject **last = off_set == off_st_pushed ? &h->last_pushed : &h->last_popped;
+    if (h->memo_step == step && *last != NULL &&
+        (*last == name || (((PyASCIIObject *)*last)->hash == ((PyASCIIObject *)name)->hash &&
+                           PyUnicode_Compare(*last, name) == 0)))
+        return 0;
     PyObject *names = SLOT(step, off_set);
-    if (names != NULL && PySet_Check(names) && PySet_GET_SIZE(names) < STEP_MEMORY)
-        return PySet_Add(names, name);
+    if (names != NULL && PySet_Check(names) && PySet_GET_SIZE(names) < STEP_MEMORY) {
+        if (UNLIKELY(PySet_Add(names, name) < 0))
+            return -1;
+        if (h->memo_step != step) {
+            Py_XSETREF(h->memo_step, Py_NewRef(step));   /* strong: its address cannot be reused */
+            Py_CLEAR(h->last_pushed);
+            Py_CLEAR(h->last_popped);
+        }
+        Py_XSETREF(*last, Py_NewRef(name));
+    }
     return 0;
 }
 
@@ -2190,6 +2206,7 @@ Hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->short_path);
     Py_VISIT(h->step);
     Py_VISIT(h->step_pops);
+    Py_VISIT(h->memo_step);
     Py_VISIT(h->durations);
     Py_VISIT(h->stats);
     return 0;
@@ -2223,6 +2240,9 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->short_path);
     Py_CLEAR(h->step);
     Py_CLEAR(h->step_pops);
+    Py_CLEAR(h->memo_step);
+    Py_CLEAR(h->last_pushed);
+    Py_CLEAR(h->last_popped);
     Py_CLEAR(h->durations);
     Py_CLEAR(h->stats);
     for (int i = 0; i < MEMO_SIZE; i++) {
@@ -2613,7 +2633,14 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     double start = perf_counter(), start_time = now();
     step = StepType->tp_alloc(StepType, 0);
     PyObject *pushed = step ? PySet_New(NULL) : NULL, *popped = pushed ? PySet_New(NULL) : NULL;
-    PyObject *pops = popped ? PySet_New(NULL) : NULL;
+    PyObject *pops = NULL;
+    if (popped != NULL) {
+        if (PySet_CheckExact(h->step_pops) && Py_REFCNT(h->step_pops) == 1 &&
+            PySet_Clear(h->step_pops) == 0)
+            pops = Py_NewRef(h->step_pops);   /* only we hold it: emptied in place */
+        else
+            pops = PySet_New(NULL);
+    }
     if (UNLIKELY(pops == NULL)) {
         Py_XDECREF(pushed);
         Py_XDECREF(popped);
