@@ -94,6 +94,8 @@ typedef struct {
     int default_families;    /* the FamilyMap uses _families.default_family */
     PyObject *step;          /* StepInfo or None */
     PyObject *step_pops;     /* set of (name, owner) popped in this step */
+    PyObject **sp;           /* (name, owner) of the C path's pops not yet in step_pops */
+    Py_ssize_t sp_len, sp_cap;   /* pairs pending, pairs allocated */
     PyObject *memo_step, *last_pushed, *last_popped;   /* step_note: last names added to step */
     PyObject *durations;     /* a sink's deque of step durations (metrics), or None */
     PyObject *stats;         /* InstrumentedCache.stats (a Stats) */
@@ -1725,6 +1727,66 @@ step_note(Hot *h, Py_ssize_t off_set, PyObject *name)
     return 0;
 }
 
+/* The C path's pops go to a pending array of (name, owner) references, and into the step_pops
+ * set only when Python reads it (the Python path's pop, the step_pops getter) or the array is
+ * full: a step boundary drops them unread, so a decode builds no key tuple. The set ends up as
+ * if each pop had added its key at once (cleared when it reached STEP_MEMORY). */
+static void
+sp_drop(Hot *h)
+{
+    Py_ssize_t n = h->sp_len;
+    h->sp_len = 0;
+    for (Py_ssize_t i = 0; i < 2 * n; i++)
+        Py_DECREF(h->sp[i]);
+}
+
+static int
+sp_flush(Hot *h)
+{
+    int bad = 0;
+    PyObject *set = h->step_pops;
+    for (Py_ssize_t i = 0; i < h->sp_len && !bad; i++) {
+        PyObject *key = PyTuple_Pack(2, h->sp[2 * i], h->sp[2 * i + 1]);
+        if (key == NULL || set == NULL || !PySet_Check(set)) {
+            Py_XDECREF(key);
+            bad = 1;
+            break;
+        }
+        PyObject_GC_UnTrack(key);   /* two strings (or None): no cycles */
+        if (PySet_GET_SIZE(set) >= STEP_MEMORY)
+            PySet_Clear(set);
+        bad = PySet_Add(set, key) < 0;
+        Py_DECREF(key);
+    }
+    sp_drop(h);
+    return bad ? -1 : 0;
+}
+
+static int
+sp_note(Hot *h, PyObject *name, PyObject *owner)
+{
+    if (UNLIKELY(h->sp_len == h->sp_cap)) {
+        if (h->sp_cap >= 256) {
+            if (sp_flush(h) < 0)
+                return -1;
+        }
+        else {
+            Py_ssize_t cap = h->sp_cap ? 2 * h->sp_cap : 16;
+            PyObject **n = PyMem_Realloc(h->sp, (size_t)(2 * cap) * sizeof(PyObject *));
+            if (n == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            h->sp = n;
+            h->sp_cap = cap;
+        }
+    }
+    h->sp[2 * h->sp_len] = Py_NewRef(name);
+    h->sp[2 * h->sp_len + 1] = Py_NewRef(owner);
+    h->sp_len++;
+    return 0;
+}
+
 /* list.pop(0) of a non-empty list, without the generic slice code (the list keeps its
  * capacity): the first item, a new reference. */
 static PyObject *
@@ -2117,19 +2179,8 @@ Hot_pop(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         rec = entry_record(te);
         bad = rec == NULL;
     }
-    if (!bad) {
-        PyObject *key = PyTuple_Pack(2, name, owner);
-        if (LIKELY(key != NULL))
-            PyObject_GC_UnTrack(key);   /* two strings: no cycles */
-        if (key == NULL || !PySet_Check(h->step_pops))
-            bad = 1;
-        else {
-            if (PySet_GET_SIZE(h->step_pops) >= STEP_MEMORY)
-                PySet_Clear(h->step_pops);
-            bad = PySet_Add(h->step_pops, key) < 0;
-        }
-        Py_XDECREF(key);
-    }
+    if (!bad)
+        bad = sp_note(h, name, owner) < 0;
     if (!bad)
         bad = step_note(h, off_st_popped, name) < 0;
     unlock(h);
@@ -2240,6 +2291,10 @@ Hot_clear(Hot *h)
     Py_CLEAR(h->short_path);
     Py_CLEAR(h->step);
     Py_CLEAR(h->step_pops);
+    sp_drop(h);
+    PyMem_Free(h->sp);
+    h->sp = NULL;
+    h->sp_cap = 0;
     Py_CLEAR(h->memo_step);
     Py_CLEAR(h->last_pushed);
     Py_CLEAR(h->last_popped);
@@ -2337,10 +2392,18 @@ static int Hot_set_cache(Hot *h, PyObject *v, void *c)
 {
     return set_dict_member(&h->cache, v, &PyDict_Type, "cache_dict");
 }
-static PyObject *Hot_get_step_pops(Hot *h, void *c) { return Py_NewRef(h->step_pops); }
+static PyObject *Hot_get_step_pops(Hot *h, void *c)
+{
+    if (h->sp_len && sp_flush(h) < 0)
+        return NULL;
+    return Py_NewRef(h->step_pops);
+}
 static int Hot_set_step_pops(Hot *h, PyObject *v, void *c)
 {
-    return set_dict_member(&h->step_pops, v, &PySet_Type, "step_pops");
+    if (set_dict_member(&h->step_pops, v, &PySet_Type, "step_pops") < 0)
+        return -1;
+    sp_drop(h);
+    return 0;
 }
 static PyObject *Hot_get_step(Hot *h, void *c) { return Py_NewRef(h->step); }
 static int Hot_set_step(Hot *h, PyObject *v, void *c)
@@ -2633,29 +2696,28 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     double start = perf_counter(), start_time = now();
     step = StepType->tp_alloc(StepType, 0);
     PyObject *pushed = step ? PySet_New(NULL) : NULL, *popped = pushed ? PySet_New(NULL) : NULL;
-    PyObject *pops = NULL;
-    if (popped != NULL) {
-        if (PySet_CheckExact(h->step_pops) && Py_REFCNT(h->step_pops) == 1 &&
-            PySet_Clear(h->step_pops) == 0)
-            pops = Py_NewRef(h->step_pops);   /* only we hold it: emptied in place */
-        else
-            pops = PySet_New(NULL);
-    }
-    if (UNLIKELY(pops == NULL)) {
+    if (UNLIKELY(popped == NULL)) {
         Py_XDECREF(pushed);
-        Py_XDECREF(popped);
         unlock(h);
         goto done;
     }
     if (PyDict_SetItem(h->cache, key, pair) < 0) {   /* the seed's set */
         Py_DECREF(pushed);
         Py_DECREF(popped);
-        Py_DECREF(pops);
         unlock(h);
         goto done;
     }
     /* the seed's set is done: from here on a failure is reported, never raised */
     int bad = 0;
+    sp_drop(h);   /* the new step starts with no pops */
+    PyObject *pops;
+    if (PySet_CheckExact(h->step_pops) && Py_REFCNT(h->step_pops) == 1 &&
+        PySet_Clear(h->step_pops) == 0)
+        pops = Py_NewRef(h->step_pops);   /* only we hold it: emptied in place */
+    else
+        pops = PySet_New(NULL);
+    if (pops == NULL)
+        bad = 1;
     FC(fs)->set += 1;
     h->seq += 1;
     if (record_plain(h, s_set, key, fs, owner, site, &rec) < 0)
@@ -2679,7 +2741,8 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         SLOT(step, off_st_ops) == NULL || SLOT(step, off_st_violations) == NULL)
         bad = 1;
     Py_XSETREF(h->step, Py_NewRef(step));
-    Py_XSETREF(h->step_pops, pops);
+    if (pops != NULL)
+        Py_XSETREF(h->step_pops, pops);
     unlock(h);
     if (bad)
         report(key);
