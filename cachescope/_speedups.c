@@ -2694,8 +2694,27 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
         goto done;
     }
     double start = perf_counter(), start_time = now();
-    step = StepType->tp_alloc(StepType, 0);
-    PyObject *pushed = step ? PySet_New(NULL) : NULL, *popped = pushed ? PySet_New(NULL) : NULL;
+    /* The closing step's StepInfo is reused when nothing but the cache holds it (no sink or
+     * caller kept it): a decode allocates no StepInfo and no sets per step. */
+    PyObject *pushed = NULL, *popped = NULL;
+    int reuse = 0;
+    if (cur != Py_None && Py_TYPE(cur) == StepType &&
+        Py_REFCNT(cur) == 1 + (h->memo_step == cur)) {
+        pushed = SLOT(cur, off_st_pushed);
+        popped = SLOT(cur, off_st_popped);
+        reuse = pushed != NULL && popped != NULL && PySet_CheckExact(pushed) &&
+                PySet_CheckExact(popped) && Py_REFCNT(pushed) == 1 && Py_REFCNT(popped) == 1;
+    }
+    if (reuse) {
+        step = Py_NewRef(cur);
+        pushed = Py_NewRef(pushed);
+        popped = Py_NewRef(popped);
+    }
+    else {
+        step = StepType->tp_alloc(StepType, 0);
+        pushed = step ? PySet_New(NULL) : NULL;
+        popped = pushed ? PySet_New(NULL) : NULL;
+    }
     if (UNLIKELY(popped == NULL)) {
         Py_XDECREF(pushed);
         unlock(h);
@@ -2725,17 +2744,24 @@ Hot_set(Hot *h, PyObject *const *all, Py_ssize_t nall, PyObject *kwnames)
     if (!bad && cur != Py_None)   /* the set is the closing step's last op, as in _record */
         bad = slot_add(cur, off_st_ops, 1) < 0;
     h->step_index += 1;
-    SLOT(step, off_st_index) = PyLong_FromLongLong(h->step_index);
-    SLOT(step, off_st_prev) = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
-    SLOT(step, off_st_next) = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
-    SLOT(step, off_st_start) = PyFloat_FromDouble(start);
-    SLOT(step, off_st_start_time) = PyFloat_FromDouble(start_time);
-    SLOT(step, off_st_end) = Py_NewRef(Py_None);
-    SLOT(step, off_st_tokens) = PyLong_FromLong(0);
-    SLOT(step, off_st_ops) = PyLong_FromLong(0);
-    SLOT(step, off_st_violations) = PyLong_FromLong(0);
-    SLOT(step, off_st_popped) = popped;
-    SLOT(step, off_st_pushed) = pushed;
+    if (reuse) {   /* emptied in place; step_note's memo of what they hold goes too */
+        PySet_Clear(pushed);
+        PySet_Clear(popped);
+        Py_CLEAR(h->memo_step);
+        Py_CLEAR(h->last_pushed);
+        Py_CLEAR(h->last_popped);
+    }
+    Py_XSETREF(SLOT(step, off_st_index), PyLong_FromLongLong(h->step_index));
+    Py_XSETREF(SLOT(step, off_st_prev), Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
+    Py_XSETREF(SLOT(step, off_st_next), Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
+    Py_XSETREF(SLOT(step, off_st_start), PyFloat_FromDouble(start));
+    Py_XSETREF(SLOT(step, off_st_start_time), PyFloat_FromDouble(start_time));
+    Py_XSETREF(SLOT(step, off_st_end), Py_NewRef(Py_None));
+    Py_XSETREF(SLOT(step, off_st_tokens), PyLong_FromLong(0));
+    Py_XSETREF(SLOT(step, off_st_ops), PyLong_FromLong(0));
+    Py_XSETREF(SLOT(step, off_st_violations), PyLong_FromLong(0));
+    Py_XSETREF(SLOT(step, off_st_popped), popped);
+    Py_XSETREF(SLOT(step, off_st_pushed), pushed);
     if (SLOT(step, off_st_index) == NULL || SLOT(step, off_st_start) == NULL ||
         SLOT(step, off_st_start_time) == NULL || SLOT(step, off_st_tokens) == NULL ||
         SLOT(step, off_st_ops) == NULL || SLOT(step, off_st_violations) == NULL)

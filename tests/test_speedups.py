@@ -1357,3 +1357,44 @@ def test_the_cache_lock_behaves_like_threading_rlock() -> None:
     with lock:   # free again, usable as a context manager
         assert lock._is_owned()
     assert not lock._is_owned()
+
+
+# ----------------------------------------------------------------------------- reused step objects
+
+def _steps_run(speedups: bool, ids: list[tuple[Any, Any]], keep: bool) -> tuple[list, list]:
+    from _kvloop import layers, run
+    cache = InstrumentedCache(metrics=False, tracing=False, speedups=speedups)
+    mods = layers(3, cache)
+    x = torch.linspace(-1, 1, 12).reshape(3, 4)
+    snaps, kept = [], []
+    with torch.no_grad():
+        for state in ids:
+            cache.set("state_ids", state)
+            run(mods, x)
+            cache.end_step(tokens=1)
+            snaps.append(snapshot(cache))
+            if keep:
+                kept.append(cache.current_step)
+    frozen = [(s.index, s.prev, s.next, s.tokens, s.ops, sorted(s.pushed), sorted(s.popped))
+              for s in kept]
+    return snaps, frozen
+
+
+STEP_IDS = [(None, 4), (None, 3), (3, 5), (4, 5), (5, 6), (6, 7)]
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["dropped", "kept"])
+def test_steps_reusing_queue_names_match_between_paths(keep: bool) -> None:
+    """The C boundary reuses the closing step's StepInfo when nothing else holds it, and skips
+    re-adding a step's last pushed name. Steps (3, 5) then (4, 5) push the same queue name:
+    the reused step must still list it, and a StepInfo the caller kept must not change."""
+    require_fast_path()
+    fast, fast_kept = _steps_run(True, STEP_IDS, keep)
+    slow, slow_kept = _steps_run(False, STEP_IDS, keep)
+    for i, (f, s) in enumerate(zip(fast, slow)):
+        assert_same(f, s, f"after step {STEP_IDS[i]}")
+    assert fast[3]["current_step"][-2] == ["attn_kv_5"]   # (4, 5) pushed attn_kv_5 again
+    assert fast_kept == slow_kept
+    if keep:
+        assert [k[0] for k in fast_kept] == list(range(len(STEP_IDS)))
+        assert fast_kept[2][5] == ["attn_kv_5"] and fast_kept[3][5] == ["attn_kv_5"]
