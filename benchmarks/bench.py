@@ -1729,7 +1729,7 @@ def main(argv: list[str] | None = None) -> int:
         for preset in presets:
             big = preset != "tiny"
             tokens = args.tokens or (16 if quick else (48 if preset == "pythia-160m" else 64) if big else 128)
-            reps = args.reps or (4 if quick else (12 if preset == "pythia-160m" else 20) if big else 30)
+            reps = args.reps or (4 if quick else (12 if preset == "pythia-160m" else 20) if big else 60)
             log(f"decode {preset}: {reps} reps x {len(ALL_MODES)} modes x {tokens} tokens")
             d = bench_decode(preset, tokens, reps, ALL_MODES, args.seed)
             res["decode"].append(d)

@@ -568,6 +568,17 @@ class InstrumentedCache(Cache):
             fs.get += 1
         return self._cache.get(key, default)
 
+    def q_size(self, name: str) -> int | None:
+        """The seed's ``q_size`` (not counted), reading the dict once instead of through the
+        ``_cache`` property three times (a decode loop's cleanup calls it once per step)."""
+        cache = self._hot.cache_dict
+        if name not in cache:
+            return None
+        queue = cache[name]
+        if type(queue) != list:  # noqa: E721 - the seed's exact check
+            return None
+        return len(queue)
+
     def get_quiet(self, key: str, default: Any = None) -> Any:
         """``get`` without counting it (for reports and exporters)."""
         try:
