@@ -12,7 +12,7 @@ from torch import nn
 
 from cachescope import _cache
 from cachescope._cache import Cache
-from cachescope.neox import PRESETS, NeoXConfig, NeoXModel, generate, logits_for
+from cachescope.neox import PRESETS, Decoder, NeoXConfig, NeoXModel, generate, logits_for
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,3 +309,52 @@ def test_instrumented_cache_sees_a_clean_run() -> None:
     assert cache.violations == []
     assert (cache.stats.steps, cache.stats.tokens) == (6, 6)
     assert not any(name.startswith("attn_kv_") for name in cache._cache)
+
+
+def test_decoder_steps_equal_generate() -> None:
+    """Driving a Decoder step by step gives generate's tokens and leaves the cache as clean."""
+    model = _model("tiny")
+    expected = generate(model, [1, 2, 3], 6, cache=Cache())
+    cache = Cache()
+    with torch.no_grad(), model.using_cache(cache), Decoder(model, [1, 2, 3], 6, cache=cache) as d:
+        got = [d.step() for _ in range(6)]
+        assert d.done and d.tokens == got
+        with pytest.raises(RuntimeError, match="produced its 6 tokens"):
+            d.step()
+    assert got == expected
+    assert cache._cache == {}
+
+
+def test_interleaved_decoders_keep_their_caches_apart() -> None:
+    """Two decoders on one model, stepped token by token on two instrumented caches, decode as
+    if each ran alone and neither cache sees a violation or the other's ops."""
+    from cachescope import InstrumentedCache
+
+    model = _model("tiny")
+    alone = [generate(model, p, 5, cache=Cache()) for p in ([1, 2, 3], [9, 8])]
+    caches = [InstrumentedCache(name=f"interleave-{i}", metrics=False, tracing=False) for i in range(2)]
+    decoders = [Decoder(model, p, 5, cache=c) for p, c in zip(([1, 2, 3], [9, 8]), caches)]
+    with torch.no_grad():
+        for d in decoders:
+            d.__enter__()
+        for _ in range(5):
+            for d in reversed(decoders):
+                with model.using_cache(d.cache):
+                    d.step()
+        for d in decoders:
+            d.__exit__(None, None, None)
+    assert [d.tokens for d in decoders] == alone
+    for c in caches:
+        assert c.violations == [] and c.stats.steps == 5
+        assert c.stats.families["attn_kv"].push == 5 * model.config.num_layers
+
+
+def test_decoder_is_single_use_and_needs_its_block() -> None:
+    """step() outside the with block, and entering a Decoder twice, raise RuntimeError."""
+    model = _model("tiny")
+    d = Decoder(model, [1], 2, cache=Cache())
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        d.step()
+    with model.using_cache(d.cache), d:
+        with pytest.raises(RuntimeError, match="already open"):
+            d.__enter__()
