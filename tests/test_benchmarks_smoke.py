@@ -35,7 +35,8 @@ def test_quick_run_succeeds_and_writes_report(quick_run: tuple[subprocess.Comple
     proc, md, js = quick_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = md.read_text()
-    for heading in ("## Machine and settings", "## Targets", "## Decode overhead: `tiny`",
+    for heading in ("## Machine and settings", "## Targets", "## Decode overhead, lockstep: `tiny`",
+                    "## Decode overhead, whole `generate()` calls: `tiny`",
                     "## Per-op microbenchmarks", "## Where the time goes", "## Decode loop speed",
                     "## Memory over a long run", "## Weakref check"):
         assert heading in text, heading
@@ -57,6 +58,17 @@ def test_quick_run_results(quick_run: tuple[subprocess.CompletedProcess[str], Pa
             o = row["overhead_wall"]
             assert o["lo"] <= o["median"] <= o["hi"]
     assert decode["traced"]["trace-all"]["generate_spans"] == decode["traced"]["trace-all"]["generations"]
+    lock = res["lockstep"][0]
+    assert lock["preset"] == "tiny"
+    assert set(lock["modes"]) == {"plain-aa", "core", "default", "trace-all", "trace-10"}
+    for row in lock["modes"].values():
+        assert len(row["plain_ms"]) == len(row["mode_ms"]) == lock["reps"]
+        assert row["plain_median_ms"] > 0 and row["median_ms"] > 0
+        o = row["overhead_wall"]
+        assert o["lo"] <= o["median"] <= o["hi"]
+    judged = {v["target"]: v for v in res["verdicts"]}
+    assert judged["default-mode overhead, tiny"]["note"].startswith("lockstep")
+    assert "whole-generate cross-check" in judged["default-mode overhead, tiny"]["note"]
     ops = {(r["variant"], r["op"], r["mode"]) for r in res["ops"]["rows"]}
     assert ("module", "push+pop", "default") in ops and ("function", "set", "plain") in ops
     # correctness checks made by the benchmark (not timings)
