@@ -1415,6 +1415,146 @@ Timeline_since(Timeline *tl, PyObject *arg)
     return out;
 }
 
+/* A string the tracer may use as an attribute value unchanged: an exact str of at most `limit`
+ * characters (anything else goes to Python, which cuts or converts it). */
+static inline int
+plain_str(PyObject *s, Py_ssize_t limit)
+{
+    return PyUnicode_CheckExact(s) && PyUnicode_GET_LENGTH(s) <= limit;
+}
+
+/* events_since(last, upto, keys, state_key, mark, limit) -> (first_seq, items)
+ *
+ * The tracer's batch of op events, built from compact entries without making their OpRecords:
+ * for each op with last < seq <= upto, oldest first, an item (op, attributes, timestamp_ns) in
+ * the form TracingSink._op_event gives Span.add_event, or the OpRecord itself where that method
+ * must decide (an entry the Python path recorded, a string it would cut). A violation-free
+ * `set` of `state_key` or `mark` (mark_step's name) has no item: it opens a step, whose span
+ * shows it.
+ * keys: the attribute names (queue, family, seq, owner, depth, bytes.logical, bytes.storage,
+ * producer). first_seq: the seq of the oldest op after `last` still in the ring, 0 if none. */
+static PyObject *
+Timeline_events_since(Timeline *tl, PyObject *args)
+{
+    long long last, upto;
+    PyObject *keys, *state_key, *mark;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "LLO!OOn", &last, &upto, &PyTuple_Type, &keys, &state_key, &mark,
+                          &limit))
+        return NULL;
+    if (PyTuple_GET_SIZE(keys) != 8) {
+        PyErr_SetString(PyExc_ValueError, "events_since: keys must hold 8 attribute names");
+        return NULL;
+    }
+    PyObject *k_queue = PyTuple_GET_ITEM(keys, 0), *k_family = PyTuple_GET_ITEM(keys, 1),
+             *k_seq = PyTuple_GET_ITEM(keys, 2), *k_owner = PyTuple_GET_ITEM(keys, 3),
+             *k_depth = PyTuple_GET_ITEM(keys, 4), *k_logical = PyTuple_GET_ITEM(keys, 5),
+             *k_storage = PyTuple_GET_ITEM(keys, 6), *k_producer = PyTuple_GET_ITEM(keys, 7);
+    Py_ssize_t first = tl->len;
+    while (first > 0) {
+        long long s = entry_seq(timeline_at(tl, first - 1));
+        if (s == -1 && PyErr_Occurred())
+            return NULL;
+        if (s <= last)
+            break;
+        first--;
+    }
+    long long first_seq = 0;
+    if (first < tl->len) {
+        first_seq = entry_seq(timeline_at(tl, first));
+        if (first_seq == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *items = PyList_New(0);
+    if (items == NULL)
+        return NULL;
+    for (Py_ssize_t i = first; i < tl->len; i++) {
+        Entry *e = timeline_at(tl, i);
+        PyObject *item = NULL;
+        if (e->rec != NULL) {
+            long long s = entry_seq(e);
+            if (s == -1 && PyErr_Occurred())
+                goto fail;
+            if (s > upto)
+                break;
+            item = Py_NewRef(e->rec);
+        }
+        else {
+            if (e->seq > upto)
+                break;
+            if (e->op == s_set) {
+                int boundary = PyObject_RichCompareBool(e->name, state_key, Py_EQ);
+                if (boundary == 0)
+                    boundary = PyObject_RichCompareBool(e->name, mark, Py_EQ);
+                if (boundary < 0)
+                    goto fail;
+                if (boundary)
+                    continue;
+            }
+            int own_producer = 0;
+            if (e->producer != Py_None && e->producer != e->owner) {
+                own_producer = PyObject_RichCompareBool(e->producer, e->owner, Py_EQ);
+                if (own_producer < 0)
+                    goto fail;
+                own_producer = !own_producer;   /* 1: a producer the event names */
+            }
+            if (!plain_str(e->name, limit) || !PyUnicode_CheckExact(e->family)
+                || (e->owner != Py_None && !plain_str(e->owner, limit))
+                || (own_producer && !plain_str(e->producer, limit))) {
+                item = entry_record(e);   /* the tracer cuts or converts it */
+            }
+            else {
+                PyObject *attrs = PyDict_New(), *v;
+                if (attrs == NULL)
+                    goto fail;
+#define SET_ATTR(key, value) \
+                if ((v = (value)) == NULL || PyDict_SetItem(attrs, key, v) < 0) { \
+                    Py_XDECREF(v); Py_DECREF(attrs); goto fail; } \
+                Py_DECREF(v);
+                SET_ATTR(k_queue, Py_NewRef(e->name));
+                SET_ATTR(k_family, Py_NewRef(e->family));
+                SET_ATTR(k_seq, PyLong_FromLongLong(e->seq));
+                if (e->owner != Py_None) {
+                    SET_ATTR(k_owner, Py_NewRef(e->owner));
+                }
+                if (e->depth >= 0) {
+                    SET_ATTR(k_depth, PyLong_FromLongLong(e->depth));
+                }
+                if (e->logical) {
+                    SET_ATTR(k_logical, PyLong_FromLongLong(e->logical));
+                    if (e->storage != e->logical) {
+                        SET_ATTR(k_storage, PyLong_FromLongLong(e->storage));
+                    }
+                }
+                if (own_producer) {
+                    SET_ATTR(k_producer, Py_NewRef(e->producer));
+                }
+#undef SET_ATTR
+                PyObject *ts = PyLong_FromDouble(e->t * 1e9);
+                item = ts ? PyTuple_New(3) : NULL;
+                if (item == NULL) {
+                    Py_XDECREF(ts);
+                    Py_DECREF(attrs);
+                    goto fail;
+                }
+                PyTuple_SET_ITEM(item, 0, Py_NewRef(e->op));
+                PyTuple_SET_ITEM(item, 1, attrs);
+                PyTuple_SET_ITEM(item, 2, ts);
+            }
+        }
+        if (item == NULL)
+            goto fail;
+        int rc = PyList_Append(items, item);
+        Py_DECREF(item);
+        if (rc < 0)
+            goto fail;
+    }
+    return Py_BuildValue("(LN)", first_seq, items);
+fail:
+    Py_DECREF(items);
+    return NULL;
+}
+
 static Py_ssize_t Timeline_len(Timeline *tl) { return tl->len; }
 
 static PyObject *
@@ -1478,6 +1618,8 @@ static PyMethodDef Timeline_methods[] = {
     {"append", (PyCFunction)Timeline_append, METH_O, "append(record): add an OpRecord"},
     {"clear", (PyCFunction)Timeline_clear, METH_NOARGS, "clear(): drop every entry"},
     {"since", (PyCFunction)Timeline_since, METH_O, "since(seq): records after op seq, oldest first"},
+    {"events_since", (PyCFunction)Timeline_events_since, METH_VARARGS,
+     "events_since(last, upto, keys, state_key, mark, limit): the tracer's op events after op last"},
     {"__reversed__", (PyCFunction)Timeline_reversed, METH_NOARGS, NULL},
     {NULL}
 };

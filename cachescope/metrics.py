@@ -3,8 +3,8 @@
 Depends on ``prometheus_client`` only. Nothing is registered at import time and nothing runs per
 cache op: one custom collector per registry builds every counter and gauge from ``cache.stats``
 when scraped. The step-duration histogram (a child bound when the cache is created) is observed
-at the next scrape from durations the sink keeps per step, except for steps with a recording
-trace span, which are observed at once with their trace id as the exemplar.
+at the next scrape from durations the sink keeps per step (with the trace id of the step's span,
+when it recorded one, for the exemplar).
 
 ``REGISTRY`` is cachescope's own ``CollectorRegistry`` (the default for ``InstrumentedCache``), not
 ``prometheus_client.REGISTRY``: serve it with ``start_metrics_server(port)``, or pass
@@ -357,15 +357,13 @@ class MetricsSink:
             return
         tracer = cache.tracer
         tid = tracer.trace_id(step) if tracer is not None else None
-        if tid is not None:
-            self._hist.observe(duration, {"trace_id": tid})
-        else:
-            # Observed at the next scrape (work that can wait for a scrape happens then); the
-            # deque is bounded by folding it in when it fills.
-            pending = self._pending
-            pending.append(duration)
-            if len(pending) >= _PENDING_STEPS:
-                self.flush()
+        # Observed at the next scrape (work that can wait for a scrape happens then), with the
+        # step span's trace id as exemplar when it has one; the deque is bounded by folding it
+        # in when it fills.
+        pending = self._pending
+        pending.append(duration if tid is None else (duration, tid))
+        if len(pending) >= _PENDING_STEPS:
+            self.flush()
 
     def flush(self) -> None:
         """Observe the step durations kept since the last scrape (thread-safe: popleft only)."""
@@ -375,7 +373,11 @@ class MetricsSink:
         pending, observe = self._pending, hist.observe
         try:
             while True:
-                observe(pending.popleft())
+                item = pending.popleft()
+                if type(item) is tuple:   # (duration, trace id of the step's span)
+                    observe(item[0], {"trace_id": item[1]})
+                else:
+                    observe(item)
         except IndexError:
             pass
 

@@ -21,6 +21,10 @@ from ._records import OpRecord, StepInfo
 __all__ = ["TracingSink"]
 
 _NS = 1_000_000_000
+#: The attribute names of an op event, in the order ``Timeline.events_since`` takes them.
+_EVENT_KEYS = (A.QUEUE, A.FAMILY, A.SEQ, A.OWNER, A.DEPTH, A.BYTES_LOGICAL, A.BYTES_STORAGE,
+               A.PRODUCER)
+_MARK_STEP = "<mark_step>"   # the queue name of mark_step's record
 
 
 def _trunc(s: Any, limit: int = A.MAX_STR_LEN) -> str:
@@ -134,24 +138,31 @@ class TracingSink:
         self._flushed_seq = seq_now
         if span is None or seq_now <= last:
             return
+        state_key = getattr(cache, "state_key", None)
         with lock:
-            since = getattr(timeline, "since", None)
-            if since is not None:   # the C ring: builds records only for these ops
-                recs = since(last)
+            events_since = getattr(timeline, "events_since", None)
+            if events_since is not None:   # the C ring: events built from its entries
+                first, items = events_since(last, seq_now, _EVENT_KEYS, state_key, _MARK_STEP,
+                                            A.MAX_STR_LEN)
             else:
-                recs = []
+                items = []
                 for rec in reversed(timeline):
                     if rec.seq <= last:
                         break
-                    recs.append(rec)
-                recs.reverse()
-        if recs and recs[0].seq > last + 1:   # the ring buffer wrapped within one span
-            self.ops_dropped += recs[0].seq - last - 1
+                    items.append(rec)
+                items.reverse()
+                first = items[0].seq if items else 0
+                items = [rec for rec in items if rec.seq <= seq_now]
+        if first > last + 1:   # the ring buffer wrapped within one span
+            self.ops_dropped += first - last - 1
             if span.is_recording():
-                span.set_attribute(A.OPS_DROPPED, recs[0].seq - last - 1)
-        for rec in recs:
-            if rec.seq <= seq_now:
-                self._op_event(span, rec)
+                span.set_attribute(A.OPS_DROPPED, first - last - 1)
+        add_event = span.add_event
+        for item in items:
+            if type(item) is tuple:   # (op, attributes, timestamp) from the C ring
+                add_event(*item)
+            else:
+                self._op_event(span, item, state_key)
 
     # ------------------------------------------------------------------ generations
     def on_generation_start(self, cache: Any, info: dict[str, Any]) -> None:
@@ -243,10 +254,10 @@ class TracingSink:
             return
         span = self._step_span
         if span.is_recording():
-            span.set_attribute(A.TOKENS, step.tokens)
-            span.set_attribute(A.OPS, step.ops)
+            attrs = {A.TOKENS: step.tokens, A.OPS: step.ops}
             if step.violations:
-                span.set_attribute(A.VIOLATION_COUNT, step.violations)
+                attrs[A.VIOLATION_COUNT] = step.violations
+            span.set_attributes(attrs)
         self._gen_steps += 1
         self._gen_tokens += step.tokens
         end_time = None
@@ -279,9 +290,12 @@ class TracingSink:
         self._flush(cache)
         if rec.seq > self._flushed_seq:
             self._flushed_seq = rec.seq
-        self._op_event(span, rec)
+        self._op_event(span, rec, getattr(cache, "state_key", None))
 
-    def _op_event(self, span: Span, rec: OpRecord) -> None:
+    def _op_event(self, span: Span, rec: OpRecord, state_key: Any = None) -> None:
+        if (rec.op == "set" and rec.violation is None
+                and (rec.queue == state_key or rec.queue == _MARK_STEP)):
+            return   # the op that opens a step: its decode_step span shows it
         attrs: dict[str, Any] = {A.QUEUE: rec.queue if len(rec.queue) <= A.MAX_STR_LEN
                                  else _trunc(rec.queue), A.FAMILY: rec.family, A.SEQ: rec.seq}
         if rec.owner is not None:

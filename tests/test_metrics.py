@@ -188,7 +188,11 @@ def test_step_histogram_exemplar_in_openmetrics() -> None:
     provider, exporter = otel_memory()
     cache = _cache(reg, tracing=True, tracer_provider=provider)
     run_decode(cache)
+    # traced steps wait for the scrape too, each with its span's trace id
+    pending = list(cache.metrics.step_durations)
+    assert pending and all(type(p) is tuple and len(p[1]) == 32 for p in pending)
     text = generate_openmetrics(reg).decode()
+    assert not cache.metrics.step_durations
     ids = set(re.findall(r'cachescope_decode_step_duration_seconds_bucket\{[^}]*\} \d+\.\d+ '
                          r'# \{trace_id="([0-9a-f]{32})"\}', text))
     steps = {format(s.context.trace_id, "032x") for s in exporter.get_finished_spans()

@@ -1398,3 +1398,84 @@ def test_steps_reusing_queue_names_match_between_paths(keep: bool) -> None:
     if keep:
         assert [k[0] for k in fast_kept] == list(range(len(STEP_IDS)))
         assert fast_kept[2][5] == ["attn_kv_5"] and fast_kept[3][5] == ["attn_kv_5"]
+
+
+# ----------------------------------------------------------------------------- tracing's op events
+
+def _span_events(speedups: bool, spec: Any = None) -> list[Any]:
+    """(span name, step, [(event name, attributes)]) of a traced decode, timestamps left out."""
+    from _loop import otel_memory
+    provider, exporter = otel_memory()
+    cache = InstrumentedCache(name="events", metrics=False, tracer_provider=provider,
+                              speedups=speedups)
+    assert cache.speedups_active is speedups
+    model = tiny_model()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cachescope.watch(model, cache))
+        if spec is not None:
+            stack.enter_context(inject(spec, model.layers, cache, model=model))
+        try:
+            run_decode(cache, 5)
+        except (IndexError, KeyError):   # a skipped layer leaves a later one an empty queue
+            pass
+    out = []
+    for s in exporter.get_finished_spans():
+        events = [(e.name, dict(e.attributes)) for e in s.events
+                  if e.name != "cachescope.violation"]   # reports name call sites: compared elsewhere
+        out.append((s.name, s.attributes.get("cachescope.step"), events))
+    return sorted(out, key=repr)
+
+
+@pytest.mark.parametrize("spec", [None, "swap@2:layer=0,other=1", "skip@2:layer=1"])
+def test_op_events_built_in_c_equal_the_python_ones(spec: Any) -> None:
+    """Op events the C ring builds (``Timeline.events_since``) have the names and attributes the
+    Python path gives the same decode, with and without a fault (producer, violation kinds)."""
+    require_fast_path()
+    fast, slow = _span_events(True, spec), _span_events(False, spec)
+    assert fast == slow
+    assert any(events for _, _, events in fast)
+
+
+def test_events_since_hands_odd_entries_to_python() -> None:
+    """An entry with a name longer than the attribute limit comes back as its OpRecord (Python cuts
+    it); the boundary set of the state key has no item; first_seq reports the oldest op kept."""
+    require_fast_path()
+    from cachescope import _attributes as A
+    from cachescope._records import OpRecord
+    from cachescope.tracing import _EVENT_KEYS, _MARK_STEP
+
+    class Layer(nn.Module):
+        def forward(self, cache: InstrumentedCache, name: str) -> None:
+            cache.push(name, (torch.zeros(2), torch.zeros(2)))
+            cache.pop(name)
+
+    cache = InstrumentedCache(name="odd", metrics=False, tracing=False, timeline_size=8)
+    layer = Layer()
+    long_name = "q" * (A.MAX_STR_LEN + 1)
+    cache.set("state_ids", (None, 0))
+    for name in ("attn_kv_0", long_name):   # first ops of a module / queue: the Python path
+        layer(cache, name)
+    last = cache._seq
+    cache.set("state_ids", (0, 1))          # a step boundary: no event
+    for name in ("attn_kv_0", long_name, "attn_kv_0"):
+        layer(cache, name)
+    first, items = cache._timeline.events_since(last, cache._seq, _EVENT_KEYS, "state_ids",
+                                                _MARK_STEP, A.MAX_STR_LEN)
+    assert first == last + 1
+    if isinstance(items[0], OpRecord):   # a boundary the Python path made: _op_event skips it
+        assert (items[0].op, items[0].queue, items[0].violation) == ("set", "state_ids", None)
+        items = items[1:]
+    kinds = [type(i).__name__ if type(i) is not tuple else i[0] for i in items]
+    assert kinds == ["push", "pop", "OpRecord", "OpRecord", "push", "pop"]
+    assert all(isinstance(i, OpRecord) and i.queue == long_name for i in items[2:4])
+    name, attrs, ts = items[0]
+    rec = next(r for r in cache.timeline() if r.seq == attrs[A.SEQ])
+    assert ts == int(rec.time * 1_000_000_000)
+    assert attrs == {A.QUEUE: "attn_kv_0", A.FAMILY: "attn_kv", A.SEQ: rec.seq,
+                     A.OWNER: rec.owner, A.DEPTH: 1, A.BYTES_LOGICAL: 16}
+    # only ops up to `upto`; the ring forgot the oldest: first_seq says where it starts now
+    for _ in range(4):
+        layer(cache, "attn_kv_0")
+    first, items = cache._timeline.events_since(0, cache._seq - 2, _EVENT_KEYS, "state_ids",
+                                                _MARK_STEP, A.MAX_STR_LEN)
+    assert first == cache._seq - 7 and len(items) == 6

@@ -382,3 +382,28 @@ def test_ops_that_left_the_timeline_are_counted_on_the_span() -> None:
     assert len(later.events) == 3 and later.attributes[A.OPS_DROPPED] == 2 * LAYERS - 3
     assert [e.name for e in later.events] == ["push", "pop", "push"]
     assert cache.tracer.ops_dropped > 0
+
+
+@pytest.mark.parametrize("speedups", [True, False], ids=["c-path", "python-path"])
+def test_step_opening_set_is_the_step_span_not_an_event(speedups: bool) -> None:
+    """The state_ids set that opens a step has no op event (its decode_step span shows it); the
+    generate span keeps the use_cache set and the end-of-generation check, and a bad state_ids
+    set is still reported by its violation event."""
+    provider, exporter = otel_memory()
+    cache = _cache(provider, speedups=speedups)
+    run_decode(cache)
+    spans = exporter.get_finished_spans()
+    (gen,) = _by_name(spans, A.SPAN_GENERATE)
+    assert [(e.name, e.attributes[A.QUEUE]) for e in gen.events] == [("set", "use_cache"),
+                                                                      ("set", "<end>")]
+    steps = _by_name(spans, A.SPAN_DECODE_STEP)
+    assert len(steps) == NEW_TOKENS
+    assert not [e for s in steps for e in s.events if e.name == "set"]
+    # a typo in the loop: no op event either, and a violation event on the span
+    exporter.clear()
+    with cache.generation():
+        cache.set("state_ids", "(0, 1)")
+    events = [e for s in exporter.get_finished_spans() for e in s.events]
+    assert not [e for e in events if e.name == "set" and e.attributes[A.QUEUE] == "state_ids"]
+    assert [e.attributes[A.VIOLATION_KIND] for e in events
+            if e.name == A.EVENT_VIOLATION] == ["bad_state_ids"]
