@@ -5,9 +5,10 @@
                                [--check] [--threads 1] [--json results.json]
 
 Sections (``--sections``, default all):
-  lockstep decode overhead from token-level pairs: each mode decodes in lockstep with a plain
-           ``Cache`` on the same model (``cachescope.neox.Decoder``, ABBA order per token), with
-           an A/A control; the decode-overhead targets are judged on it;
+  lockstep decode overhead from token-level triples: each mode decodes in lockstep with two
+           plain ``Cache`` runs on the same model (``cachescope.neox.Decoder``; per token: the
+           mode, plain A, plain B), with an A/A control; the decode-overhead targets are judged
+           on it (mode / plain B);
   decode   ms/token of whole ``generate()`` calls, plain ``Cache`` vs ``InstrumentedCache`` modes,
            paired and interleaved (shuffled mode order in every repetition), with an A/A control
            (the cross-check of the lockstep figures, and the only one with ``default-py``);
@@ -473,10 +474,10 @@ def bench_decode(preset: str, tokens: int, reps: int, modes: tuple[str, ...], se
 LOCKSTEP_MODES = ("plain-aa", "core", "default", "trace-all", "trace-10")
 
 
-def _lockstep_pair(model: NeoXModel, prompt: list[int], tokens: int, caches: tuple[Any, Any],
-                   first: int) -> tuple[list[float], list[list[float]], list[list[int]]]:
-    """One decode per cache, stepped in lockstep: token i of both runs back to back, the arm that
-    goes first alternating every token (ABBA: ``first``, other, other, ``first``, ...).
+def _lockstep_run(model: NeoXModel, prompt: list[int], tokens: int,
+                  caches: tuple[Any, ...]) -> tuple[list[float], list[list[float]], list[list[int]]]:
+    """One decode per cache, stepped in lockstep: token i of every run back to back, always in
+    the order of ``caches``.
 
     Returns each arm's total seconds (opening, every step, closing), its per-step seconds and its
     tokens. Opening and closing a run (``Decoder.__enter__/__exit__``: the cache's
@@ -484,23 +485,21 @@ def _lockstep_pair(model: NeoXModel, prompt: list[int], tokens: int, caches: tup
     not (``generate`` does that once per run).
     """
     runs = [Decoder(model, prompt, tokens, cache=c) for c in caches]
-    totals = [0.0, 0.0]
-    steps: list[list[float]] = [[], []]
-    order = (first, 1 - first)
-    for a in order:
+    totals = [0.0] * len(runs)
+    steps: list[list[float]] = [[] for _ in runs]
+    for a, run in enumerate(runs):
         t0 = PERF()
-        runs[a].__enter__()
+        run.__enter__()
         totals[a] += PERF() - t0
-    for i in range(tokens):
-        for a in (order if i % 2 == 0 else order[::-1]):
-            run = runs[a]
+    for _ in range(tokens):
+        for a, run in enumerate(runs):
             with model.using_cache(run.cache):
                 t0 = PERF()
                 run.step()
                 dt = PERF() - t0
             totals[a] += dt
             steps[a].append(dt)
-    for a in order[::-1]:
+    for a in reversed(range(len(runs))):
         t0 = PERF()
         runs[a].__exit__(None, None, None)
         totals[a] += PERF() - t0
@@ -509,60 +508,67 @@ def _lockstep_pair(model: NeoXModel, prompt: list[int], tokens: int, caches: tup
 
 def bench_lockstep(preset: str, tokens: int, reps: int, modes: tuple[str, ...],
                    seed: int) -> dict[str, Any]:
-    """Decode overhead from token-level pairs: each mode runs in lockstep with a plain cache on the
-    same model, so both arms of a pair see the same machine state within a millisecond or so (the
-    whole-``generate()`` design of ``bench_decode`` pairs runs seconds apart, and this VM drifts on
-    that scale). Per repetition and mode one ratio: the mode's total time / the plain arm's."""
+    """Decode overhead from token-level triples: each mode decodes in lockstep with two plain caches
+    on the same model, in the order mode, plain A, plain B for every token. All three arms see the
+    same machine state within a few milliseconds (the whole-``generate()`` design of
+    ``bench_decode`` compares runs seconds apart, and this VM drifts on that scale).
+
+    * overhead = mode / plain B - 1: the mode's step always follows another cache's step, so its
+      own data is colder than in a real decode (a pessimistic figure), and plain B always follows
+      a plain step;
+    * plain A / plain B - 1: how much the mode's step slows the plain step right after it (CPU
+      caches, garbage collections its allocations trigger): what an interleaved pair would
+      wrongly take off the mode's overhead.
+    Per repetition and mode one ratio each, from the arms' total times."""
     cfg = NeoXConfig.preset(preset)
     model = NeoXModel(cfg)
     prompt = prompt_for(cfg)
     mk = Modes(f"lockstep-{preset}")
-    caches = {m: mk.make(m) for m in ("plain",) + modes}
-    base: dict[str, list[float]] = {m: [] for m in modes}
-    other: dict[str, list[float]] = {m: [] for m in modes}
+    caches = {m: mk.make(m) for m in modes}
+    plain_a, plain_b = Cache(), Cache()
+    arm: dict[str, list[list[float]]] = {m: [[], [], []] for m in modes}   # mode, plain A, plain B
     token_ratios: dict[str, list[float]] = {m: [] for m in modes}
     rng = random.Random(seed)
     with torch.inference_mode():
-        expected = generate(model, prompt, min(tokens, 8), cache=caches["plain"])
+        expected = generate(model, prompt, min(tokens, 8), cache=plain_a)
         for m in modes:                                  # warm-up: labels the modules
             if generate(model, prompt, min(tokens, 8), cache=caches[m]) != expected:
                 raise AssertionError(f"mode {m} changed the generated tokens")
         t_start = PERF()
-        for r in range(reps):
+        for _ in range(reps):
             order = list(modes)
             rng.shuffle(order)
             for m in order:
                 gc.collect()
-                totals, steps, toks = _lockstep_pair(model, prompt, tokens,
-                                                     (caches["plain"], caches[m]), first=r % 2)
+                totals, steps, toks = _lockstep_run(model, prompt, tokens,
+                                                    (caches[m], plain_a, plain_b))
                 t0 = PERF()
                 mk.flush(m)   # the span export thread's backlog is charged to the traced arm
-                totals[1] += PERF() - t0
-                if toks[0] != toks[1]:
+                totals[0] += PERF() - t0
+                if not toks[0] == toks[1] == toks[2]:
                     raise AssertionError(f"mode {m} changed the generated tokens")
-                base[m].append(totals[0] / tokens)
-                other[m].append(totals[1] / tokens)
-                token_ratios[m].append(statistics.median(x / p for p, x in zip(*steps)))
+                for i in range(3):
+                    arm[m][i].append(totals[i] / tokens)
+                token_ratios[m].append(statistics.median(x / b for x, b in zip(steps[0], steps[2])))
     elapsed = PERF() - t_start
     out: dict[str, Any] = {"preset": preset, "tokens": tokens, "reps": reps, "elapsed_s": elapsed,
                            "loadavg_end": _loadavg(), "modes": {},
                            "speedups": {m: bool(getattr(caches[m], "speedups_active", False))
                                         for m in modes}}
     for m in modes:
-        q1, med, q3 = quantiles(other[m])
+        mode_s, a_s, b_s = arm[m]
+        q1, med, q3 = quantiles(mode_s)
         out["modes"][m] = {
-            "plain_median_ms": statistics.median(base[m]) * 1e3,
+            "plain_median_ms": statistics.median(b_s) * 1e3,
             "median_ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
-            "plain_ms": [x * 1e3 for x in base[m]], "mode_ms": [x * 1e3 for x in other[m]],
-            "overhead_wall": paired_overhead(base[m], other[m]),
-            "extra_us_per_token": paired_diff(base[m], other[m])["median"] * 1e6,
+            "plain_ms": [x * 1e3 for x in b_s], "mode_ms": [x * 1e3 for x in mode_s],
+            "plain_after_mode_ms": [x * 1e3 for x in a_s],
+            "overhead_wall": paired_overhead(b_s, mode_s),
+            "plain_after_mode": paired_overhead(b_s, a_s),
+            "extra_us_per_token": paired_diff(b_s, mode_s)["median"] * 1e6,
             "token_median_ratio": statistics.median(token_ratios[m]) - 1,
-            "ratio_sd": statistics.stdev(o / b for b, o in zip(base[m], other[m])) if reps > 1 else 0.0,
+            "ratio_sd": statistics.stdev(o / b for b, o in zip(b_s, mode_s)) if reps > 1 else 0.0,
         }
-        if "plain-aa" in modes and m != "plain-aa":
-            # Does the mode's arm slow the plain arm beside it (CPU-cache pollution across the
-            # interleaved steps)? Its plain arm against the A/A pair's plain arm, same repetition.
-            out["modes"][m]["plain_arm_vs_aa"] = paired_overhead(base["plain-aa"], base[m])
     del caches
     mk.close()
     gc.collect()
@@ -1529,8 +1535,8 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
         w("## Targets")
         w("")
         w("Decode overheads are judged on wall-clock time in the lockstep design (below) when it "
-          "ran: the median of the per-repetition paired ratios (mode / plain arm of the same "
-          "lockstep pair) minus 1, with a 95 % bootstrap CI over repetitions; the note gives the "
+          "ran: the median of the per-repetition paired ratios (mode / plain arm B of the same "
+          "lockstep triple) minus 1, with a 95 % bootstrap CI over repetitions; the note gives the "
           "whole-`generate()` design's figure as a cross-check. PASS means the point estimate is "
           "within the limit; the note says whether the whole CI is.")
         w("")
@@ -1543,32 +1549,29 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
     for d in res.get("lockstep", []):
         w(f"## Decode overhead, lockstep: `{d['preset']}`")
         w("")
-        w(f"{d['reps']} repetitions x {len(d['modes'])} pairs. A pair is two decodes of "
-          f"{d['tokens']} new tokens (16-token prompt) on the same model, one on a plain `Cache()` "
-          "and one on the mode's cache, driven token by token with `cachescope.neox.Decoder`: "
-          "token i of both runs back to back, the arm that goes first alternating every token "
-          "(ABBA), pair order shuffled per repetition, `gc.collect()` before each pair. An arm's "
-          "time is its opening, steps and closing (the traced arm also pays its span processor's "
-          "flush). Both arms of a pair see the same machine state within a few milliseconds, so "
-          "the drift that dominates the whole-`generate()` design below cancels. Section wall "
-          f"time {d['elapsed_s']:.0f} s; load average after: {d['loadavg_end']}.")
+        w(f"{d['reps']} repetitions x {len(d['modes'])} modes. Per repetition and mode, three "
+          f"decodes of {d['tokens']} new tokens (16-token prompt) on the same model, one on the "
+          "mode's cache and two on plain `Cache()`s (A and B), driven token by token with "
+          "`cachescope.neox.Decoder`: for every token the mode's step, then A's, then B's; mode "
+          "order shuffled per repetition, `gc.collect()` before each triple. An arm's time is its "
+          "opening, steps and closing (a traced arm also pays its span processor's flush). The "
+          "three arms see the same machine state within a few milliseconds, so the drift that "
+          "dominates the whole-`generate()` design below cancels. The overhead is mode / B: the "
+          "mode's step always follows another cache's step, so its own data is colder than in a "
+          "real decode (pessimistic), while B always follows a plain step. A / B shows how much "
+          "the mode's step slows the plain step right after it (CPU caches, collections its "
+          "allocations trigger): what a two-arm interleave would wrongly take off the overhead. "
+          f"Section wall time {d['elapsed_s']:.0f} s; load average after: {d['loadavg_end']}.")
         w("")
-        w("| mode | plain arm median ms/token | mode median ms/token | overhead vs plain arm "
+        w("| mode | plain B median ms/token | mode median ms/token | overhead: mode / plain B "
           "[95% CI] | mean-ratio overhead [95% CI] | sd of the ratios | median per-token ratio | "
-          "extra us/token | plain arm vs the A/A pair's plain arm [95% CI] |")
+          "extra us/token | plain A (right after the mode) / plain B [95% CI] |")
         w("|---|---|---|---|---|---|---|---|---|")
         for mode, r in d["modes"].items():
-            cross = r.get("plain_arm_vs_aa")
             w(f"| {mode} | {r['plain_median_ms']:.3f} | {r['median_ms']:.3f} | "
               f"{fmt_ci(r['overhead_wall'])} | {fmt_ci(r['overhead_wall'], 'mean')} | "
               f"{r['ratio_sd'] * 100:.2f}% | {pct(r['token_median_ratio'])} | "
-              f"{r['extra_us_per_token']:.0f} | {fmt_ci(cross) if cross else '-'} |")
-        w("")
-        w("The last column checks the design: if a mode's steps slowed the plain steps interleaved "
-          "with them (by evicting their data from the CPU caches), its pair's plain arm would be "
-          "slower than the A/A pair's, and the lockstep figure would understate the overhead by "
-          "about that much. The two plain arms run seconds apart, so this column has the "
-          "whole-`generate()` design's noise.")
+              f"{r['extra_us_per_token']:.0f} | {fmt_ci(r['plain_after_mode'])} |")
         sp = d.get("speedups")
         if sp is not None:
             on = [k for k, v in sp.items() if v]
@@ -1824,6 +1827,21 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+#: (new tokens per cell, repetitions) of the decode sections, per preset; --quick: the last entry
+SECTION_SIZES = {
+    "lockstep": {"tiny": (128, 30), "pythia-70m": (32, 20), "pythia-160m": (24, 10), "quick": (16, 3)},
+    "decode": {"tiny": (128, 40), "pythia-70m": (64, 12), "pythia-160m": (48, 8), "quick": (16, 4)},
+}
+
+
+def section_size(section: str, preset: str, quick: bool, tokens: int | None,
+                 reps: int | None) -> tuple[int, int]:
+    """Tokens and repetitions of a decode section (``--tokens`` / ``--reps`` override)."""
+    sizes = SECTION_SIZES[section]
+    t, r = sizes["quick" if quick else preset if preset in sizes else "pythia-70m"]
+    return tokens or t, reps or r
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1877,22 +1895,20 @@ def main(argv: list[str] | None = None) -> int:
     if "lockstep" in sections:
         res["lockstep"] = []
         for preset in presets:
-            big = preset != "tiny"
-            tokens = args.tokens or (16 if quick else (24 if preset == "pythia-160m" else 32) if big else 128)
-            reps = args.lockstep_reps or (3 if quick else (10 if preset == "pythia-160m" else 20) if big else 30)
-            log(f"lockstep {preset}: {reps} reps x {len(LOCKSTEP_MODES)} pairs x {tokens} tokens")
+            tokens, reps = section_size("lockstep", preset, quick, args.tokens, args.lockstep_reps)
+            log(f"lockstep {preset}: {reps} reps x {len(LOCKSTEP_MODES)} modes (+2 plain arms) x "
+                f"{tokens} tokens")
             d = bench_lockstep(preset, tokens, reps, LOCKSTEP_MODES, args.seed)
             res["lockstep"].append(d)
             for mode, r in d["modes"].items():
                 o = r["overhead_wall"]
                 log(f"  {mode:10s} {r['median_ms']:8.3f} ms/token  overhead {fmt_ci(o)}  "
-                    f"(sd {r['ratio_sd'] * 100:.2f}%, per-token median {pct(r['token_median_ratio'])})")
+                    f"(sd {r['ratio_sd'] * 100:.2f}%, per-token median {pct(r['token_median_ratio'])}; "
+                    f"plain step after it {fmt_ci(r['plain_after_mode'])})")
     if "decode" in sections:
         res["decode"] = []
         for preset in presets:
-            big = preset != "tiny"
-            tokens = args.tokens or (16 if quick else (48 if preset == "pythia-160m" else 64) if big else 128)
-            reps = args.reps or (4 if quick else (8 if preset == "pythia-160m" else 12) if big else 40)
+            tokens, reps = section_size("decode", preset, quick, args.tokens, args.reps)
             log(f"decode {preset}: {reps} reps x {len(ALL_MODES)} modes x {tokens} tokens")
             d = bench_decode(preset, tokens, reps, ALL_MODES, args.seed)
             res["decode"].append(d)

@@ -1388,31 +1388,21 @@ Timeline_clear(Timeline *tl, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* since(seq): the records with a larger op number, oldest first (tracing's batches). */
-static PyObject *
-Timeline_since(Timeline *tl, PyObject *arg)
+/* The index of the oldest entry with an op number above `last` (tl->len if none; -1 with an
+ * error set). */
+static Py_ssize_t
+timeline_first_after(Timeline *tl, long long last)
 {
-    long long last = PyLong_AsLongLong(arg);
-    if (last == -1 && PyErr_Occurred())
-        return NULL;
     Py_ssize_t first = tl->len;
     while (first > 0) {
         long long s = entry_seq(timeline_at(tl, first - 1));
         if (s == -1 && PyErr_Occurred())
-            return NULL;
+            return -1;
         if (s <= last)
             break;
         first--;
     }
-    PyObject *out = PyList_New(tl->len - first);
-    for (Py_ssize_t i = first; out != NULL && i < tl->len; i++) {
-        PyObject *r = entry_record(timeline_at(tl, i));
-        if (r == NULL)
-            Py_CLEAR(out);
-        else
-            PyList_SET_ITEM(out, i - first, r);
-    }
-    return out;
+    return first;
 }
 
 /* A string the tracer may use as an attribute value unchanged: an exact str of at most `limit`
@@ -1450,15 +1440,9 @@ Timeline_events_since(Timeline *tl, PyObject *args)
              *k_seq = PyTuple_GET_ITEM(keys, 2), *k_owner = PyTuple_GET_ITEM(keys, 3),
              *k_depth = PyTuple_GET_ITEM(keys, 4), *k_logical = PyTuple_GET_ITEM(keys, 5),
              *k_storage = PyTuple_GET_ITEM(keys, 6), *k_producer = PyTuple_GET_ITEM(keys, 7);
-    Py_ssize_t first = tl->len;
-    while (first > 0) {
-        long long s = entry_seq(timeline_at(tl, first - 1));
-        if (s == -1 && PyErr_Occurred())
-            return NULL;
-        if (s <= last)
-            break;
-        first--;
-    }
+    Py_ssize_t first = timeline_first_after(tl, last);
+    if (first < 0)
+        return NULL;
     long long first_seq = 0;
     if (first < tl->len) {
         first_seq = entry_seq(timeline_at(tl, first));
@@ -1617,7 +1601,6 @@ static PyObject *Timeline_maxlen(Timeline *tl, void *c) { return PyLong_FromSsiz
 static PyMethodDef Timeline_methods[] = {
     {"append", (PyCFunction)Timeline_append, METH_O, "append(record): add an OpRecord"},
     {"clear", (PyCFunction)Timeline_clear, METH_NOARGS, "clear(): drop every entry"},
-    {"since", (PyCFunction)Timeline_since, METH_O, "since(seq): records after op seq, oldest first"},
     {"events_since", (PyCFunction)Timeline_events_since, METH_VARARGS,
      "events_since(last, upto, keys, state_key, mark, limit): the tracer's op events after op last"},
     {"__reversed__", (PyCFunction)Timeline_reversed, METH_NOARGS, NULL},

@@ -62,10 +62,10 @@ def test_quick_run_results(quick_run: tuple[subprocess.CompletedProcess[str], Pa
     assert lock["preset"] == "tiny"
     assert set(lock["modes"]) == {"plain-aa", "core", "default", "trace-all", "trace-10"}
     for row in lock["modes"].values():
-        assert len(row["plain_ms"]) == len(row["mode_ms"]) == lock["reps"]
+        assert len(row["plain_ms"]) == len(row["mode_ms"]) == len(row["plain_after_mode_ms"]) == lock["reps"]
         assert row["plain_median_ms"] > 0 and row["median_ms"] > 0
-        o = row["overhead_wall"]
-        assert o["lo"] <= o["median"] <= o["hi"]
+        for o in (row["overhead_wall"], row["plain_after_mode"]):
+            assert o["lo"] <= o["median"] <= o["hi"]
     judged = {v["target"]: v for v in res["verdicts"]}
     assert judged["default-mode overhead, tiny"]["note"].startswith("lockstep")
     assert "whole-generate cross-check" in judged["default-mode overhead, tiny"]["note"]
