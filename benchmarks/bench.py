@@ -1496,6 +1496,16 @@ def speedups_line(m: dict[str, Any]) -> str:
             + reader)
 
 
+def write_speedups(w: Callable[[str], None], sp: dict[str, bool] | None) -> None:
+    """The line saying in which modes of a decode section the C fast path ran."""
+    if sp is None:
+        return
+    on = [k for k, v in sp.items() if v]
+    w("")
+    w(f"C fast path active (`cache.speedups_active`) in: "
+      f"{', '.join(f'`{k}`' for k in on) if on else 'no mode (pure Python throughout)'}.")
+
+
 def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
     m = res["machine"]
     a = res["args"]
@@ -1572,12 +1582,7 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
               f"{fmt_ci(r['overhead_wall'])} | {fmt_ci(r['overhead_wall'], 'mean')} | "
               f"{r['ratio_sd'] * 100:.2f}% | {pct(r['token_median_ratio'])} | "
               f"{r['extra_us_per_token']:.0f} | {fmt_ci(r['plain_after_mode'])} |")
-        sp = d.get("speedups")
-        if sp is not None:
-            on = [k for k, v in sp.items() if v]
-            w("")
-            w(f"C fast path active (`cache.speedups_active`) in: "
-              f"{', '.join(f'`{k}`' for k in on) if on else 'no mode (pure Python throughout)'}.")
+        write_speedups(w, d.get("speedups"))
         w("")
 
     for d in res.get("decode", []):
@@ -1606,12 +1611,7 @@ def write_markdown(res: dict[str, Any], path: Path, command: str) -> str:
             w("")
             w(f"`{mode}`: {t['generate_spans']} of {t['generations']} generations traced "
               f"(warm-up included), {t['step_spans']} `decode_step` spans exported.")
-        sp = d.get("speedups")
-        if sp is not None:
-            on = [k for k, v in sp.items() if v]
-            w("")
-            w(f"C fast path active (`cache.speedups_active`) in: "
-              f"{', '.join(f'`{k}`' for k in on) if on else 'no mode (pure Python throughout)'}.")
+        write_speedups(w, d.get("speedups"))
         w("")
 
     ops = res.get("ops")
