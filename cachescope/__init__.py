@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Cache": "._cache",
     "get_cache": "._cache",
-    "KINDS": "._checker",
-    "PopOrderError": "._checker",
-    "Violation": "._checker",
+    "KINDS": "._records",
+    "PopOrderError": "._records",
+    "Violation": "._records",
     "install": "._install",
     "installed": "._install",
     "uninstall": "._install",
@@ -31,7 +31,7 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
     from ._cache import Cache, get_cache
-    from ._checker import KINDS, PopOrderError, Violation
+    from ._records import KINDS, PopOrderError, Violation
     from ._install import install, installed, uninstall
     from ._instrumented import InstrumentedCache
     from ._owners import WatchHandle, watch

@@ -1,39 +1,32 @@
 """Per-family counters the exporters read: ops, depth, bytes held, queue counts, violations.
 
-Integers updated under the cache's lock (C fields of ``_speedups.FamilyCounters`` when the
-extension is built, so the fast path counts without allocating); the Prometheus collector reads
-them at scrape time, so no metric object is touched per op.
+Plain integers updated under the cache's lock; the Prometheus collector copies them at scrape
+time (``InstrumentedCache.stats_snapshot``), so no metric object is touched per op.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from ._records import OPS
 
 __all__ = ["FamilyStats", "Stats"]
 
-
-try:   # steps and tokens as C integers, which the fast path's end_step updates in place
-    from ._speedups import StepCounters as _StepCounters
-except ImportError:
-    class _StepCounters:  # type: ignore[no-redef]
-        __slots__ = ("steps", "tokens", "__dict__")
-
-
 _COUNTERS = ("push", "pop", "set", "get", "clear", "clear_all", "depth", "peak_depth", "logical",
              "storage", "peak_logical", "peak_storage", "live", "empty")
 
-class _PyCounters:
-    """The pure-Python counterpart of ``_speedups.FamilyCounters`` (used when it is not built)."""
+
+class _Counters:
+    """Queue depth and the bytes its items hold, with peaks; storages shared by several queued
+    items (a view and its base, k and v of one projection) are counted once."""
 
     __slots__ = _COUNTERS + ("_storages",)
 
     def __init__(self) -> None:
         # storage key -> nbytes while one queued item holds it, [holders, nbytes] once shared
-        self._storages: dict[int, int | list[int]] = {}
+        self._storages: dict[Any, int | list[int]] = {}
 
-    def hold(self, logical: int, storages: Iterable[tuple[int, int]]) -> None:
+    def hold(self, logical: int, storages: Iterable[tuple[Any, int]]) -> None:
         """An item entered a queue of this family."""
         self.depth += 1
         if self.depth > self.peak_depth:
@@ -54,10 +47,10 @@ class _PyCounters:
         if self.storage > self.peak_storage:
             self.peak_storage = self.storage
 
-    def release(self, logical: int, storages: Iterable[tuple[int, int]]) -> None:
+    def release(self, logical: int, storages: Iterable[tuple[Any, int]]) -> None:
         """An item left a queue of this family (popped or cleared)."""
-        self.depth -= 1
-        self.logical -= logical
+        self.depth = max(0, self.depth - 1)
+        self.logical = max(0, self.logical - logical)
         held = self._storages
         for key, _ in storages:
             entry = held.get(key)
@@ -71,6 +64,8 @@ class _PyCounters:
                 if entry[0] <= 0:
                     del held[key]
                     self.storage -= entry[1]
+        if self.storage < 0:
+            self.storage = 0
 
     def drop_all(self) -> None:
         """``clear_all``: nothing is held any more."""
@@ -82,17 +77,11 @@ class _PyCounters:
         return sorted((1, e) if type(e) is int else (e[0], e[1]) for e in self._storages.values())
 
 
-try:   # with the C extension the counters are C integers, which the fast path updates in place
-    from ._speedups import FamilyCounters as _Counters
-except ImportError:
-    _Counters = _PyCounters  # type: ignore[misc,assignment]
-
-
 class FamilyStats(_Counters):
     """Everything counted for one queue family (``attn_kv``)."""
 
     __slots__ = ("family", "violations")
-    #: Every public field (the counters live in the C base when the extension is built).
+    #: Every public field.
     FIELDS = ("family",) + _COUNTERS + ("violations",)
 
     def __init__(self, family: str) -> None:
@@ -120,7 +109,7 @@ class FamilyStats(_Counters):
             self.empty = max(0, self.empty - 1)
 
 
-class Stats(_StepCounters):
+class Stats:
     """Counters for one cache, by family, plus decode-loop totals."""
 
     def __init__(self) -> None:
@@ -129,6 +118,19 @@ class Stats(_StepCounters):
         self.tokens = 0                # tokens the decode loop reported
         self.violations_dropped = 0    # violations counted but not kept (max_violations)
         self.telemetry_errors: dict[str, int] = {}
+
+    def copy(self) -> "Stats":
+        """A copy whose counters no later op changes."""
+        out = Stats()
+        out.steps, out.tokens = self.steps, self.tokens
+        out.violations_dropped = self.violations_dropped
+        out.telemetry_errors = dict(self.telemetry_errors)
+        for name, fs in self.families.items():
+            c = out.families[name] = FamilyStats(name)
+            for f in _COUNTERS:
+                setattr(c, f, getattr(fs, f))
+            c.violations = dict(fs.violations)
+        return out
 
     def family(self, family: str) -> FamilyStats:
         fs = self.families.get(family)

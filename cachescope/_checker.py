@@ -1,102 +1,588 @@
-"""The pop-order rule and the violations it reports.
+"""The pop-order checker: one state machine fed by the live cache and by ``analyze``'s replay.
 
 Rule: for each queue, the k-th pop must be made by the same owner that made the k-th push.
 Every layer of a NeoX decode loop pops ``attn_kv_{prev}`` and pushes ``attn_kv_{next}``; nothing
 else ties an item to the layer that pushed it, so a reordered, skipped, repeated or retried layer
-silently hands one layer another layer's keys/values. This module decides *whether* an op broke
-the rule and *why*; ``_report`` turns a violation into text.
+silently hands one layer another layer's keys/values.
+
+The checker sees attributed ops (who, where, the queue's length after the op, the bytes a push
+holds), never values: the front end (``InstrumentedCache`` over the seed's dict, or the replay
+over a recorded log) does the op itself and tells the checker what happened. Data flows one way:
+op -> checker -> counters (``_accounting``) -> a bounded ring of compact entries (``Timeline``).
+The checker builds ``Violation``s; ``_report`` turns them into text.
+
+Callers serialise calls (the cache holds its lock); nothing here calls user code except a value
+``peek`` and the family normaliser, both guarded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from collections import deque
+from typing import Any, Callable, Iterable
 
-from ._records import OpRecord
+from ._accounting import FamilyStats, Stats
+from ._families import FamilyMap
+from ._records import OpRecord, StepInfo, Violation
+from ._values import Measure, format_summary, measure
 
-__all__ = ["Violation", "PopOrderError", "KINDS"]
+__all__ = ["PopOrderChecker", "Timeline", "mismatch_hint", "safe_str", "safe_repr"]
 
-#: Violation kinds and what each means (documented in the README).
-KINDS: dict[str, str] = {
-    "owner_mismatch": "an owner popped an item that another owner pushed",
-    "pop_empty": "pop on an existing queue that is empty",
-    "pop_missing": "pop on a queue that was never pushed to, or was cleared",
-    "leftover": "at a step boundary, a queue popped during the step still holds items",
-    "step_restarted": "a step began again with the same state_ids while the queues it pushed still hold items",
-    "state_not_advanced": "a completed step's state_ids were set again instead of advancing",
-    "bad_state_ids": "state_ids was set to something other than a (prev, next) pair",
-}
+_TIMELINE_PER_VIOLATION = 12
+_CLEARED_MEMORY = 256
+_STEP_MEMORY = 4096    # queue names remembered per step (a loop with no step boundaries stays bounded)
+_FS_MEMO = 4096
+_NOTHING = object()
 
-
-@dataclass
-class Violation:
-    """One broken invariant, with both sides of the story and the recent op timeline."""
-
-    kind: str                        # one of KINDS
-    queue: str                       # queue name
-    family: str                      # bounded family label
-    step: int                        # step in which the violation happened
-    consumer: str | None             # who popped (None where not applicable)
-    producer: str | None             # who pushed the item involved (None where unknown)
-    seq: int = 0                     # op number that triggered it
-    consumer_site: str | None = None
-    producer_site: str | None = None
-    producer_step: int | None = None
-    producer_seq: int | None = None
-    value: str | None = None         # value summary of the item involved
-    depth: int | None = None         # queue depth after the op
-    position: int | None = None      # k: which pop of the queue this was (1-based)
-    hint: str = ""
-    detail: str = ""                 # extra facts (e.g. leftover owners, state ids)
-    timeline: tuple[OpRecord, ...] = field(default=(), repr=False)
-    cache: str = "default"
-
-    def report(self) -> str:
-        """A ThreadSanitizer-style report: title, both sides, expected vs actual, timeline, hint."""
-        from ._report import format_violation
-        return format_violation(self)
-
-    def summary(self) -> str:
-        """One line: ``owner_mismatch attn_kv_3 step 4: layers.2.attention popped layers.1.attention's item``."""
-        from ._report import one_line
-        return one_line(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in (
-            "kind", "queue", "family", "step", "consumer", "producer", "seq", "consumer_site",
-            "producer_site", "producer_step", "producer_seq", "value", "depth", "position",
-            "hint", "detail", "cache")}
-        return d
-
-    def __str__(self) -> str:
-        return self.summary()
+# Positions in a compact entry: OpRecord's fields, then the storages a push holds.
+SEQ, TIME, STEP, OP, QUEUE, FAMILY, OWNER, SITE, DEPTH, LOGICAL, STORAGE, VALUE, VIOLATION, \
+    PRODUCER, STORAGES = range(15)
+_RECORD_FIELDS = len(OpRecord._fields)
+_new_record = tuple.__new__
+_time = time.time
+_perf = time.perf_counter
 
 
-class PopOrderError(RuntimeError):
-    """Raised in strict mode at the first violation. ``.violation`` holds the details."""
-
-    def __init__(self, violation: Violation) -> None:
-        super().__init__(violation.report())
-        self.violation = violation
+def _record(entry: tuple[Any, ...]) -> OpRecord:
+    return _new_record(OpRecord, entry[:_RECORD_FIELDS])
 
 
-class PopEmptyError(PopOrderError, IndexError):
-    """Strict-mode ``pop_empty``: still an ``IndexError``, as the plain cache raises."""
+class Timeline:
+    """A bounded ring of the most recent ops as compact entries (plain tuples holding no tensor);
+    ``OpRecord``s are built only when read."""
+
+    __slots__ = ("_ring",)
+
+    def __init__(self, maxlen: int) -> None:
+        self._ring: deque[tuple[Any, ...]] = deque(maxlen=max(1, int(maxlen)))
+
+    @property
+    def maxlen(self) -> int:
+        return self._ring.maxlen or 0
+
+    def append(self, entry: tuple[Any, ...]) -> None:
+        self._ring.append(entry)
+
+    def clear(self) -> None:
+        self._ring.clear()
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def last(self) -> OpRecord | None:
+        return _record(self._ring[-1]) if self._ring else None
+
+    def records(self) -> list[OpRecord]:
+        """Every op still in the ring, oldest first."""
+        return [_record(e) for e in self._ring]
+
+    def since(self, seq: int) -> tuple[int, list[OpRecord]]:
+        """``(first, records)``: the ops numbered above ``seq``, oldest first, and the number of
+        the oldest op the ring still holds above ``seq`` (``first > seq + 1`` means ops were lost)."""
+        out = []
+        for e in reversed(self._ring):
+            if e[SEQ] <= seq:
+                break
+            out.append(e)
+        out.reverse()
+        return (out[0][SEQ] if out else seq + 1), [_record(e) for e in out]
+
+    def entries(self) -> Iterable[tuple[Any, ...]]:
+        return reversed(self._ring)
 
 
-class PopMissingError(PopOrderError, KeyError):
-    """Strict-mode ``pop_missing``: still a ``KeyError``, as the plain cache raises."""
+def safe_str(x: Any) -> str:
+    """``str(x)`` bounded to 200 characters, never raising."""
+    try:
+        s = x if type(x) is str else str(x)
+    except Exception:
+        s = f"<{type(x).__name__}>"
+    if type(s) is not str:
+        s = f"<{type(x).__name__}>"
+    return s if len(s) <= 200 else s[:197] + "..."
 
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return self.args[0] if self.args else ""
+
+def safe_repr(x: Any) -> str:
+    """repr() for reports that never prints data (tensors show as shape and dtype)."""
+    try:
+        s = _repr_no_data(x, 0)
+    except Exception:
+        s = f"<{type(x).__name__}>"
+    return s if len(s) <= 120 else s[:117] + "..."
 
 
-def strict_error(violation: Violation) -> PopOrderError:
-    if violation.kind == "pop_empty":
-        return PopEmptyError(violation)
-    if violation.kind == "pop_missing":
-        return PopMissingError(violation)
-    return PopOrderError(violation)
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _repr_no_data(x: Any, depth: int) -> str:
+    if hasattr(type(x), "shape") and hasattr(type(x), "dtype") and type(x) not in _PLAIN:
+        try:
+            return f"<Tensor {list(x.shape)} {str(x.dtype).replace('torch.', '')}>"
+        except Exception:
+            return f"<{type(x).__name__}>"
+    if type(x) in _PLAIN:
+        return repr(x)
+    if type(x) in (tuple, list, dict) and depth < 3:
+        items = list(x.items())[:8] if type(x) is dict else list(x[:8])
+        more = ", ..." if len(x) > 8 else ""
+        if type(x) is dict:
+            return "{" + ", ".join(f"{_repr_no_data(k, depth + 1)}: {_repr_no_data(v, depth + 1)}"
+                                   for k, v in items) + more + "}"
+        inner = ", ".join(_repr_no_data(i, depth + 1) for i in items) + more
+        return f"({inner},)" if type(x) is tuple and len(x) == 1 else (
+            f"({inner})" if type(x) is tuple else f"[{inner}]")
+    return f"<{type(x).__name__}>"
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # tensors or odd objects in state_ids
+        return a is b
+
+
+def _no_peek(name: Any) -> Any:
+    return _NOTHING
+
+
+class PopOrderChecker:
+    """Checks pop order and keeps the counters and the op ring of one cache.
+
+    ``peek(name)``: the oldest value still queued under ``name`` (for a leftover's value summary),
+    or any object that is not a value when the front end has none. ``same_owner(a, b)``: whether
+    two owner labels name the same module (a label may predate ``watch()``).
+    """
+
+    def __init__(self, *, name: str = "default", family: Callable[[Any], str] | None = None,
+                 timeline_size: int = 256, max_violations: int = 1000,
+                 state_key: Any = "state_ids", peek: Callable[[Any], Any] = _no_peek,
+                 same_owner: Callable[[str, str], bool] | None = None) -> None:
+        self.name = name
+        self.state_key = state_key
+        self.max_violations = max_violations
+        self.families = FamilyMap(family)
+        self.stats = Stats()
+        self.violations: list[Violation] = []
+        self.timeline = Timeline(timeline_size)
+        self.peek = peek
+        self.same_owner = same_owner or (lambda a, b: a == b)
+        self.seq = 0
+        self.step_index = -1
+        self.step: StepInfo | None = None
+        self.loop_ends_steps = False      # set once the decode loop calls end_step()
+        self.pending_step_end: StepInfo | None = None
+        self.state_value: Any = None      # the value of state_key, as last set
+        self._queues: dict[Any, deque[tuple[Any, ...]]] = {}   # name -> push entries not yet popped
+        self._pops: dict[Any, int] = {}                        # name -> pops so far (live queues)
+        self._fs_memo: dict[str, FamilyStats] = {}
+        self._step_pops: set[tuple[Any, Any]] = set()           # (queue, owner) popped this step
+        self._cleared: dict[Any, tuple[int, int, str | None, str | None]] = {}
+        self._cleared_all: tuple[int, int, str | None, str | None] | None = None
+        self._restarted_step: int | None = None
+
+    # ------------------------------------------------------------------ small helpers
+    def family_stats(self, name: Any) -> FamilyStats:
+        """The counters of ``name``'s family (memoised for str names)."""
+        if type(name) is str:
+            fs = self._fs_memo.get(name)
+            if fs is not None:
+                return fs
+            fs = self.stats.family(self.families(name))
+            if len(self._fs_memo) >= _FS_MEMO:
+                self._fs_memo.clear()
+            self._fs_memo[name] = fs
+            return fs
+        return self.stats.family(self.families(name))
+
+    def _append(self, op: str, queue: Any, family: str, owner: str | None, site: str | None,
+                depth: int | None, violation: str | None = None) -> tuple[Any, ...]:
+        self.seq = seq = self.seq + 1
+        entry = (seq, _time(), self.step_index, op, queue if type(queue) is str else safe_str(queue),
+                 family, owner, site, depth, 0, 0, None, violation, None, ())
+        self.timeline.append(entry)
+        if self.step is not None:
+            self.step.ops += 1
+        return entry
+
+    def _keep(self, v: Violation) -> Violation:
+        fs = self.stats.family(v.family)
+        fs.violations[v.kind] = fs.violations.get(v.kind, 0) + 1
+        if self.step is not None:
+            self.step.violations += 1
+        if len(self.violations) < self.max_violations:
+            self.violations.append(v)
+        else:
+            self.stats.violations_dropped += 1
+        return v
+
+    def _timeline_for(self, queue: str, seq: int) -> tuple[OpRecord, ...]:
+        out = []
+        for e in self.timeline.entries():
+            if e[QUEUE] == queue or e[SEQ] == seq:
+                out.append(e)
+                if len(out) >= _TIMELINE_PER_VIOLATION:
+                    break
+        out.reverse()
+        return tuple(_record(e) for e in out)
+
+    def pending(self, name: Any) -> list[OpRecord]:
+        """Push records of the items still queued under ``name``, oldest first."""
+        q = self._queues.get(name)
+        return [_record(e) for e in q] if q else []
+
+    def live_queues(self) -> list[Any]:
+        return list(self._queues)
+
+    def sizes(self) -> dict[str, int]:
+        """How many entries each bookkeeping structure holds now (all are bounded)."""
+        return {"queues": len(self._queues), "timeline": len(self.timeline),
+                "family_memo": len(self._fs_memo), "families": len(self.families.families),
+                "stat_families": len(self.stats.families), "step_pops": len(self._step_pops),
+                "cleared": len(self._cleared), "violations": len(self.violations)}
+
+    # ------------------------------------------------------------------ queue ops
+    def push(self, name: Any, owner: str | None, site: str | None, existed: bool,
+             depth: int | None, logical: int, storages: tuple[tuple[Any, int], ...],
+             value: Measure | None = None) -> None:
+        """An item was appended to queue ``name``, which now holds ``depth`` items."""
+        fs = self._fs_memo.get(name) if type(name) is str else None
+        if fs is None:
+            fs = self.family_stats(name)
+        fs.push += 1
+        if depth == 1:
+            if existed:
+                fs.empty = max(0, fs.empty - 1)
+            fs.live += 1
+        self.seq = seq = self.seq + 1
+        storage = storages[0][1] if len(storages) == 1 else sum(n for _, n in storages)
+        entry = (seq, _time(), self.step_index, "push", name if type(name) is str else safe_str(name),
+                 fs.family, owner, site, depth, logical, storage, value, None, None, storages)
+        self.timeline.append(entry)
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = deque()
+        q.append(entry)                      # provenance: the push entry itself
+        fs.hold(logical, storages)
+        step = self.step
+        if step is not None:
+            step.ops += 1
+            if len(step.pushed) < _STEP_MEMORY:
+                step.pushed.add(name)
+
+    def pop(self, name: Any, owner: str | None, site: str | None, depth: int | None,
+            value: Any = _NOTHING) -> Violation | None:
+        """The oldest item of queue ``name`` was removed (``depth`` left; ``value``: the item, for
+        a violation's value summary). Returns the violation, if the pop broke the rule."""
+        fs = self._fs_memo.get(name) if type(name) is str else None
+        if fs is None:
+            fs = self.family_stats(name)
+        fs.pop += 1
+        if depth == 0:
+            fs.live = max(0, fs.live - 1)
+            fs.empty += 1
+        q = self._queues.get(name)
+        item = None
+        position = None
+        if q is not None:
+            if q:
+                item = q.popleft()
+            self._pops[name] = position = self._pops.get(name, 0) + 1
+            if not q:
+                del self._queues[name]       # drained: free the bookkeeping
+                del self._pops[name]
+        producer = kind = None
+        logical = storage = 0
+        measured = None
+        if item is not None:
+            logical, storage, measured = item[LOGICAL], item[STORAGE], item[VALUE]
+            fs.release(logical, item[STORAGES])
+            producer = item[OWNER]
+            if (producer != owner and producer is not None and owner is not None
+                    and not self.same_owner(owner, producer)):
+                kind = "owner_mismatch"
+        self.seq = seq = self.seq + 1
+        qname = name if type(name) is str else safe_str(name)
+        self.timeline.append((seq, _time(), self.step_index, "pop", qname, fs.family, owner, site,
+                              depth, logical, storage, measured, kind, producer, ()))
+        key = (name, owner)
+        step_pops = self._step_pops
+        popped_before = key in step_pops
+        if len(step_pops) >= _STEP_MEMORY:
+            step_pops.clear()                # no step boundary for a long time
+        step_pops.add(key)
+        step = self.step
+        if step is not None:
+            step.ops += 1
+            if len(step.popped) < _STEP_MEMORY:
+                step.popped.add(name)
+        if kind is None:
+            return None
+        assert item is not None
+        if measured is None:
+            measured = measure(value) if value is not _NOTHING else None
+        return self._keep(Violation(
+            kind, qname, fs.family, self.step_index, owner, producer, seq, site,
+            item[SITE], item[STEP], item[SEQ],
+            format_summary(measured) if measured is not None else None, depth, position,
+            mismatch_hint(owner, _record(item), [_record(e) for e in q] if q else (),
+                          popped_before, self.step_index,
+                          taken_by=self._taken_by(qname, owner, seq),
+                          restarted=self._restarted_step == self.step_index),
+            timeline=self._timeline_for(qname, seq), cache=self.name))
+
+    def pop_failed(self, kind: str, name: Any, owner: str | None, site: str | None) -> Violation:
+        """A pop of a missing (``pop_missing``) or empty (``pop_empty``) queue."""
+        family = self.families(name)
+        fs = self.stats.family(family)
+        fs.pop += 1
+        depth = 0 if kind == "pop_empty" else None
+        entry = self._append("pop", name, family, owner, site, depth, violation=kind)
+        queue, seq = entry[QUEUE], entry[SEQ]
+        popped_before = (name, owner) in self._step_pops
+        if kind == "pop_empty":
+            pushers = [e[OWNER] for e in self.timeline.entries() if e[QUEUE] == queue and e[OP] == "push"]
+            pushers.reverse()
+            if popped_before:
+                hint = (f"{owner} already popped this queue in this step: the layer ran twice, or "
+                        "the loop did not advance state_ids before running the layers again")
+            elif pushers and owner not in pushers:
+                hint = (f"{owner} never pushed to this queue (its pushes came from "
+                        f"{', '.join(dict.fromkeys(p or '<no module>' for p in pushers))}): it was "
+                        "skipped in the step that filled the queue, so the layers after it are off by one")
+            else:
+                hint = ("more pops than pushes: a layer ran twice, a layer before it was repeated, or "
+                        "state_ids points at a state whose items were already consumed")
+            detail = ""
+        else:
+            cleared = self._cleared.get(name) if type(name) is str else None
+            if cleared is not None:
+                cseq, cstep, by, at = cleared
+                hint = (f"the queue was cleared by {by or '<no module>'} at op #{cseq} ({at}), "
+                        f"{'before the first step' if cstep < 0 else f'step {cstep}'}, while items "
+                        "were still expected: do not clear KV queues mid-step")
+            elif self._cleared_all is not None:
+                cseq, cstep, by, at = self._cleared_all
+                hint = (f"clear_all() ran at op #{cseq} ({at}) by {by or '<no module>'}; nothing was "
+                        "pushed to this queue since")
+            else:
+                hint = ("nothing was ever pushed under this name: state_ids probably points at a "
+                        "state that no step produced (check the (prev, next) the loop sets)")
+            detail = f"state_ids is {safe_repr(self.state_value)}"
+        return self._keep(Violation(
+            kind, queue, family, self.step_index, owner, None, seq, site, depth=depth, hint=hint,
+            detail=detail, timeline=self._timeline_for(queue, seq), cache=self.name))
+
+
+    # ------------------------------------------------------------------ value ops
+    def count_get(self, key: Any) -> None:
+        fs = self._fs_memo.get(key) if type(key) is str else None
+        if fs is None:
+            fs = self.family_stats(key)
+        fs.get += 1
+
+    def set(self, key: Any, owner: str | None, site: str | None, old_len: int | None,
+            new_len: int | None, value: Any = None) -> list[Violation]:
+        """``key`` was set: ``old_len``/``new_len``: lengths when the old/new value is a list
+        (a queue), else None. Setting ``state_key`` is a step boundary: returns its violations."""
+        fs = self.family_stats(key)
+        fs.set += 1
+        if old_len is not None:
+            self._forget_queue(key, fs, old_len)
+        if new_len is not None:
+            fs.queue_added(new_len)
+        entry = self._append("set", key, fs.family, owner, site, new_len)
+        if type(key) is str and key == self.state_key:
+            self.state_value = value
+            return self.boundary(value, entry, explicit=False)
+        return []
+
+    def clear(self, key: Any, owner: str | None, site: str | None, old_len: int | None) -> None:
+        """``key`` was removed (``old_len``: its length when it was a queue)."""
+        fs = self.family_stats(key)
+        fs.clear += 1
+        if old_len is not None:
+            self._forget_queue(key, fs, old_len)
+        entry = self._append("clear", key, fs.family, owner, site, None)
+        if type(key) is str:
+            if len(self._cleared) >= _CLEARED_MEMORY:
+                self._cleared.pop(next(iter(self._cleared)))
+            self._cleared[key] = (entry[SEQ], self.step_index, owner, site)
+            if key == self.state_key:
+                self.state_value = None
+
+    def clear_all(self, owner: str | None, site: str | None) -> None:
+        self._queues.clear()
+        self._pops.clear()
+        self._cleared.clear()
+        for fs in self.stats.families.values():
+            fs.drop_all()
+        fs = self.stats.family("all")
+        fs.clear_all += 1
+        entry = self._append("clear_all", "*", "all", owner, site, None)
+        self._cleared_all = (entry[SEQ], self.step_index, owner, site)
+        self.state_value = None
+
+    def _forget_queue(self, name: Any, fs: FamilyStats, length: int) -> None:
+        """A queue vanished (clear/set over it): release what its items held."""
+        fs.queue_removed(length)
+        q = self._queues.pop(name, None)
+        self._pops.pop(name, None)
+        if q is not None:
+            for item in q:
+                fs.release(item[LOGICAL], item[STORAGES])
+
+    # ------------------------------------------------------------------ steps
+    def mark_step(self, prev: Any = None, next: Any = None) -> list[Violation]:  # noqa: A002
+        """An explicit step boundary (loops that do not set ``state_ids``)."""
+        entry = self._append("set", "<mark_step>", "mark_step", None, None, None)
+        return self.boundary((prev, next), entry, explicit=True)
+
+    def end_step(self, tokens: int = 0) -> StepInfo | None:
+        """Close the current step; returns it (None when no step was open)."""
+        self.loop_ends_steps = True
+        step = self.step
+        if step is None or step.end is not None:
+            return None
+        self._close_step(step, tokens)
+        return step
+
+    def _close_step(self, step: StepInfo, tokens: int) -> None:
+        step.end = _perf()
+        step.tokens = tokens
+        self.stats.steps += 1
+        self.stats.tokens += tokens
+
+    def boundary(self, value: Any, entry: tuple[Any, ...], explicit: bool) -> list[Violation]:
+        """A new step begins: check the step that ended, then open the next. The step that this
+        closed is left in ``pending_step_end`` for the front end to announce."""
+        violations: list[Violation] = []
+        pair = value if type(value) in (tuple, list) and len(value) == 2 else None
+        cur = self.step
+        ended: StepInfo | None = None
+        if cur is not None:
+            if pair is not None and _same(cur.prev, pair[0]) and _same(cur.next, pair[1]):
+                violations += self._restart_check(cur, entry)
+            else:
+                violations += self._leftover_check(cur, entry)
+            if cur.end is None:
+                self._close_step(cur, 0)
+                ended = cur
+        if pair is None:
+            violations.append(self._keep(Violation(
+                "bad_state_ids", entry[QUEUE], entry[FAMILY], self.step_index + 1, entry[OWNER], None,
+                entry[SEQ], entry[SITE],
+                hint="set state_ids to a (prev_state, next_state) tuple, e.g. (None, 0) for the "
+                     "prompt and (i, i + 1) for each later token",
+                detail=f"state_ids was set to {safe_repr(value)} (a {type(value).__name__})",
+                timeline=self._timeline_for(entry[QUEUE], entry[SEQ]), cache=self.name)))
+        self.step_index += 1
+        prev, nxt = pair if pair is not None else (None, None)
+        self.step = StepInfo(self.step_index, prev, nxt, _perf(), _time())
+        self._step_pops = set()
+        self.pending_step_end = ended
+        return violations
+
+    def _leftover_check(self, step: StepInfo, entry: tuple[Any, ...]) -> list[Violation]:
+        queues = self._queues
+        held = [n for n in step.popped if n in queues]
+        if not held:
+            return []   # the usual case: every queue the step popped was drained
+        out = []
+        for name in sorted(held, key=safe_str):
+            q = queues.get(name)
+            if not q:
+                continue
+            owners = [e[OWNER] or "<no module>" for e in q]
+            first = q[0]
+            m = first[VALUE]
+            if m is None:
+                try:
+                    value = self.peek(name)
+                except Exception:
+                    value = _NOTHING
+                m = measure(value) if value is not _NOTHING else Measure(
+                    first[LOGICAL], first[STORAGES], (), "value")
+            qname = safe_str(name)
+            out.append(self._keep(Violation(
+                "leftover", qname, self.families(name), step.index, None, first[OWNER], entry[SEQ],
+                producer_site=first[SITE], producer_step=first[STEP], producer_seq=first[SEQ],
+                value=format_summary(m), depth=len(q),
+                detail=f"pushed by {', '.join(owners)}",
+                hint=(f"{len(owners)} item(s) pushed by {', '.join(owners)} were never popped in "
+                      f"step {step.index}: a layer was skipped, or fewer layers ran than pushed"),
+                timeline=self._timeline_for(qname, entry[SEQ]), cache=self.name)))
+        return out
+
+    def _taken_by(self, queue: str, owner: str | None, seq: int) -> str | None:
+        """Who popped ``owner``'s item of ``queue`` earlier in this step (violation path only)."""
+        for e in self.timeline.entries():
+            if e[STEP] != self.step_index:
+                break
+            if (e[OP] == "pop" and e[QUEUE] == queue and e[SEQ] != seq and e[PRODUCER] == owner
+                    and e[OWNER] != owner):
+                return e[OWNER]
+        return None
+
+    def _restart_check(self, step: StepInfo, entry: tuple[Any, ...]) -> list[Violation]:
+        if not step.pushed and not step.popped:
+            return []  # nothing ran under these state_ids: setting them again is harmless
+        queues = self._queues
+        unconsumed = [n for n in step.popped if n in queues]
+        pushed = [n for n in step.pushed if n in queues]
+        state = f"({safe_repr(step.prev)}, {safe_repr(step.next)})"
+        # A loop that closes its steps (end_step) tells us whether this one finished; otherwise
+        # only unconsumed items in a queue the step popped show that it stopped half-way.
+        unfinished = self.loop_ends_steps and step.end is None
+        if unconsumed or (pushed and unfinished):
+            names = sorted(set(pushed + unconsumed), key=safe_str)
+            held = ", ".join(f"{safe_str(n)!r} holds {len(queues[n])}" for n in names)
+            kind = "step_restarted"
+            self._restarted_step = step.index + 1
+            detail = (f"state_ids {state} was set again before step {step.index} finished; {held} "
+                      "item(s) from the failed attempt")
+            hint = ("the retried step will pop the wrong items and queue its pushes behind stale "
+                    "ones: restore the queues (or clear them and re-run the prompt) before retrying")
+            queue = safe_str(names[0])
+            family = self.families(names[0])
+        else:
+            kind = "state_not_advanced"
+            detail = f"state_ids {state} was set again after step {step.index} completed"
+            hint = ("advance state_ids every step: (i, i + 1), so each step pops what the "
+                    "previous one pushed")
+            queue = entry[QUEUE]
+            family = entry[FAMILY]
+        return [self._keep(Violation(
+            kind, queue, family, step.index + 1, entry[OWNER], None, entry[SEQ], entry[SITE],
+            detail=detail, hint=hint, timeline=self._timeline_for(queue, entry[SEQ]),
+            cache=self.name))]
+
+    def finish(self, error: BaseException | None = None) -> tuple[list[Violation], StepInfo | None]:
+        """The end of a generation: a clean end checks the last step for leftovers. Returns the
+        violations and the step this closed (if it was still open)."""
+        violations: list[Violation] = []
+        ended = None
+        step = self.step
+        if step is not None:
+            if error is None:
+                entry = self._append("set", "<end>", "mark_step", None, None, None)
+                violations = self._leftover_check(step, entry)
+            if step.end is None:
+                self._close_step(step, 0)
+                ended = step
+        self.step = None
+        return violations, ended
+
+    def reset(self, live: Iterable[tuple[Any, int]]) -> None:
+        """Forget violations, counters and provenance; ``live``: (name, length) of the queues
+        the front end holds now."""
+        self.violations.clear()
+        self.stats = Stats()
+        self._fs_memo.clear()
+        self._queues.clear()
+        self._pops.clear()
+        self.timeline.clear()
+        for name, length in live:
+            self.stats.family(self.families(name)).queue_added(length)
 
 
 def mismatch_hint(consumer: str | None, head: OpRecord, items: Any, popped_by_consumer: bool,

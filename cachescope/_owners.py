@@ -10,15 +10,17 @@ The call site (``file.py:line`` of the caller of the cache method) is read from 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["AttribState", "Attributor", "WatchHandle", "watch"]
+__all__ = ["Attributor", "WatchHandle", "watch"]
 
 _MAX_FRAMES = 6      # frames walked above the cache method when looking for a module
 _CACHE_API = frozenset({"push", "pop", "get_cache", "q_size"})
@@ -35,17 +37,31 @@ def _short_path(path: str, _memo: dict[str, str] = {}) -> str:
         return short
 
 
-_MODES = {"off": 0, "auto": 1, "stack": 2}
+_MODES = ("off", "auto", "stack")
 
 
-class AttribState:
-    """What the C fast path (``_speedups``) reads on every op: the mode and active watch()es."""
+class _NoModule:
+    """Stands in for ``torch.nn.Module`` until torch is imported: nothing is an instance of it."""
 
-    __slots__ = ("mode", "watching")
 
-    def __init__(self, mode: int) -> None:
-        self.mode = mode        # _MODES value
-        self.watching = 0       # active WatchHandles (the per-thread owner stack may be in use)
+_Module: type = _NoModule
+
+
+def module_type() -> type:
+    """``torch.nn.Module`` once the application has imported torch, else a class with no instances."""
+    global _Module
+    if _Module is _NoModule:
+        nn_mod = sys.modules.get("torch.nn")
+        module = getattr(nn_mod, "Module", None)
+        if isinstance(module, type):
+            _Module = module
+    return _Module
+
+
+def _is_module(obj: Any) -> bool:
+    """Whether ``obj`` is an ``nn.Module``, judged by its real type: no code of the object runs
+    (``isinstance`` would read a ``__class__`` that the object may override, or that may raise)."""
+    return issubclass(type(obj), module_type())
 
 
 class Attributor:
@@ -54,8 +70,8 @@ class Attributor:
     def __init__(self, mode: str = "auto") -> None:
         if mode not in _MODES:
             raise ValueError(f"attribution must be 'auto', 'stack' or 'off', got {mode!r}")
-        self.state = AttribState(_MODES[mode])
         self._mode = mode
+        self.watching = 0       # active WatchHandles (the per-thread owner stack may be in use)
         self._local = threading.local()
         self._labels: dict[int, tuple[weakref.ref[Any], str]] = {}   # id(module) -> (ref, label)
         self._counters: dict[str, int] = {}
@@ -66,6 +82,7 @@ class Attributor:
         self._sites: dict[tuple[int, int], tuple[Any, str]] = {}  # (id(code), lasti) -> (code, "file.py:line")
         self._watched: dict[int, tuple[WatchHandle, str]] = {}  # id(module) -> (handle, qualname)
         self.aliases: dict[str, str] = {}  # old stack label -> qualified name after watch()
+        self._transparent: dict[int, Any] = {}   # id(code) -> code of frames lookup() skips
         self._lock = threading.Lock()
 
     @property
@@ -77,7 +94,6 @@ class Attributor:
         if mode not in _MODES:
             raise ValueError(f"attribution must be 'auto', 'stack' or 'off', got {mode!r}")
         self._mode = mode
-        self.state.mode = _MODES[mode]
 
     # -- owner stack maintained by watch() hooks ------------------------------------------------
     def _stack(self) -> list[tuple[int, str]]:
@@ -98,14 +114,46 @@ class Attributor:
                 del stack[i:]
                 return
 
+    def size(self) -> int:
+        """Modules labelled so far (bounded)."""
+        return len(self._labels)
+
+    def make_transparent(self, *functions: Any) -> None:
+        """Attribute ops made from inside ``functions`` (wrappers of the cache's methods, such
+        as the fault injector's) to their callers: their frames are skipped."""
+        for fn in functions:
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                self._transparent[id(code)] = code
+
+    @contextlib.contextmanager
+    def acting_as(self, name: str) -> Iterator[None]:
+        """Ops on this thread are made by ``name`` until the block ends."""
+        token = object()
+        self.watching += 1
+        self.enter(id(token), name)
+        try:
+            yield
+        finally:
+            self.exit(id(token))
+            self.watching = max(0, self.watching - 1)
+
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (another thread may have held this one at fork())."""
+        self._lock = threading.Lock()
+
     # -- lookup -----------------------------------------------------------------------------------
     def lookup(self, depth: int) -> tuple[str | None, str | None]:
         """(owner, site) for the frame ``depth`` levels above the caller of this method."""
-        if self._mode == "off":
-            return None, None
+        if self._mode == "off":   # only owners named explicitly (``cache.owner(name)``)
+            stack = getattr(self._local, "stack", None)
+            return (stack[-1][1] if stack and self.watching else None), None
         try:
             frame = sys._getframe(depth + 1)
-        except ValueError:
+            if self._transparent:
+                while id(frame.f_code) in self._transparent:
+                    frame = frame.f_back
+        except (ValueError, AttributeError):
             return None, None
         code = frame.f_code
         key = (id(code), frame.f_lasti)
@@ -118,7 +166,7 @@ class Attributor:
             self._sites[key] = entry
         site = entry[1]
         stack = getattr(self._local, "stack", None)
-        if stack and self._mode == "auto" and self.state.watching:
+        if stack and self._mode == "auto" and self.watching:
             return stack[-1][1], site
         if entry[2]:
             # Fast path: the caller is a method of an already-labelled module (the usual case:
@@ -127,6 +175,7 @@ class Attributor:
             known = self._labels.get(id(obj))
             if known is not None and known[0]() is obj:
                 return known[1], site
+            del obj
         return self._from_frames(frame), site
 
     def _from_frames(self, frame: Any) -> str | None:
@@ -142,7 +191,7 @@ class Attributor:
                     codes[id(code)] = entry
             if entry[1]:
                 obj = frame.f_locals.get("self")
-                if isinstance(obj, nn.Module):
+                if _is_module(obj):
                     return self.label(obj)
             frame = frame.f_back
         return None
@@ -173,7 +222,7 @@ class Attributor:
             ref = weakref.ref(module)
         except TypeError:
             return label
-        if len(self._labels) > 65536:   # in place: the C fast path holds this dict
+        if len(self._labels) > 65536:
             for k in [k for k, v in self._labels.items() if v[0]() is None]:
                 del self._labels[k]
         self._labels[key] = (ref, label)
@@ -198,7 +247,7 @@ class WatchHandle:
             if _touches_cache(module):
                 self._hook(module, name)
         self.active = True
-        attributor.state.watching += 1
+        attributor.watching += 1
 
     @property
     def hooked(self) -> list[str]:
@@ -229,7 +278,7 @@ class WatchHandle:
         if not self.active:
             return
         self.active = False
-        self._attributor.state.watching = max(0, self._attributor.state.watching - 1)
+        self._attributor.watching = max(0, self._attributor.watching - 1)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -263,8 +312,8 @@ def watch(model: nn.Module, cache: Any = None, *, prefix: str = "") -> WatchHand
     if cache is None:
         from ._cache import get_cache
         cache = get_cache()
-    attributor = getattr(cache, "_attributor", None)
-    if attributor is None:
+    attributor = getattr(cache, "attributor", None)
+    if not isinstance(attributor, Attributor):
         raise TypeError(
             f"watch() needs an InstrumentedCache, got {type(cache).__name__}: "
             "call cachescope.install() first or pass cache=InstrumentedCache(...)")

@@ -1,17 +1,28 @@
-"""Small immutable value types that flow from the cache to checkers and exporters."""
+"""The values that flow from the cache to the checker's readers: op records, steps, violations.
+
+Everything here is plain data. ``_report`` turns a ``Violation`` into text; nothing in this module
+decides whether an op broke a rule (that is ``_checker``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-__all__ = ["OpRecord", "StepInfo", "OPS", "_Queue"]
+from . import _report
+
+__all__ = ["OPS", "OpRecord", "StepInfo", "KINDS", "Violation", "PopOrderError", "PopEmptyError",
+           "PopMissingError", "strict_error"]
 
 OPS = ("push", "pop", "set", "get", "clear", "clear_all")
 
 
 class OpRecord(NamedTuple):
-    """One cache operation as the instrumentation saw it. Holds no tensor references."""
+    """One cache operation as the instrumentation saw it. Holds no tensor references.
+
+    The cache keeps compact entries in a bounded ring and builds records only when something
+    reads them (``cache.timeline()``, ``cache.ops_since()``, a sink's ``on_op``).
+    """
 
     seq: int                 # op number within this cache, from 1
     time: float              # time.time() of the op
@@ -24,12 +35,12 @@ class OpRecord(NamedTuple):
     depth: int | None        # queue length after the op (None for non-queue keys)
     logical_bytes: int       # tensor bytes of the pushed/popped value
     storage_bytes: int       # distinct storage bytes of the value
-    value: Any               # push/pop: a ``Measure`` (shapes, dtypes, devices, bytes); else None
+    value: Any               # push/pop: a ``Measure`` when a reader asked for value summaries, else None
     violation: str | None    # violation kind raised by this op, if any
     producer: str | None = None  # for pops: owner that pushed the popped item
 
 
-@dataclass(slots=True)   # slots: the C fast path updates ops/pushed/popped in place
+@dataclass(slots=True)
 class StepInfo:
     """A decode step: from one step boundary (``state_ids`` set / ``mark_step``) to the next."""
 
@@ -42,32 +53,95 @@ class StepInfo:
     tokens: int = 0
     ops: int = 0
     violations: int = 0
-    popped: set[str] = field(default_factory=set)   # queues popped during the step
-    pushed: set[str] = field(default_factory=set)   # queues pushed during the step
+    popped: set[Any] = field(default_factory=set)   # queues popped during the step
+    pushed: set[Any] = field(default_factory=set)   # queues pushed during the step
 
     @property
     def duration(self) -> float | None:
         return None if self.end is None else self.end - self.start
 
 
-class _Queue:
-    """Provenance of one live queue: the pushes not yet popped, and how many pops it has seen.
+#: Violation kinds and what each means (documented in the README).
+KINDS: dict[str, str] = {
+    "owner_mismatch": "an owner popped an item that another owner pushed",
+    "pop_empty": "pop on an existing queue that is empty",
+    "pop_missing": "pop on a queue that was never pushed to, or was cleared",
+    "leftover": "at a step boundary, a queue popped during the step still holds items",
+    "step_restarted": "a step began again with the same state_ids while the queues it pushed still hold items",
+    "state_not_advanced": "a completed step's state_ids were set again instead of advancing",
+    "bad_state_ids": "state_ids was set to something other than a (prev, next) pair",
+}
 
-    With the C extension, ``_speedups.Queue`` (compact entries) has the same interface; ``items``
-    is then a copy, so the cache changes provenance only through ``append`` and ``popleft``.
-    """
 
-    __slots__ = ("items", "pops")
+@dataclass
+class Violation:
+    """One broken invariant, with both sides of the story and the recent op timeline."""
 
-    def __init__(self) -> None:
-        self.items: list[OpRecord] = []   # push records not yet popped (a few per queue)
-        self.pops = 0
+    kind: str                        # one of KINDS
+    queue: str                       # queue name
+    family: str                      # bounded family label
+    step: int                        # step in which the violation happened
+    consumer: str | None             # who popped (None where not applicable)
+    producer: str | None             # who pushed the item involved (None where unknown)
+    seq: int = 0                     # op number that triggered it
+    consumer_site: str | None = None
+    producer_site: str | None = None
+    producer_step: int | None = None
+    producer_seq: int | None = None
+    value: str | None = None         # value summary of the item involved
+    depth: int | None = None         # queue depth after the op
+    position: int | None = None      # k: which pop of the queue this was (1-based)
+    hint: str = ""
+    detail: str = ""                 # extra facts (e.g. leftover owners, state ids)
+    timeline: tuple[OpRecord, ...] = field(default=(), repr=False)
+    cache: str = "default"
 
-    def append(self, rec: OpRecord) -> None:
-        self.items.append(rec)
+    @property
+    def description(self) -> str:
+        """What this kind of violation means (``KINDS``)."""
+        return KINDS.get(self.kind, "")
 
-    def popleft(self) -> OpRecord:
-        return self.items.pop(0)
+    def report(self) -> str:
+        """A ThreadSanitizer-style report: title, both sides, expected vs actual, timeline, hint."""
+        return _report.format_violation(self)
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def summary(self) -> str:
+        """One line: ``owner_mismatch on 'attn_kv_3' at step 4: layers.2 popped the item pushed by layers.1``."""
+        return _report.one_line(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "kind", "queue", "family", "step", "consumer", "producer", "seq", "consumer_site",
+            "producer_site", "producer_step", "producer_seq", "value", "depth", "position",
+            "hint", "detail", "cache")}
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class PopOrderError(RuntimeError):
+    """Raised in strict mode at the first violation. ``.violation`` holds the details."""
+
+    def __init__(self, violation: Violation) -> None:
+        super().__init__(violation.report())
+        self.violation = violation
+
+
+class PopEmptyError(PopOrderError, IndexError):
+    """Strict-mode ``pop_empty``: still an ``IndexError``, as the plain cache raises."""
+
+
+class PopMissingError(PopOrderError, KeyError):
+    """Strict-mode ``pop_missing``: still a ``KeyError``, as the plain cache raises."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0] if self.args else ""
+
+
+def strict_error(violation: Violation) -> PopOrderError:
+    """The exception strict mode raises for ``violation``."""
+    if violation.kind == "pop_empty":
+        return PopEmptyError(violation)
+    if violation.kind == "pop_missing":
+        return PopMissingError(violation)
+    return PopOrderError(violation)

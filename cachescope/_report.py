@@ -1,18 +1,29 @@
-"""Text for people: violation reports (ThreadSanitizer/lockdep style) and the run summary."""
+"""Text for people: violation reports (ThreadSanitizer/lockdep style) and the run summary.
+
+Reads the records' public fields only; imports nothing of cachescope but byte formatting, so the
+records module can use it without an import circle.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._values import format_bytes
-
 if TYPE_CHECKING:
-    from ._checker import Violation
-    from ._records import OpRecord
+    from ._records import OpRecord, Violation
 
-__all__ = ["format_violation", "one_line", "format_op", "format_run"]
+__all__ = ["format_bytes", "format_violation", "one_line", "format_op", "format_run"]
 
 _RULE = "=" * 78
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable bytes: ``3.0 KiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(size) < 1024 or unit == "EiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
 _MAX_NAME = 120   # queue names longer than this are cut in reports
 
 
@@ -61,9 +72,8 @@ def format_op(rec: "OpRecord", mark: bool = False) -> str:
 
 
 def format_violation(v: "Violation") -> str:
-    from ._checker import KINDS
     lines = [_RULE, f"cachescope: {v.kind} on queue {_quoted(v.queue)} (family {v.family}) "
-             f"at {_step(v.step)}  [cache {v.cache}]", f"  {KINDS.get(v.kind, '')}", ""]
+             f"at {_step(v.step)}  [cache {v.cache}]", f"  {v.description}", ""]
     if v.kind in ("owner_mismatch", "pop_empty", "pop_missing"):
         nth = f" (pop #{v.position} of this queue)" if v.position else ""
         lines.append(f"  Pop by   {v.consumer or '<no module>'} at {_step(v.step)}{nth}")

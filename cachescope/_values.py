@@ -1,113 +1,165 @@
 """Measure what a cached value holds without keeping any reference to it.
 
-Values are any nesting of tuples, lists and dicts of tensors and other objects. For each push we
-compute once: logical bytes (sum of ``nbytes``), the storages involved (a view keeps its whole
-buffer alive, so ``storage`` bytes can exceed ``logical``) and a short summary for reports.
-Nothing here reads tensor data, so CUDA tensors are never synchronised and meta tensors work.
+Values are any nesting of tuples, lists and dicts of tensors and other objects. For each push the
+cache computes once, through torch's public API: logical bytes (sum of ``nbytes``) and the
+storages involved (a view keeps its whole buffer alive, so ``storage`` bytes can exceed
+``logical``); the pop reuses them. Shapes, dtypes and devices (``measure``) are read only when a
+reader wants value summaries (a recorder) or a report is written.
+
+Nothing here reads tensor data (CUDA tensors are never synchronised, meta tensors work), nothing
+imports torch (no tensor can exist before torch is imported, so a value is only checked against
+``torch.Tensor`` once the application has imported it), nothing forces a symbolic size (a
+``SymInt`` under ``make_fx``/``torch.export`` counts as 0 bytes instead of adding a shape guard),
+and nothing raises.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
-import torch
+from ._report import format_bytes
 
-__all__ = ["Measure", "measure", "format_bytes", "format_summary", "EMPTY"]
+__all__ = ["Measure", "measure", "measure_bytes", "format_bytes", "format_summary", "EMPTY",
+           "tensor_type"]
 
 _MAX_ITEMS = 4096   # tensors/containers visited per value; deeper nests are counted as truncated
 _MAX_DEPTH = 32
-_Tensor = torch.Tensor
+#: Byte counts at or above this are not believed (an expanded view of 2**63 bytes and more): they
+#: count as 0, so that sums stay meaningful and every exporter sees a non-negative int64.
+MAX_BYTES = 1 << 62
 
 
 class Measure(NamedTuple):
     logical: int                                  # sum of tensor.nbytes
-    storages: tuple[tuple[int, int], ...]          # distinct (storage key, storage nbytes)
-    # (shape, dtype, device) per tensor; None when the C fast path measured only the bytes
-    # (a (k, v) push with no sink that needs shapes: reports re-measure the value they hold)
-    summary: tuple[tuple[tuple[int, ...], Any, Any], ...] | None
-    kind: str                                      # outer container kind, e.g. 'tuple[2]', 'Tensor', 'NoneType'
+    storages: tuple[tuple[Any, int], ...]          # distinct (storage key, storage nbytes)
+    summary: tuple[tuple[tuple[int, ...], Any, Any], ...]   # (shape, dtype, device) per tensor
+    kind: str                                      # outer container kind: 'tuple[2]', 'Tensor', ...
     truncated: bool = False
 
     @property
     def storage(self) -> int:
-        s = self.storages
-        if len(s) == 2:                      # the (k, v) fast path: no generator frame
-            return s[0][1] + s[1][1]
-        return sum(n for _, n in s)
+        return sum(n for _, n in self.storages)
 
 
 EMPTY = Measure(0, (), (), "NoneType")
-_new_measure = tuple.__new__   # builds a Measure without the NamedTuple's Python-level __new__
+NO_STORAGES: tuple[tuple[Any, int], ...] = ()
 
 
-def _storage_of(t: torch.Tensor) -> tuple[int, int]:
+class _NoTensor:
+    """Stands in for ``torch.Tensor`` until torch is imported: nothing is an instance of it."""
+
+
+_Tensor: type = _NoTensor
+
+
+def tensor_type() -> type:
+    """``torch.Tensor`` once the application has imported torch, else a class with no instances."""
+    global _Tensor
+    if _Tensor is _NoTensor:
+        torch = sys.modules.get("torch")
+        tensor = getattr(torch, "Tensor", None)
+        if isinstance(tensor, type):
+            _Tensor = tensor
+    return _Tensor
+
+
+def _count(n: Any) -> int:
+    """A byte count as an int: symbolic sizes (never forced) and absurd ones count as 0."""
+    return n if type(n) is int and 0 <= n < MAX_BYTES else 0
+
+
+def _storage_of(t: Any) -> tuple[Any, int]:
+    """(key, nbytes) of the storage behind ``t``; a tensor without one (sparse, nested, exotic
+    subclasses) is a storage of its own, measured by its ``nbytes``."""
     try:
         s = t.untyped_storage()
-        return s._cdata, s.nbytes()
-    except Exception:  # sparse, nested or exotic subclasses: count the tensor itself
-        return id(t), t.nbytes
+        return s._cdata, _count(s.nbytes())
+    except Exception:
+        return id(t), _tensor_nbytes(t)
 
 
-def _tensor_nbytes(t: torch.Tensor) -> int:
+def _tensor_nbytes(t: Any) -> int:
     try:
-        return t.nbytes
+        return _count(t.nbytes)
     except Exception:
         return 0
 
 
-def measure(value: Any) -> Measure:
-    """Bytes and shapes of the tensors in ``value``. Never raises, never touches tensor data."""
-    # Fast path: the labml convention pushes a (k, v) tuple of tensors.
+def measure_bytes(value: Any) -> tuple[int, tuple[tuple[Any, int], ...]]:
+    """``(logical bytes, storages)`` of ``value``: what the cache counts per push. Never raises."""
+    # The labml convention pushes a (k, v) tuple of tensors: measured inline, because this runs
+    # once per push right after the model's matmuls have evicted the CPU caches.
     if type(value) is tuple and len(value) == 2:
         a, b = value
-        if isinstance(a, _Tensor) and isinstance(b, _Tensor):
-            # _storage_of and Measure(...) inlined: this runs once per push, right after the
-            # model's matmuls have evicted the CPU caches, where every Python call is costly.
+        tensor = _Tensor if _Tensor is not _NoTensor else tensor_type()
+        if isinstance(a, tensor) and isinstance(b, tensor):
             try:
                 ua, ub = a.untyped_storage(), b.untyped_storage()
                 ka, kb = ua._cdata, ub._cdata
-                sa = (ka, ua.nbytes())
-                storages = (sa,) if ka == kb else (sa, (kb, ub.nbytes()))
-                return _new_measure(Measure, (
-                    a.nbytes + b.nbytes, storages,
-                    ((a.shape, a.dtype, a.device), (b.shape, b.dtype, b.device)), "tuple[2]", False))
-            except Exception:  # exotic tensors: the same with _storage_of's per-tensor fallback
-                try:
-                    sa, sb = _storage_of(a), _storage_of(b)
-                    storages = (sa,) if sa[0] == sb[0] else (sa, sb)
-                    return Measure(a.nbytes + b.nbytes, storages,
-                                   ((a.shape, a.dtype, a.device), (b.shape, b.dtype, b.device)),
-                                   "tuple[2]")
-                except Exception:
-                    pass
-    if isinstance(value, _Tensor):
-        try:
-            return Measure(_tensor_nbytes(value), (_storage_of(value),),
-                           ((value.shape, value.dtype, value.device),), "Tensor")
-        except Exception:
-            return Measure(0, (), (), "Tensor")
+                na, nb = ua.nbytes(), ub.nbytes()
+                la, lb = a.nbytes, b.nbytes
+                if (type(na) is int and type(nb) is int and type(la) is int and type(lb) is int
+                        and 0 <= la < MAX_BYTES and 0 <= lb < MAX_BYTES
+                        and 0 <= na < MAX_BYTES and 0 <= nb < MAX_BYTES):
+                    return la + lb, (((ka, na),) if ka == kb else ((ka, na), (kb, nb)))
+            except Exception:
+                pass
+    m = measure(value, summary=False)
+    return m.logical, m.storages
+
+
+def measure(value: Any, summary: bool = True) -> Measure:
+    """Bytes, storages and (with ``summary``) shapes of the tensors in ``value``. Never raises,
+    never touches tensor data."""
+    tensor = tensor_type()
     try:
-        return _measure_nested(value)
-    except Exception:  # pathological containers (broken __iter__ etc.): count nothing
-        return Measure(0, (), (), type(value).__name__, True)
+        if isinstance(value, tensor):
+            return Measure(_tensor_nbytes(value), (_storage_of(value),),
+                           (_describe(value),) if summary else (), "Tensor")
+        if type(value) is tuple and len(value) == 2 and isinstance(value[0], tensor) \
+                and isinstance(value[1], tensor):
+            a, b = value
+            sa, sb = _storage_of(a), _storage_of(b)
+            return Measure(_tensor_nbytes(a) + _tensor_nbytes(b), (sa,) if sa[0] == sb[0] else (sa, sb),
+                           (_describe(a), _describe(b)) if summary else (), "tuple[2]")
+        return _measure_nested(value, tensor, summary)
+    except Exception:  # pathological containers (broken __iter__, __len__...): count nothing
+        return Measure(0, (), (), _kind_name(value), True)
 
 
-def _measure_nested(value: Any) -> Measure:
+def _describe(t: Any) -> tuple[tuple[int, ...], Any, Any]:
+    """(shape, dtype, device) of a tensor; symbolic dims are kept as they are (never forced)."""
+    try:
+        shape = tuple(t.shape)
+    except Exception:   # nested tensors have no single shape
+        shape = ()
+    return shape, getattr(t, "dtype", None), getattr(t, "device", None)
+
+
+def _kind_name(value: Any) -> str:
+    try:
+        return type(value).__name__
+    except Exception:  # pragma: no cover - every object has a type
+        return "object"
+
+
+def _measure_nested(value: Any, tensor: type, summary: bool) -> Measure:
     logical = 0
-    storages: dict[int, int] = {}
-    summary: list[tuple[Any, Any, Any]] = []
+    storages: dict[Any, int] = {}
+    shapes: list[tuple[Any, Any, Any]] = []
     seen: set[int] = set()
     budget = _MAX_ITEMS
     truncated = False
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         obj, depth = stack.pop()
-        if isinstance(obj, _Tensor):
+        if isinstance(obj, tensor):
             logical += _tensor_nbytes(obj)
             key, nbytes = _storage_of(obj)
             storages[key] = nbytes
-            if len(summary) < 16:
-                summary.append((obj.shape, obj.dtype, obj.device))
+            if summary and len(shapes) < 16:
+                shapes.append(_describe(obj))
             continue
         if type(obj) in (tuple, list, dict) or isinstance(obj, (tuple, list, dict)):
             if id(obj) in seen:
@@ -123,20 +175,10 @@ def _measure_nested(value: Any) -> Measure:
                     truncated = True
                     break
                 stack.append((child, depth + 1))
-    kind = type(value).__name__
+    kind = _kind_name(value)
     if isinstance(value, (tuple, list, dict)):
         kind = f"{kind}[{len(value)}]"
-    return Measure(logical, tuple(storages.items()), tuple(summary), kind, truncated)
-
-
-def format_bytes(n: int) -> str:
-    """Human-readable bytes: ``3.0 KiB``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
+    return Measure(min(logical, MAX_BYTES), tuple(storages.items()), tuple(shapes), kind, truncated)
 
 
 def format_summary(m: Measure) -> str:

@@ -3,10 +3,10 @@
     result = analyze_file("run.jsonl.gz")          # prints the reports; returns AnalysisResult
 
 The file is read line by line (gzip is detected by its magic bytes, whatever the name). Every
-recorded op is fed to a fresh ``InstrumentedCache`` through the same attributed entry points the
-live cache used (``_push``/``_pop``/``_set``/``_clear``/``_clear_all``, ``mark_step``,
-``end_step``, ``finish_generation``), so the violations, their reports (op numbers included) and
-the run summary come out as the live run printed them. Only times differ.
+recorded op, already attributed, is fed to the same pop-order checker the live cache used,
+through ``ReplayCache`` (a front end that keeps queue lengths instead of values), so the
+violations, their reports (op numbers included) and the run summary come out as the live run
+printed them. Only times differ.
 
 On top of the live output, the analysis prints which owner popped which owner's item in every
 step (a consumers x steps table), and collects per-step series that ``cachescope.plots`` draws.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from ._families import default_family
-from ._instrumented import InstrumentedCache
+from ._replay import ReplayCache
 from ._values import Measure
 from .record import FORMAT, VERSION
 
@@ -66,32 +66,142 @@ class _Opaque:
 
 
 _OPAQUE_TYPES: dict[str, type] = {}
+_MAX_NESTING = 100   # deepest list/object nesting a line may have (cachescope.record writes < 20)
 
 
-def decode_value(x: Any) -> Any:
+def _nesting_exceeds(x: Any, limit: int) -> bool:
+    """True when ``x`` nests lists, tuples and dicts more than ``limit`` levels deep. Iterative,
+    so it answers for any depth."""
+    stack = [(x, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        v, depth = pop()
+        t = type(v)
+        if t is dict:
+            children: Any = v.values()
+        elif t is list or t is tuple:
+            children = v
+        else:
+            continue
+        if depth > limit:
+            return True
+        for c in children:
+            if type(c) in (dict, list, tuple):
+                push((c, depth + 1))
+    return False
+
+
+def _too_deep(limit: int) -> ValueError:
+    return ValueError(
+        f"a recorded value nests more than {limit} lists/objects deep (cachescope.record writes "
+        "at most 5 levels); this was not written by cachescope.record: re-record the run")
+
+
+def decode_value(x: Any, _depth: int = 0) -> Any:
     """Inverse of ``cachescope.record.encode_value``: tuples stay tuples, reprs come back as
-    objects whose ``repr()`` and type name are the original's."""
+    objects whose ``repr()`` and type name are the original's. Raises ``ValueError`` for a
+    value nested more than 100 levels deep (no recording has one) or a malformed tuple."""
+    if _depth > _MAX_NESTING:
+        raise _too_deep(_MAX_NESTING)
     if type(x) is list:
-        return [decode_value(e) for e in x]
+        return [decode_value(e, _depth + 1) for e in x]
     if type(x) is dict:
         if "tuple" in x:
-            return tuple(decode_value(e) for e in x["tuple"])
+            items = x["tuple"]
+            if type(items) is not list:
+                raise ValueError(f"a recorded tuple must hold a JSON array, got {_short(items)}; "
+                                 "this was not written by cachescope.record")
+            return tuple([decode_value(e, _depth + 1) for e in items])
         if "repr" in x:
-            name = str(x.get("type") or "object")
+            text = x["repr"]
+            if type(text) is not str:
+                if _nesting_exceeds(text, _MAX_NESTING - _depth):
+                    raise _too_deep(_MAX_NESTING)
+                text = str(text)
+            name = x.get("type") or "object"
+            if type(name) is not str:
+                if _nesting_exceeds(name, _MAX_NESTING - _depth):
+                    raise _too_deep(_MAX_NESTING)
+                name = str(name)
             cls = _OPAQUE_TYPES.get(name)
             if cls is None:
                 cls = _OPAQUE_TYPES[name] = type(name, (_Opaque,), {"__slots__": ()})
-            return cls(str(x["repr"]))
-        return {k: decode_value(v) for k, v in x.items()}
+            return cls(text)
+        return {k: decode_value(v, _depth + 1) for k, v in x.items()}
     return x
 
 
+def _short(x: Any, limit: int = 60) -> str:
+    """``repr(x)`` cut to ``limit`` characters, for messages."""
+    text = repr(x) if not _nesting_exceeds(x, 20) else f"<{type(x).__name__} nested over 20 deep>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # ---------------------------------------------------------------------------------------- reading
+_READ_CHUNK = 1 << 13          # compressed bytes inflated at a time (corrupt data loses at most
+                               # the lines of one such piece)
+_INFLATE_CHUNK = 1 << 20       # most bytes one call inflates (bounds memory on very compressible data)
+_GZIP_CUT = "Compressed file ended before the end-of-stream marker was reached"   # gzip's words
+
+
+def _gzip_lines(raw: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a gzip stream (concatenated members too, as ``gzip`` reads them), each
+    yielded as soon as it is complete. A stream cut short yields every complete line before the
+    cut and then raises ``EOFError``; corrupt data raises ``gzip.BadGzipFile`` (an ``OSError``)
+    after the lines before it. (``gzip.GzipFile`` behind a read buffer drops the lines of the
+    buffer it was filling when the cut came: a file cut in its first 64 KiB was rejected whole.)"""
+    import zlib
+
+    inflater = zlib.decompressobj(wbits=31)
+    in_member = False      # inside a gzip member whose end has not been seen
+    parts: list[bytes] = []  # the incomplete line so far
+    while True:
+        chunk = raw.read(_READ_CHUNK)
+        if not chunk:
+            break
+        capped = False     # the last call filled its output limit: more output may be waiting
+        while chunk or capped:
+            if not in_member:
+                chunk = chunk.lstrip(b"\x00")   # padding between members, as gzip allows
+                if not chunk:
+                    break
+                in_member = True
+            try:
+                data = inflater.decompress(chunk, _INFLATE_CHUNK)
+            except zlib.error as exc:
+                raise gzip.BadGzipFile(f"corrupt gzip data ({exc})") from None
+            if inflater.eof:
+                chunk = inflater.unused_data
+                inflater = zlib.decompressobj(wbits=31)
+                in_member = capped = False
+            else:
+                chunk = inflater.unconsumed_tail
+                capped = len(data) >= _INFLATE_CHUNK
+            if not data:
+                continue
+            if b"\n" not in data:
+                parts.append(data)
+                continue
+            parts.append(data)
+            lines = b"".join(parts).split(b"\n")
+            tail = lines.pop()
+            parts = [tail] if tail else []
+            yield from lines
+    if in_member:
+        left = sum(len(p) for p in parts)
+        raise EOFError(_GZIP_CUT + (f"; the incomplete line after it ({left} bytes) is skipped"
+                                    if left else ""))
+    if parts:
+        yield b"".join(parts)
+
+
 def read_record(path: str | os.PathLike[str],
                 progress: Callable[[float], None] | None = None) -> tuple[dict[str, Any], Iterator[tuple[int, Any]]]:
     """Open a record: returns ``(header, lines)`` where ``lines`` yields ``(line_number, dict or
-    None)`` for every later line (None for a line that is not valid JSON). Streaming; gzip
-    aware. Raises ``RecordFormatError`` when the file is not a readable cachescope record.
+    None)`` for every later line (None for a line that is not valid JSON, or that nests lists
+    and objects more than 100 levels deep). Streaming; gzip aware: a gzip stream cut short
+    yields every complete line before the cut, then raises ``EOFError``. Raises
+    ``RecordFormatError`` when the file is not a readable cachescope record.
     ``progress(fraction)`` is called now and then with the share of the file's bytes read."""
     import json
 
@@ -101,54 +211,69 @@ def read_record(path: str | os.PathLike[str],
         size = os.fstat(raw.fileno()).st_size
         magic = raw.read(2)
         raw.seek(0)
-        stream: Any = io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), 1 << 16) \
-            if magic == _GZIP_MAGIC else raw
+        source: Iterator[bytes] = _gzip_lines(raw) if magic == _GZIP_MAGIC else iter(raw)
         try:
-            first = stream.readline()
-        except (OSError, EOFError) as exc:
+            first = next(source, b"")
+        except EOFError as exc:
+            raise RecordFormatError(
+                f"{path}: the file ends inside its first line, the header ({exc}); nothing to "
+                "analyze: record the run again and let it finish") from exc
+        except OSError as exc:
             raise RecordFormatError(f"{path}: not a cachescope record (cannot decompress: {exc})") from exc
         if not first.strip():
             raise RecordFormatError(f"{path}: empty file, not a cachescope record")
         try:
             header = json.loads(first)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            why = "nested too deep to parse" if isinstance(exc, RecursionError) else str(exc)
             raise RecordFormatError(
-                f"{path}: not a cachescope record (the first line is not JSON: {exc}); "
-                "record a run with cachescope.record or `cachescope run --record`") from exc
+                f"{path}: not a cachescope record (the first line is not JSON: {why}); "
+                "record a run with cachescope.record or `cachescope run --record`") from None
         if not isinstance(header, dict) or header.get("type") != "header" \
                 or header.get("format") != FORMAT:
             found = header.get("format") or header.get("type") if isinstance(header, dict) \
                 else type(header).__name__
             raise RecordFormatError(
                 f"{path}: not a cachescope record (the first line is not a {FORMAT!r} header; "
-                f"found {found!r})")
+                f"found {_short(found)})")
+        if _nesting_exceeds(header, _MAX_NESTING):
+            raise RecordFormatError(
+                f"{path}: invalid {FORMAT} header: it nests more than {_MAX_NESTING} lists/objects "
+                "deep (cachescope.record writes a flat header); record the run again")
         version = header.get("version")
         if type(version) is not int or version < 1:
-            raise RecordFormatError(f"{path}: invalid {FORMAT} header: version {version!r}")
+            raise RecordFormatError(f"{path}: invalid {FORMAT} header: version {_short(version)}")
         if version > VERSION:
             raise RecordFormatError(
                 f"{path}: {FORMAT} version {version} was written by a newer cachescope "
-                f"({header.get('cachescope_version')}); this one reads version {VERSION}: upgrade "
-                "cachescope to analyze it")
+                f"({_short(header.get('cachescope_version'))}); this one reads version {VERSION}: "
+                "upgrade cachescope to analyze it")
     except BaseException:
         raw.close()
         raise
 
     def lines() -> Iterator[tuple[int, Any]]:
         loads = json.loads
+        limit = _MAX_NESTING
         n = 1
         try:
             if progress is not None:
                 progress(raw.tell() / size if size else 1.0)
-            for line in stream:
+            for line in source:
                 n += 1
                 if n % _PROGRESS_EVERY == 0 and progress is not None:
                     progress(raw.tell() / size if size else 1.0)
                 try:
-                    yield n, loads(line)
-                except ValueError:
+                    d = loads(line)
+                except (ValueError, RecursionError):   # not JSON, or nested past the parser's depth
                     if line.strip():
                         yield n, None
+                    continue
+                # A line can only nest as deep as it has brackets: walk the rare ones with many.
+                if line.count(b"[") + line.count(b"{") > limit and _nesting_exceeds(d, limit):
+                    yield n, None
+                    continue
+                yield n, d
             if progress is not None:
                 progress(1.0)
         finally:
@@ -210,14 +335,14 @@ class _Collector:
 
 
 class _Replayer:
-    """Feeds recorded lines to a fresh ``InstrumentedCache``."""
+    """Feeds recorded lines to a fresh ``ReplayCache``."""
 
     def __init__(self, header: dict[str, Any]) -> None:
         self.header = header
         self.families: dict[str, str] = {}
         families = self.families
-        self.cache = cache = InstrumentedCache(
-            name=header.get("cache") or "default", attribution="off", metrics=False, tracing=False,
+        self.cache = cache = ReplayCache(
+            name=header.get("cache") or "default",
             timeline_size=int(header.get("timeline_size") or 256),
             max_violations=int(header.get("max_violations") or 1000),
             state_key=header.get("state_key") or "state_ids",
@@ -236,13 +361,11 @@ class _Replayer:
         self.unknown: dict[str, int] = {}
         start_seq = int(header.get("start_seq") or 0)
         start_step = header.get("start_step")
+        cache.start_at(start_seq, start_step if isinstance(start_step, int) and start_step >= 0 else -1)
         if start_seq:
-            cache._seq = start_seq
             self.notes.append(
                 f"the recording started at op #{start_seq + 1} of the live cache: items pushed "
                 "before it are unknown, so reports involving them can differ from the live run")
-        if isinstance(start_step, int) and start_step >= 0:
-            cache._step_index = start_step
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "op": self._op, "step": self._step, "mark": self._mark, "violation": self._violation,
             "generation_start": self._generation_start, "generation_end": self._generation_end,
@@ -254,13 +377,13 @@ class _Replayer:
         if type(seq) is not int:
             return
         cache = self.cache
-        if cache._seq != seq - 1:
+        if cache.seq != seq - 1:
             self.divergences += 1
             if self.diverged is None:
                 self.diverged = (f"the replay diverged from the recording at {what} #{seq} (replay "
-                                 f"was at op #{cache._seq + 1}): lines are missing from the log, or "
+                                 f"was at op #{cache.seq + 1}): lines are missing from the log, or "
                                  "it was edited; later op numbers follow the log")
-            cache._seq = seq - 1
+            cache.sync(seq - 1)
 
     def feed(self, n: int, d: Any) -> None:
         self.lines = n
@@ -307,12 +430,9 @@ class _Replayer:
                             for t in value.get("tensors") or ())
             m = Measure(d.get("logical_bytes") or 0, storages, summary,
                         value.get("kind") or "NoneType", bool(value.get("truncated")))
-            cache._push(queue, None, owner, site, m)
+            cache.push(queue, owner, site, m)
         elif op == "pop":
-            try:
-                cache._pop(queue, owner, site)
-            except (IndexError, KeyError):
-                pass   # pop_empty / pop_missing: the live loop saw the same exception
+            cache.pop(queue, owner, site)
         elif op == "set":
             if "state" in d:
                 value = decode_value(d["state"])
@@ -320,17 +440,14 @@ class _Replayer:
                 value = [None] * int(d["depth"])
             else:
                 value = _PLAIN
-            cache._set(queue, value, owner, site)
+            cache.set(queue, value, owner, site)
         elif op == "clear":
-            try:
-                cache._clear(queue, owner, site)
-            except KeyError:
-                pass   # the log is inconsistent: the next op's number shows the gap
+            cache.clear(queue, owner, site)   # False for an unknown key: the next op shows the gap
         elif op == "clear_all":
-            cache._clear_all(owner, site)
+            cache.clear_all(owner, site)
         else:
             self.unknown[f"op {op}"] = self.unknown.get(f"op {op}", 0) + 1
-            cache._seq = seq
+            cache.sync(seq)
 
     def _mark(self, d: dict[str, Any]) -> None:
         self._sync(d.get("seq"), "step mark")
@@ -355,11 +472,11 @@ class _Replayer:
         error = d.get("error")
         self.cache.finish_generation(None if error is None else ReplayedError(error))
         seq = d.get("seq")
-        if type(seq) is int and seq != self.cache._seq:
+        if type(seq) is int and seq != self.cache.seq:
             self._sync(seq + 1, "generation end at op")
 
     def _alias(self, d: dict[str, Any]) -> None:
-        self.cache._attributor.aliases.update(d.get("aliases") or {})
+        self.cache.attributor.aliases.update(d.get("aliases") or {})
 
     def _stats(self, d: dict[str, Any]) -> None:
         for family, n in (d.get("gets") or {}).items():
@@ -388,11 +505,11 @@ _PLAIN = object()   # stands in for a plain (non-list, non-state) value that was
 # ---------------------------------------------------------------------------------------- result
 @dataclass
 class AnalysisResult:
-    """What ``analyze_file`` found. ``cache`` is the replayed ``InstrumentedCache``."""
+    """What ``analyze_file`` found. ``cache`` is the ``ReplayCache`` the log was fed to."""
 
     path: Path
     header: dict[str, Any]
-    cache: InstrumentedCache
+    cache: ReplayCache
     ops: int
     lines: int
     generations: int

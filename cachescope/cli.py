@@ -246,8 +246,17 @@ def _cmd_delegate(ns: argparse.Namespace, module: str, func: str) -> int:
     try:
         result = fn(ns)
     except (ValueError, OSError) as exc:
-        raise UsageError(f"{path}: {exc}") from None
+        raise UsageError(f"{path}: {_one_line(exc)}") from None
+    except RecursionError:   # the reader refuses deep nesting; this is the last line of defence
+        raise UsageError(f"{path}: a line nests lists/objects too deep to analyze; this is not a "
+                         "recording cachescope wrote: record the run again") from None
     return int(result or 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of ``str(exc)`` (``...`` when more followed): messages stay one line."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0] + (" ..." if len(lines) > 1 else "")
 
 
 # ----------------------------------------------------------------------------- run
@@ -305,7 +314,7 @@ def _build_model(ns: argparse.Namespace, device: Any) -> tuple[Any, str]:
         try:
             model = load_hf_checkpoint(ns.checkpoint, device=device)
         except CheckpointError as exc:
-            raise UsageError(f"--checkpoint: {exc}") from None
+            raise UsageError(f"--checkpoint: {_one_line(exc)}") from None
         return model, f"checkpoint {ns.checkpoint}"
     model = NeoXModel(NeoXConfig.preset(ns.preset)).to(device)
     return model, f"preset {ns.preset}"
@@ -457,7 +466,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
 def _decode(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, prompt: list[int],
             inject: Any, generate: Any) -> int:
     from .faults import InjectedFault
-    from ._checker import PopOrderError
+    from ._records import PopOrderError
 
     from .neox import logits_for
     logits_for(model, prompt)   # warm-up on a throwaway cache, so tokens/s measures decoding

@@ -354,15 +354,9 @@ class _Injector:
         self._apply_order(k)
 
     def _forward_set(self, key: Any, value: Any) -> None:
-        """Call the real ``set`` keeping the loop's call site for an ``InstrumentedCache``."""
-        from ._instrumented import InstrumentedCache
-        cache = self.cache
-        assert self._saved_set is not None
-        if not self._saved_set[0] and isinstance(cache, InstrumentedCache):
-            owner, site = cache._attributor.lookup(2)
-            cache._set(key, value, owner, site)
-        else:
-            self._plain_set()(key, value)
+        """Call the real ``set`` (an ``InstrumentedCache`` skips this wrapper's frames when it
+        attributes the op, so it keeps the loop's call site)."""
+        self._plain_set()(key, value)
 
     def _cache_step(self) -> int | None:
         step = getattr(self.cache, "step", None)
@@ -439,6 +433,9 @@ class _Injector:
         had = "set" in vars(cache)
         self._saved_set = (had, vars(cache).get("set"))
         cache.set = self._set
+        attributor = getattr(cache, "attributor", None)
+        if attributor is not None and hasattr(attributor, "make_transparent"):
+            attributor.make_transparent(type(self)._set, type(self)._forward_set)
         try:
             for f in self.faults:
                 if f.name in ("retry", "clear"):

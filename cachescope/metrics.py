@@ -16,25 +16,25 @@ from __future__ import annotations
 import errno
 import gc
 import inspect
+import logging
+import os
 import re
-import socket
 import threading
 import time
 import weakref
 from collections import deque
-from socketserver import ThreadingMixIn
 from typing import Any, Iterable, Iterator
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, Metric)
 from prometheus_client.samples import Exemplar, Sample
 
-from ._checker import KINDS
-from ._records import OPS
+from ._records import KINDS, OPS
 
-__all__ = ["REGISTRY", "MetricsSink", "MetricsServerError", "start_metrics_server",
+__all__ = ["REGISTRY", "MetricsSink", "MetricsServerError", "export", "start_metrics_server",
            "STEP_BUCKETS"]
+
+log = logging.getLogger("cachescope")
 
 #: cachescope's own registry: the default for caches created without ``registry=``.
 REGISTRY = CollectorRegistry()
@@ -292,25 +292,36 @@ def _add_counter(fam: CounterMetricFamily, values: list[str], n: float,
 
 
 def _snapshot(cache: Any) -> tuple[list[tuple[Any, ...]], int, int, dict[str, int]] | None:
-    """Copy the numbers out of ``cache.stats`` under the cache's lock (no metric objects inside)."""
-    lock = getattr(cache, "_lock", None)
-    if lock is None:
+    """The numbers of ``cache``'s counters, copied under its lock (no metric objects inside)."""
+    snapshot = getattr(cache, "stats_snapshot", None)
+    if snapshot is None:
         return None
-    with lock:
-        stats = cache.stats
-        families = [
-            (fs.family, tuple(getattr(fs, op) for op in OPS), fs.depth, fs.peak_depth, fs.logical,
-             fs.storage, fs.peak_logical, fs.peak_storage, fs.live, fs.empty,
-             tuple(fs.violations.items()))
-            for fs in stats.families.values()]
-        errors = dict.fromkeys((type(s).__name__ for s in getattr(cache, "_sinks", ())), 0)
-        errors.update(stats.telemetry_errors)
-        return families, stats.steps, stats.tokens, errors
+    stats = snapshot()
+    families = [
+        (fs.family, tuple(getattr(fs, op) for op in OPS), fs.depth, fs.peak_depth, fs.logical,
+         fs.storage, fs.peak_logical, fs.peak_storage, fs.live, fs.empty,
+         tuple(fs.violations.items()))
+        for fs in stats.families.values()]
+    errors = dict.fromkeys((type(s).__name__ for s in cache.sinks), 0)
+    errors.update(stats.telemetry_errors)
+    return families, stats.steps, stats.tokens, errors
 
 
 _collectors: "weakref.WeakKeyDictionary[CollectorRegistry, _CacheCollector]" = \
     weakref.WeakKeyDictionary()
 _collectors_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """Fresh locks in a forked child (a scrape thread may have held one at fork())."""
+    global _collectors_lock
+    _collectors_lock = threading.Lock()
+    for coll in list(_collectors.values()):
+        coll._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _collector_for(registry: CollectorRegistry, const_names: tuple[str, ...]) -> _CacheCollector:
@@ -319,6 +330,29 @@ def _collector_for(registry: CollectorRegistry, const_names: tuple[str, ...]) ->
         if coll is None:
             coll = _collectors[registry] = _CacheCollector(registry, const_names)
         return coll
+
+
+def export(cache: Any, registry: CollectorRegistry | None = None,
+           const_labels: dict[str, str] | None = None, *, on_error: str = "raise") -> "MetricsSink | None":
+    """Export ``cache``'s counters to ``registry`` (default: cachescope's ``REGISTRY``) from now
+    on; returns the handle (``close()`` stops it). Read at scrape time: nothing runs per op.
+
+    Bad arguments (invalid ``const_labels``, a name already exported there) raise ``ValueError``;
+    with ``on_error='log'`` any other failure is logged once and None returned, so that a broken
+    metrics set-up never stops the decode loop it would observe.
+    """
+    try:
+        sink = MetricsSink(cache, registry=registry, const_labels=const_labels)
+    except ValueError:
+        raise
+    except Exception:
+        if on_error != "log":
+            raise
+        log.warning("cachescope: could not export cache %r to Prometheus; continuing without "
+                    "metrics", getattr(cache, "name", "?"), exc_info=True)
+        return None
+    cache.add_sink(sink)
+    return sink
 
 
 class CacheNameTaken(ValueError):
@@ -388,50 +422,33 @@ class MetricsSink:
             self._violation_exemplars[(v.family, v.kind)] = (tid, time.time())
 
     def close(self) -> None:
-        """Stop exporting this cache (it leaves the exposition at the next scrape)."""
+        """Stop exporting this cache (it leaves the exposition at the next scrape). Idempotent."""
         self._collector.detach(self)
+        cache = self._cache_ref()
+        if cache is not None:
+            cache.remove_sink(self)
 
     def __repr__(self) -> str:
         return f"MetricsSink(cache={self.cache_name!r})"
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
-        pass
-
-
-def _server_class(addr: str, port: int) -> type:
-    """A threading WSGI server for ``addr``'s address family (IPv4 or IPv6)."""
-    family = socket.AF_INET
-    try:
-        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
-    except OSError:
-        pass
-
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        address_family = family
-
-    return Server
-
-
 def start_metrics_server(port: int, addr: str = "127.0.0.1",
                          registry: CollectorRegistry | None = None) -> tuple[Any, threading.Thread, int]:
-    """Serve ``registry`` (default: cachescope's ``REGISTRY``) on ``http://addr:port/metrics``.
+    """Serve ``registry`` (default: cachescope's ``REGISTRY``) on ``http://addr:port/metrics``
+    with ``prometheus_client.start_http_server`` (loopback by default, not its ``0.0.0.0``).
 
-    Returns ``(server, thread, actual_port)``; ``port=0`` picks a free port. The page comes from
-    ``prometheus_client.make_wsgi_app``, which negotiates the format: OpenMetrics (with exemplars)
-    when the scraper's ``Accept`` asks for it, the classic text format otherwise. The server runs in
-    a daemon thread; stop it with ``server.shutdown(); server.server_close()``. A port in use
-    raises ``MetricsServerError``.
+    Returns ``(server, thread, actual_port)``; ``port=0`` picks a free port. prometheus_client
+    negotiates the format: OpenMetrics (with exemplars) when the scraper's ``Accept`` asks for it,
+    the classic text format otherwise. Stop it with ``server.shutdown(); server.server_close()``.
+    A port in use raises ``MetricsServerError``.
     """
-    from prometheus_client import make_wsgi_app
+    from prometheus_client import start_http_server
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
-    app = make_wsgi_app(REGISTRY if registry is None else registry)
     try:
-        server = make_server(addr, port, app, _server_class(addr, port), handler_class=_QuietHandler)
+        server, thread = start_http_server(port, addr=addr,
+                                           registry=REGISTRY if registry is None else registry)
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EACCES):
             what = "is in use" if exc.errno == errno.EADDRINUSE else "needs privileges"
@@ -442,6 +459,4 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1",
             err = MetricsServerError(f"cannot serve metrics on {addr}:{port}: {exc}")
         err.errno = exc.errno
         raise err from exc
-    thread = threading.Thread(target=server.serve_forever, name="cachescope-metrics", daemon=True)
-    thread.start()
     return server, thread, server.server_port

@@ -104,6 +104,9 @@ def _is_binary(f: Any) -> bool:
 class Recorder:
     """A sink that writes every op, violation, step and generation of one cache as JSON lines.
 
+    It is the one exporter that needs every op as it happens (``on_op``) and value summaries
+    (``needs_values``): attaching it makes the cache build a record and measure shapes per op.
+
     ``path_or_file``: a path (``.gz`` for gzip; the file is created or truncated now, so a bad
     path fails here, before the decode loop) or an open file object (text or binary; flushed
     but not closed by ``close()``). ``run_info``: JSON-able facts about the run, written to the
@@ -113,6 +116,9 @@ class Recorder:
     ``cache.add_sink(recorder)`` (the header is written at the first event). ``close()``
     detaches, flushes and closes; a ``with`` block does the same on exit.
     """
+
+    #: The cache measures shapes, dtypes and devices of pushed values for this sink.
+    needs_values = True
 
     def __init__(self, path_or_file: str | os.PathLike[str] | IO[Any], *,
                  run_info: dict[str, Any] | None = None, buffer_ops: int = 1024) -> None:
@@ -156,7 +162,7 @@ class Recorder:
                                  "use one Recorder per cache")
             self._cache = cache
             if not self._header:
-                self._write_header(cache, getattr(cache, "_seq", 0))
+                self._write_header(cache, getattr(cache, "seq", 0))
         cache.add_sink(self)
         return self
 
@@ -182,7 +188,7 @@ class Recorder:
                 return
             cache = self._cache
             if not self._header:
-                self._write_header(cache, getattr(cache, "_seq", 0))
+                self._write_header(cache, getattr(cache, "seq", 0))
             if cache is not None and self._stats_at != self._lines():
                 self._write_stats(cache)   # final get counts (gets are not sent to sinks)
             self._flush()
@@ -246,8 +252,7 @@ class Recorder:
     def _write_header(self, cache: Any, start_seq: int) -> None:
         self._header = True
         from . import __version__
-        attributor = getattr(cache, "_attributor", None)
-        timeline = getattr(cache, "_timeline", None)
+        attributor = getattr(cache, "attributor", None)
         header = {
             "type": "header", "format": FORMAT, "version": VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
@@ -256,11 +261,11 @@ class Recorder:
             "host": _host(),
             "cachescope_version": __version__,
             "state_key": getattr(cache, "state_key", "state_ids"),
-            "timeline_size": getattr(timeline, "maxlen", None),
+            "timeline_size": getattr(cache, "timeline_size", None),
             "max_violations": getattr(cache, "max_violations", None),
             "attribution": getattr(attributor, "mode", None),
             "start_seq": int(start_seq or 0),
-            "start_step": getattr(cache, "_step_index", -1),
+            "start_step": getattr(cache, "step", -1),
         }
         self._add(_dumps(header))
         aliases = getattr(attributor, "aliases", None)
@@ -335,7 +340,7 @@ class Recorder:
                     else:
                         extra = ',"storages":[' + ",".join([f"[{_key(k)},{int(n)}]" for k, n in st]) + "]"
             elif op == "pop":
-                aliases = getattr(getattr(cache, "_attributor", None), "aliases", None)
+                aliases = getattr(getattr(cache, "attributor", None), "aliases", None)
                 if aliases and len(aliases) != self._aliases:
                     self._write_aliases(aliases)   # before the pop that may depend on them
             elif op == "set":
@@ -378,19 +383,19 @@ class Recorder:
 
     def on_step_start(self, cache: Any, step: Any) -> None:
         with self._lock:
-            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 1) - 1):
+            if self._cache is not cache and not self._first(cache, getattr(cache, "seq", 1) - 1):
                 return
             if self._boundary_pending:      # the state_ids set just logged opened this step
                 self._boundary_pending = False
                 return
             # mark_step(): its boundary record is not sent to on_op; log it so replay repeats it
-            self._add(_dumps({"type": "mark", "seq": getattr(cache, "_seq", None),
+            self._add(_dumps({"type": "mark", "seq": getattr(cache, "seq", None),
                               "step": step.index, "time": step.start_time,
                               "prev": encode_value(step.prev), "next": encode_value(step.next)}))
 
     def on_step_end(self, cache: Any, step: Any) -> None:
         with self._lock:
-            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 0)):
+            if self._cache is not cache and not self._first(cache, getattr(cache, "seq", 0)):
                 return
             current = cache.current_step
             closed = "end_step" if current is step else ("boundary" if current is not None
@@ -407,18 +412,18 @@ class Recorder:
 
     def on_generation_start(self, cache: Any, info: dict[str, Any]) -> None:
         with self._lock:
-            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 0)):
+            if self._cache is not cache and not self._first(cache, getattr(cache, "seq", 0)):
                 return
             self._add(_dumps({"type": "generation_start", "time": time.time(), "info": info}))
 
     def on_generation_end(self, cache: Any, info: dict[str, Any]) -> None:
         with self._lock:
-            if self._cache is not cache and not self._first(cache, getattr(cache, "_seq", 0)):
+            if self._cache is not cache and not self._first(cache, getattr(cache, "seq", 0)):
                 return
             info = dict(info)
             error = info.pop("error", None)
             self._add(_dumps({"type": "generation_end", "time": time.time(),
-                              "seq": getattr(cache, "_seq", None),
+                              "seq": getattr(cache, "seq", None),
                               "error": None if error is None else _jsonable(error),
                               "info": info}))
             self._write_stats(cache)

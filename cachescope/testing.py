@@ -307,7 +307,7 @@ class CacheProbe:
         violations are ignored by ``assert_no_violations`` and by the plugin's strict mode. With
         ``kinds``, violations of other kinds stay unexpected.
         """
-        from ._checker import KINDS
+        from ._records import KINDS
         unknown = [k for k in kinds if k not in KINDS]
         if unknown:
             raise ValueError(f"unknown violation kind(s) {unknown}; kinds are {', '.join(KINDS)}")
@@ -400,18 +400,15 @@ class CacheProbe:
         patterns = [ignore] if isinstance(ignore, str) else list(ignore)
         cache = self.cache
         left = []
-        with cache._lock:
-            for name, value in cache._cache.items():
-                if type(value) is not list or not value:
-                    continue
-                family = cache._families(name)
-                label = name if type(name) is str else repr(name)
-                if any(p == label or p == family or fnmatch.fnmatchcase(label, p) for p in patterns):
-                    continue
-                q = cache._queues.get(name)
-                owners = [_owner(i.owner) for i in q.items] if q is not None else []
-                steps = sorted({i.step for i in q.items}) if q is not None else []
-                left.append((label, len(value), owners, steps))
+        for name, depth in cache.queues().items():
+            family = cache.family(name)
+            label = name if type(name) is str else repr(name)
+            if any(p == label or p == family or fnmatch.fnmatchcase(label, p) for p in patterns):
+                continue
+            items = cache.pending(name)
+            owners = [_owner(i.owner) for i in items]
+            steps = sorted({i.step for i in items})
+            left.append((label, depth, owners, steps))
         if not left:
             return
         lines = [f"cache {self.name!r} is not drained: {len(left)} queue(s) still hold items "
@@ -488,7 +485,7 @@ class CacheProbe:
         """The pops of a queue (or, when no queue has that name, of a family) were made by exactly
         ``owners``, in this order (owner names as ``watch`` gives them)."""
         pops = self.pops(queue_or_family)
-        same = self.cache._attributor.same_owner
+        same = self.cache.same_owner
         expected = list(owners)
         actual = [o.owner for o in pops]
 

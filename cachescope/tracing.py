@@ -9,21 +9,21 @@ timeline when their span changes (see ``_flush``). See docs/tracing.md.
 from __future__ import annotations
 
 
+import logging
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from . import _attributes as A
 from ._records import OpRecord, StepInfo
 
-__all__ = ["TracingSink"]
+__all__ = ["TracingSink", "trace"]
+
+log = logging.getLogger("cachescope")
 
 _NS = 1_000_000_000
-#: The attribute names of an op event, in the order ``Timeline.events_since`` takes them.
-_EVENT_KEYS = (A.QUEUE, A.FAMILY, A.SEQ, A.OWNER, A.DEPTH, A.BYTES_LOGICAL, A.BYTES_STORAGE,
-               A.PRODUCER)
 _MARK_STEP = "<mark_step>"   # the queue name of mark_step's record
 
 
@@ -66,29 +66,16 @@ class TracingSink:
     the SDK). Keeps no reference to the cache (only its name) and none to tensors.
     """
 
-    #: ``on_op`` reads bytes and names only, never ``rec.value.summary`` (see _hot.py).
-    needs_values = False
-    #: The cache never calls ``on_op``: op events are added in a batch when the span they belong
-    #: to changes (step start and end, generation start and end, a violation), from the records
-    #: in the cache's timeline, with each op's own timestamp. Same events, no Python per op.
-    wants_ops = False
-
-    @property
-    def wants_steps(self) -> bool:
-        """Whether ``on_step_start`` would do anything (not during a generation without an SDK)."""
-        return not (self._gen_noop and self._gen_span is not None and self._step_span is None)
-
-    @property
-    def wants_step_ends(self) -> bool:
-        """Whether ``on_step_end`` would do anything (a step or op-event span is open)."""
-        return self._step_span is not None or self._event_span is not None
+    # No ``on_op``: the cache calls this sink at step and generation boundaries and on violations
+    # only. Op events are added then, in a batch, from ``cache.ops_since()`` with each op's own
+    # timestamp: the same events, and no Python per op.
 
     def __init__(self, cache: Any, tracer_provider: Any = None, op_events: bool = True) -> None:
         from . import __version__
         #: record each cache op as a span event (the main cost of tracing; see docs/tracing.md).
         #: Takes effect at the next step or generation.
         self.op_events = bool(op_events)
-        self._tracer = trace.get_tracer("cachescope", __version__, tracer_provider=tracer_provider)
+        self._tracer = otel_trace.get_tracer("cachescope", __version__, tracer_provider=tracer_provider)
         self.cache_name = _trunc(getattr(cache, "name", "default"))
         self._gen_span: Span | None = None
         self._gen_ctx: otel_context.Context | None = None
@@ -130,39 +117,23 @@ class TracingSink:
         """Add the ops since the last flush as events of the span they happened under (the
         current event span: it changes only in the sink methods, which flush first)."""
         span = self._event_span
-        try:
-            lock, timeline, seq_now = cache._lock, cache._timeline, cache._seq
-        except AttributeError:   # not an InstrumentedCache: nothing to read
+        seq_now = getattr(cache, "seq", None)
+        if type(seq_now) is not int:   # not an InstrumentedCache: nothing to read
             return
         last = self._flushed_seq
         self._flushed_seq = seq_now
         if span is None or seq_now <= last:
             return
-        state_key = getattr(cache, "state_key", None)
-        with lock:
-            events_since = getattr(timeline, "events_since", None)
-            if events_since is not None:   # the C ring: events built from its entries
-                first, items = events_since(last, seq_now, _EVENT_KEYS, state_key, _MARK_STEP,
-                                            A.MAX_STR_LEN)
-            else:
-                items = []
-                for rec in reversed(timeline):
-                    if rec.seq <= last:
-                        break
-                    items.append(rec)
-                items.reverse()
-                first = items[0].seq if items else 0
-                items = [rec for rec in items if rec.seq <= seq_now]
+        first, records = cache.ops_since(last)
         if first > last + 1:   # the ring buffer wrapped within one span
             self.ops_dropped += first - last - 1
             if span.is_recording():
                 span.set_attribute(A.OPS_DROPPED, first - last - 1)
-        add_event = span.add_event
-        for item in items:
-            if type(item) is tuple:   # (op, attributes, timestamp) from the C ring
-                add_event(*item)
-            else:
-                self._op_event(span, item, state_key)
+        state_key = getattr(cache, "state_key", None)
+        for rec in records:
+            if rec.seq > seq_now:
+                break
+            self._op_event(span, rec, state_key)
 
     # ------------------------------------------------------------------ generations
     def on_generation_start(self, cache: Any, info: dict[str, Any]) -> None:
@@ -182,7 +153,7 @@ class TracingSink:
                 attrs[A.GENERATION_PREFIX + _trunc(key, 64)] = v
         span = self._tracer.start_span(A.SPAN_GENERATE, attributes=attrs)
         self._gen_span = span
-        self._gen_ctx = trace.set_span_in_context(span)
+        self._gen_ctx = otel_trace.set_span_in_context(span)
         self._gen_steps = self._gen_tokens = 0
         prompt = info.get("prompt_tokens")
         self._gen_prompt = prompt if type(prompt) is int else 0
@@ -281,9 +252,8 @@ class TracingSink:
         span.end(end_time=end_time)  # last: a failing span processor leaves the sink consistent
 
     # ------------------------------------------------------------------ ops and violations
-    def on_op(self, cache: Any, rec: OpRecord) -> None:
-        """One op as an event now (for callers that feed records themselves; the cache does not
-        call this, see ``wants_ops``)."""
+    def add_op(self, cache: Any, rec: OpRecord) -> None:
+        """One op as an event now (for callers that feed records themselves)."""
         span = self._event_span
         if span is None:
             return
@@ -337,10 +307,33 @@ class TracingSink:
         span.add_event(A.EVENT_VIOLATION, attrs)
         span.set_status(Status(StatusCode.ERROR, _trunc(f"{v.kind} on {v.queue}", 512)))
 
-    def close(self) -> None:
-        """End any open spans (e.g. when the cache is discarded mid-generation)."""
+    def close(self, cache: Any = None) -> None:
+        """End any open spans (e.g. when the cache is discarded mid-generation); with ``cache``,
+        also stop receiving its events."""
+        if cache is not None:
+            cache.remove_sink(self)
         self._end_step_span(None)
         self._end_gen_span(None)
 
     def __repr__(self) -> str:
         return f"TracingSink(cache={self.cache_name!r})"
+
+
+def trace(cache: Any, tracer_provider: Any = None, *, op_events: bool = True,
+          on_error: str = "raise") -> TracingSink | None:
+    """Trace ``cache`` from now on: a span per generation and per step, op events, violations.
+    ``tracer_provider``: an OpenTelemetry ``TracerProvider`` (default: the global one, a no-op
+    until the application configures the SDK). Returns the handle (``close(cache)`` stops it).
+
+    With ``on_error='log'`` a failure to set up is logged once and None returned.
+    """
+    try:
+        sink = TracingSink(cache, tracer_provider=tracer_provider, op_events=op_events)
+    except Exception:
+        if on_error != "log":
+            raise
+        log.warning("cachescope: could not set up tracing for cache %r; continuing without it",
+                    getattr(cache, "name", "?"), exc_info=True)
+        return None
+    cache.add_sink(sink)
+    return sink

@@ -45,26 +45,6 @@ def construct(kind: str, **options: Any) -> InstrumentedCache:
     return make_cache(exporters=(kind == "default"), **options)
 
 
-def require_fast_path() -> None:
-    """Skip unless the C fast path (``cachescope._speedups``) is built; fail instead when the CI
-    variable is set (CI builds it, so a missing extension there is a broken build)."""
-    from cachescope import _hot
-    if _hot.AVAILABLE:
-        if _hot._disabled_by_env():   # a deliberate pure-Python run of the suite
-            pytest.skip("CACHESCOPE_PURE_PYTHON is set: the C fast path is off")
-        return
-    reason = (f"cachescope._speedups is not built for {sys.implementation.name} "
-              f"{sys.version.split()[0]} (needs CPython 3.11 and a C compiler at "
-              "`pip install -e .`)")
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip")
-    pytest.skip(reason)
-
-
-#: ``speedups=`` values for tests that must hold on the C fast path and on the Python path.
-SPEEDUPS = [pytest.param(True, id="c"), pytest.param(False, id="python")]
-
-
 class Attention(nn.Module):
     """A labml-style attention layer: pops ``attn_kv_{prev}``, pushes ``attn_kv_{next}``."""
 

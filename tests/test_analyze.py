@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from cachescope import InstrumentedCache, watch
-from cachescope._values import measure
 from cachescope.analyze import RecordFormatError, analyze_file, main_analyze, read_record
 from cachescope.neox import NeoXConfig, NeoXModel
 from cachescope.record import record
@@ -152,10 +151,12 @@ def test_replay_keeps_non_default_cache_options(tmp_path):
     with record(cache, path):
         cache.set("ids", (None, 0))
         for owner in "abc":
-            cache._push("kv_0", 1, owner, "x.py:1", measure(torch.zeros(3)))
+            with cache.owner(owner):
+                cache.push("kv_0", torch.zeros(3))
         cache.set("ids", (0, 1))
         for owner in "bca":
-            cache._pop("kv_0", owner, "x.py:2")
+            with cache.owner(owner):
+                cache.pop("kv_0")
     assert len(cache.violations) == 2 and cache.stats.violations_dropped == 1
     result = analyze_file(path, out=None)
     assert result.reports() == [v.report() for v in cache.violations]
@@ -244,24 +245,24 @@ def test_gap_in_the_log_is_reported(tmp_path):
 
 
 def synthetic_run(path: Path, steps: int, layers: int = 24, fault_step: int | None = None) -> InstrumentedCache:
-    """Drive a cache through its attributed entry points (fast), recording every op."""
+    """Drive a cache with explicitly named owners (fast), recording every op."""
     cache = make_cache(name="big", attribution="off")
     kv = (torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8))
-    m = measure(kv)
     owners = [f"layers.{i}.attention" for i in range(layers)]
     with record(cache, path, synthetic=True):
         with cache.generation():
-            cache._set("use_cache", True, None, "loop.py:1")
+            cache.set("use_cache", True)
             for s in range(steps):
-                cache._set("state_ids", (None, 0) if s == 0 else (s - 1, s), None, "loop.py:2")
+                cache.set("state_ids", (None, 0) if s == 0 else (s - 1, s))
                 order = owners
                 if s == fault_step:
                     order = owners[:]
                     order[3], order[4] = order[4], order[3]
                 for owner in order:
-                    if s:
-                        cache._pop(f"attn_kv_{s - 1}", owner, "model.py:10")
-                    cache._push(f"attn_kv_{s}", kv, owner, "model.py:11", m)
+                    with cache.owner(owner):
+                        if s:
+                            cache.pop(f"attn_kv_{s - 1}")
+                        cache.push(f"attn_kv_{s}", kv)
                 cache.end_step(1)
     return cache
 
@@ -287,7 +288,7 @@ def test_read_record_is_lazy(tmp_path):
     n, first = next(lines)
     assert n == 2 and first["type"] == "generation_start"
     rest = list(lines)
-    assert sum(d["type"] == "op" for _, d in rest) == live._seq - 1   # minus the '<end>' record
+    assert sum(d["type"] == "op" for _, d in rest) == live.seq - 1   # minus the '<end>' record
     assert all(json.dumps(d) for _, d in rest)
 
 

@@ -5,8 +5,7 @@ seed ``Cache`` and an ``InstrumentedCache`` side by side, with names and values 
 (ints, tuples, unhashable lists, None, a name whose hash fails; tensors, None, nested containers,
 cycles, deep nests, zero-size, meta and subclassed tensors, objects whose repr/eq raise), and checks
 after every op that both return the very same objects (tensors by identity), raise the same
-exception types, hold the same keys and report the same q_size. Every test runs on the C fast path
-(``speedups=True``; CI requires it to be built) and on the pure-Python path (``speedups=False``).
+exception types, hold the same keys and report the same q_size.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from torch import nn
 
 from cachescope import Cache
 
-from _kvloop import CONSTRUCTIONS, SPEEDUPS, construct, require_fast_path
+from _kvloop import CONSTRUCTIONS, construct
 
 
 class _Sub(torch.Tensor):
@@ -140,8 +139,6 @@ class Equivalence(RuleBasedStateMachine):
         super().__init__()
         self.plain = Cache()
         self.inst = construct(self.construction, **self.options)
-        if "speedups" in self.options:
-            assert self.inst.speedups_active is self.options["speedups"]
         self.twin: dict[int, object] = {}
         self.keep: list[object] = []   # keep twins alive so their ids stay unique
 
@@ -252,16 +249,18 @@ class Equivalence(RuleBasedStateMachine):
         empty: dict[str, int] = {}
         for key, value in inst._cache.items():
             if type(value) is list:
-                fam = inst._families(key)
+                fam = inst.family(key)
                 (live if value else empty)[fam] = (live if value else empty).get(fam, 0) + 1
         for fam, fs in inst.stats.families.items():
             assert min(fs.depth, fs.logical, fs.storage, fs.live, fs.empty) >= 0, fam
             assert fs.depth <= fs.peak_depth and fs.logical <= fs.peak_logical
             assert fs.storage <= fs.peak_storage
             assert (fs.live, fs.empty) == (live.get(fam, 0), empty.get(fam, 0)), fam
-        assert len(inst.timeline()) <= inst._timeline.maxlen
+        assert len(inst.timeline()) <= inst.timeline_size
         assert len(inst.violations) <= inst.max_violations
-        assert set(inst._queues) <= {k for k, v in inst._cache.items() if type(v) is list}
+        lists = {k: v for k, v in inst._cache.items() if type(v) is list}
+        assert inst.bookkeeping()["queues"] <= len(lists)
+        assert all(len(inst.pending(k)) <= len(v) for k, v in lists.items())
 
     @invariant()
     def exporters_never_fail(self):
@@ -273,26 +272,21 @@ _SETTINGS = settings(deadline=None, stateful_step_count=50,
 
 
 def _machine(construction: str, examples: int, **options):
-    if options.get("speedups"):
-        require_fast_path()
     cls = type(f"Equivalence_{construction}", (Equivalence,),
                {"construction": construction, "options": options})
     return cls, settings(_SETTINGS, max_examples=examples)
 
 
-@pytest.mark.parametrize("speedups", SPEEDUPS)
 @pytest.mark.parametrize("construction", CONSTRUCTIONS)
-def test_random_op_sequences_match_the_seed(construction, speedups):
+def test_random_op_sequences_match_the_seed(construction):
     """Hundreds of random 50-op sequences give identical results on Cache and InstrumentedCache."""
-    cls, s = _machine(construction, 300 if construction == "bare" else 120, speedups=speedups)
+    cls, s = _machine(construction, 300 if construction == "bare" else 120)
     cls.TestCase.settings = s
     cls.TestCase().runTest()
 
 
-@pytest.mark.parametrize("speedups", SPEEDUPS)
-def test_random_op_sequences_match_the_seed_with_tight_bounds(speedups):
+def test_random_op_sequences_match_the_seed_with_tight_bounds():
     """The same holds with a tiny timeline, few kept violations and stack-only attribution."""
-    cls, s = _machine("bare", 100, timeline_size=3, max_violations=2, attribution="stack",
-                      speedups=speedups)
+    cls, s = _machine("bare", 100, timeline_size=3, max_violations=2, attribution="stack")
     cls.TestCase.settings = s
     cls.TestCase().runTest()

@@ -88,16 +88,16 @@ def test_long_run_is_binned(tmp_path):
     """A run of 1500 steps is drawn aggregated (bins) and the page stays small."""
     cache = InstrumentedCache(metrics=False, tracing=False, name="long", attribution="off")
     kv = (torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
-    m = measure(kv)
     path = tmp_path / "long.jsonl.gz"
     with record(cache, path):
         for s in range(1500):
             cache.mark_step(None if s == 0 else s - 1, s)
             owners = ["a", "b", "c"] if s != 700 else ["b", "a", "c"]
             for owner in owners:
-                if s:
-                    cache._pop(f"kv_{s - 1}", owner, "m.py:1")
-                cache._push(f"kv_{s}", kv, owner, "m.py:2", m)
+                with cache.owner(owner):
+                    if s:
+                        cache.pop(f"kv_{s - 1}")
+                    cache.push(f"kv_{s}", kv)
             cache.end_step(1)
     written = write_report(path, tmp_path / "long")
     page = written[-1]

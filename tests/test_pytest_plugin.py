@@ -199,15 +199,15 @@ def cachescope_options():
     result = _run(pytester, '''
 def test_defaults(cachescope):
     assert cachescope.name == "test_defaults"
-    assert cachescope.cache._timeline.maxlen == 5
+    assert cachescope.cache.timeline_size == 5
     assert cachescope.cache.max_violations == 3
 
 @pytest.mark.cachescope(name="custom", timeline_size=9)
 def test_marked(cachescope, cachescope_factory):
     assert cachescope.name == "custom"
-    assert cachescope.cache._timeline.maxlen == 9
+    assert cachescope.cache.timeline_size == 9
     other = cachescope_factory(name="other", timeline_size=2)
-    assert other.cache._timeline.maxlen == 2 and other.cache.max_violations == 3
+    assert other.cache.timeline_size == 2 and other.cache.max_violations == 3
 ''')
     result.assert_outcomes(passed=2)
 

@@ -115,10 +115,13 @@ def test_violations_and_mark_step_are_logged(tmp_path):
     path = tmp_path / "v.jsonl"
     with record(cache, path):
         cache.mark_step(None, 0)
-        cache._push("q_0", 1, "a", "x.py:1", measure(torch.zeros(2)))
-        cache._push("q_0", 2, "b", "x.py:1", measure(torch.zeros(2)))
+        with cache.owner("a"):
+            cache.push("q_0", 1)
+        with cache.owner("b"):
+            cache.push("q_0", 2)
         cache.mark_step(0, 1)
-        cache._pop("q_0", "b", "x.py:2")
+        with cache.owner("b"):
+            cache.pop("q_0")
     lines = read_lines(path)
     marks = [d for d in lines if d["type"] == "mark"]
     assert [(m["prev"], m["next"], m["seq"]) for m in marks] == [(None, 0, 1), (0, 1, 4)]

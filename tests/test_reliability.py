@@ -133,7 +133,7 @@ def test_unhashable_names_raise_typeerror_like_the_seed(kind, name):
                          ("set", (name, 1)), ("get", (name,)), ("clear", (name,))):
             with pytest.raises(TypeError):
                 getattr(cache, op)(*args)
-    assert c.violations == [] and c._queues == {}
+    assert c.violations == [] and c.bookkeeping()["queues"] == 0 and c.seq == 0
 
 
 @pytest.mark.parametrize("state", [5, (1, 2, 3), (), [0], "ab", {"a": 1, "b": 2}, None,
@@ -243,17 +243,7 @@ def test_failing_sink_in_strict_mode_still_raises_the_violation(kind):
 
 # ---------------------------------------------------------------- long runs stay bounded
 def _bounded_state(c):
-    return {
-        "queues": len(c._queues),
-        "timeline": len(c._timeline),
-        "family_memo": len(c._families._memo),
-        "families": len(c._families.families),
-        "stat_families": len(c.stats.families),
-        "step_pops": len(c._step_pops),
-        "cleared": len(c._cleared),
-        "violations": len(c.violations),
-        "labels": len(c._attributor._labels),
-    }
+    return c.bookkeeping()
 
 
 def test_long_decode_is_bounded(kind):
@@ -264,14 +254,14 @@ def test_long_decode_is_bounded(kind):
         decode(mods, c, 2000, order=lambda i: [1, 0] if i % 2 and i > 0 else [0, 1])
     s = _bounded_state(c)
     assert s["queues"] <= 1 and s["timeline"] == 64 and s["violations"] == 50
-    assert s["family_memo"] <= c._families._memo_limit and s["families"] <= 3
+    assert s["family_memo"] <= 4096 and s["families"] <= 3
     assert s["stat_families"] <= 4 and s["step_pops"] <= 2 and s["labels"] <= 2
     assert c.stats.violations_dropped == sum(c.stats.violations_by_kind().values()) - 50 > 0
     assert c.stats.steps == 2001
     fs = c.stats.family("attn_kv")
     assert fs.depth == 2 and fs.live == 1
     # the seed never deletes a drained queue: one empty list per decoded token stays in the cache
-    assert fs.empty == 2000 == len(c._cache) - 2   # minus state_ids and the live attn_kv_2000
+    assert fs.empty == 2000 == sum(c.q_size(f"attn_kv_{i}") == 0 for i in range(2001))
 
 
 def test_long_decode_with_cleanup_is_bounded(kind):
@@ -286,7 +276,7 @@ def test_long_decode_with_cleanup_is_bounded(kind):
         run(mods, x[-1:])
         c.clear(f"attn_kv_{i}")
         c.end_step(1)
-    assert len(c._cache) == 2 and len(c._cleared) <= 256
+    assert c.queues().keys() == {"attn_kv_2000"} and c.bookkeeping()["cleared"] <= 256
     assert c.stats.family("attn_kv").empty == 0 and c.violations == []
 
 
@@ -311,7 +301,7 @@ def test_one_endless_step_stays_bounded(kind):
         c.pop(f"q_{i}")
     step = c.current_step
     assert len(step.popped) <= 4096 and len(step.pushed) <= 4096
-    assert len(c._step_pops) <= 4096
+    assert c.bookkeeping()["step_pops"] <= 4096
 
 
 @pytest.mark.skipif(not exporters_available(), reason="cachescope.metrics not available yet")

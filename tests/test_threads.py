@@ -94,9 +94,9 @@ def test_counts_are_exact_under_threads(kind):
     ops = c.stats.ops_by_op()
     assert ops["push"] == THREADS * 3 * ROUNDS and ops["pop"] == THREADS * (3 * ROUNDS + 1)
     recorded = THREADS * (3 * ROUNDS + 3 * ROUNDS + 1 + ROUNDS + 5)   # get is not recorded
-    assert c.timeline()[-1].seq == recorded == c._seq
+    assert c.timeline()[-1].seq == recorded == c.seq
     assert [v.kind for v in c.violations] == ["pop_missing"] * THREADS
-    assert c._queues == {}
+    assert c.bookkeeping()["queues"] == 0
     assert c.stats.telemetry_errors == {}
 
 
@@ -175,7 +175,7 @@ def test_attribution_in_many_threads_without_watch(kind):
     assert _run_threads(work) == []
     assert c.violations == []
     owners = {r.queue: r.owner for r in c.timeline()}
-    labels = {c._attributor.label(m) for m in layers}
+    labels = {c.attributor.label(m) for m in layers}
     assert len(labels) == THREADS and set(owners.values()) <= labels
     assert c.stats.ops_by_op()["push"] == THREADS * (ROUNDS // 4)
 

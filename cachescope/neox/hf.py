@@ -8,6 +8,7 @@ Reads only files (``config.json`` + safetensors, sharded safetensors, or ``pytor
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -25,60 +26,171 @@ __all__ = ["CheckpointError", "load_hf_checkpoint", "config_from_hf", "hf_name_m
 _IGNORED = re.compile(
     r"^(gpt_neox\.)?(layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)|rotary_emb\.inv_freq)$"
 )
+_LAYER = re.compile(r"^gpt_neox\.layers\.(\d{1,9})\.")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or describes a model the reference NeoX cannot run."""
 
 
+_UNSET: Any = object()
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: its JSON spelling (cut short) and its JSON type."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "an object"}
+    if value is None:
+        return "null"
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    if len(text) > 60:
+        text = text[:57] + "..."
+    kind = kinds.get(type(value))
+    return f"{text} ({kind})" if kind else text
+
+
+class _Fields:
+    """Typed reads of one config dict; every wrong value is a one-line ``CheckpointError`` that
+    names the field, the value found and what was expected."""
+
+    def __init__(self, data: dict[str, Any], source: str, prefix: str = "") -> None:
+        self.data, self.source, self.prefix = data, source, prefix
+
+    def fail(self, key: str, expected: str, default: Any = _UNSET) -> CheckpointError:
+        fix = ("correct it" if default is _UNSET else "correct it, or remove the field"
+               + ("" if default is None else f" to use the default, {json.dumps(default)}"))
+        return CheckpointError(f"{self.source}: {self.prefix}{key} must be {expected}, found "
+                               f"{_shown(self.data[key])}; {fix}")
+
+    def get(self, key: str) -> Any:
+        """The raw value, or ``_UNSET`` when the field is absent or null (HF writes null for
+        "not set")."""
+        value = self.data.get(key)
+        return _UNSET if value is None else value
+
+    def integer(self, key: str, default: Any = _UNSET, *, what: str = "a positive integer") -> Any:
+        """A positive int (an integral JSON number such as 64.0 is read as 64)."""
+        value = self.get(key)
+        if value is _UNSET:
+            if default is _UNSET:   # a required field (checked present): null
+                raise self.fail(key, what)
+            return default
+        if type(value) is float and value.is_integer():
+            value = int(value)
+        if type(value) is not int or value <= 0:
+            raise self.fail(key, what, default)
+        return value
+
+    def number(self, key: str, default: Any, *, what: str, low: float = 0.0,
+               low_inclusive: bool = False, high: float = math.inf) -> Any:
+        """A finite JSON number (int or float, not a boolean) in the given range, as a float."""
+        value = self.get(key)
+        if value is _UNSET:
+            return default
+        if type(value) not in (int, float) or not math.isfinite(value) \
+                or not (value >= low if low_inclusive else value > low) or value > high:
+            raise self.fail(key, what, default)
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if value is _UNSET:
+            return default
+        if type(value) is not bool:
+            raise self.fail(key, "true or false", default)
+        return value
+
+    def obj(self, key: str) -> dict[str, Any] | None:
+        """A JSON object, or None when the field is absent or null."""
+        value = self.get(key)
+        if value is _UNSET:
+            return None
+        if type(value) is not dict:
+            raise self.fail(key, "an object (or null)")
+        return value
+
+
 def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> NeoXConfig:
-    """Translate an HF ``GPTNeoXConfig`` dict into a ``NeoXConfig``; refuse what is unsupported."""
+    """Translate an HF ``GPTNeoXConfig`` dict into a ``NeoXConfig``; refuse what is unsupported.
+
+    Every field read is checked: sizes must be positive integers (an integral number such as
+    64.0 is taken as 64; 64.7 is refused), rotary settings and epsilons finite numbers in range,
+    flags booleans, rope settings objects. Null counts as "not set" except for the required
+    sizes. Anything else is a ``CheckpointError`` naming the field, the value and what was
+    expected."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, found {_shown(hf)}")
+    f = _Fields(hf, source)
     model_type = hf.get("model_type")
     if model_type != "gpt_neox":
-        raise CheckpointError(f"{source}: model_type is {model_type!r}; only 'gpt_neox' is supported")
-    if not hf.get("use_parallel_residual", True):
+        raise CheckpointError(f"{source}: model_type is {_shown(model_type)}; only \"gpt_neox\" "
+                              "is supported")
+    if not f.boolean("use_parallel_residual", True):
         raise CheckpointError(
             f"{source}: use_parallel_residual=false is not supported (the reference model only "
             "implements the parallel residual used by Pythia / GPT-NeoX-20B)"
         )
-    act = hf.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; expected 'gelu' (exact GELU)")
+    act = f.get("hidden_act")
+    if act is not _UNSET and act != "gelu":
+        raise CheckpointError(f"{source}: hidden_act {_shown(act)} is not supported; expected "
+                              "\"gelu\" (exact GELU)")
+    f.boolean("tie_word_embeddings", False)     # read by load_hf_checkpoint
+    f.boolean("attention_bias", True)
 
     # Rotary settings: older configs use rotary_pct / rotary_emb_base, newer ones rope_parameters.
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
+    rope = f.obj("rope_parameters") or {}
+    scaling = f.obj("rope_scaling")
     for where, params in (("rope_scaling", scaling), ("rope_parameters", rope)):
         if params:
             kind = params.get("rope_type", params.get("type", "default"))
             if kind not in (None, "default"):
                 raise CheckpointError(
-                    f"{source}: {where} of type {kind!r} is not supported; only plain (default) rotary is"
+                    f"{source}: {where} of type {_shown(kind)} is not supported; only plain "
+                    "(default) rotary is"
                 )
-    rotary_pct = hf.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))
-    rotary_base = hf.get("rotary_emb_base", hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    r = _Fields(rope, source, "rope_parameters.")
+    pct_what = "a number in [0, 1] (the share of each head's dims that are rotated)"
+    rotary_pct = f.number("rotary_pct", _UNSET, what=pct_what, low_inclusive=True, high=1.0)
+    if rotary_pct is _UNSET:
+        rotary_pct = r.number("partial_rotary_factor", 0.25, what=pct_what, low_inclusive=True,
+                              high=1.0)
+    base_what = "a positive number (the rotary theta)"
+    rotary_base = f.number("rotary_emb_base", _UNSET, what=base_what)
+    if rotary_base is _UNSET:
+        rotary_base = f.number("rope_theta", _UNSET, what=base_what)
+    if rotary_base is _UNSET:
+        rotary_base = r.number("rope_theta", 10000.0, what=base_what)
 
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
                if k not in hf]
     if missing:
         raise CheckpointError(f"{source}: missing required field(s) {', '.join(missing)}")
-    hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and heads * int(head_dim) != hidden:
+    vocab = f.integer("vocab_size")
+    hidden = f.integer("hidden_size")
+    layers = f.integer("num_hidden_layers")
+    heads = f.integer("num_attention_heads")
+    head_dim = f.integer("head_dim", None)
+    if head_dim is not None and heads * head_dim != hidden:
         raise CheckpointError(
             f"{source}: head_dim={head_dim} with {heads} heads does not equal hidden_size={hidden}"
         )
+    intermediate = f.integer("intermediate_size", 4 * hidden)
+    max_positions = f.integer("max_position_embeddings", 2048)
+    eps = f.number("layer_norm_eps", 1e-5, what="a positive number (the LayerNorm epsilon)")
     try:
         return NeoXConfig(
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=vocab,
             hidden_size=hidden,
-            num_layers=int(hf["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
-            intermediate_size=int(hf.get("intermediate_size") or 4 * hidden),
-            rotary_pct=float(rotary_pct),
-            rotary_base=float(rotary_base),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+            intermediate_size=intermediate,
+            rotary_pct=rotary_pct,
+            rotary_base=rotary_base,
+            max_position_embeddings=max_positions,
+            layer_norm_eps=eps,
         )
     except ValueError as e:
         raise CheckpointError(f"{source}: unsupported configuration: {e}") from e
@@ -113,10 +225,13 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8, a 5000-digit number
         raise CheckpointError(f"cannot read {path}: {e}") from e
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: it nests arrays/objects too deep to parse; "
+                              f"expected {what}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object ({what}), found {_shown(data)}")
     return data
 
 
@@ -137,7 +252,8 @@ def _read_tensors(root: Path) -> dict[str, Tensor]:
         return _load_safetensors(single)
     if index.is_file():
         weight_map = _read_json(index, "a sharded-safetensors index").get("weight_map")
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not all(
+                type(v) is str for v in weight_map.values()):
             raise CheckpointError(f"{index}: expected a 'weight_map' object of tensor name -> shard file")
         tensors: dict[str, Tensor] = {}
         for shard in sorted(set(weight_map.values())):
@@ -166,21 +282,38 @@ def load_hf_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype = tor
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist (expected config.json + weights)")
+    source = str(root / "config.json")
     hf_config = _read_json(root / "config.json", "the HF GPTNeoXConfig")
-    config = config_from_hf(hf_config, source=str(root / "config.json"))
+    config = config_from_hf(hf_config, source=source)
+    fields = _Fields(hf_config, source)
     tensors = _read_tensors(root)
+
+    # Before anything loops over layers: the config cannot ask for more than the weights hold.
+    held = {int(m.group(1)) for m in map(_LAYER.match, tensors) if m is not None}
+    top = max(held) + 1 if held else 0
+    if config.num_layers > top:
+        raise CheckpointError(
+            f"checkpoint {root} does not match its config.json: num_hidden_layers is "
+            f"{config.num_layers} but the weights hold "
+            + (f"layers 0..{top - 1} only" if top else
+               "no gpt_neox.layers.N.* tensor (expected names like "
+               "gpt_neox.layers.0.attention.query_key_value.weight)")
+            + "; correct num_hidden_layers or use the matching weights")
 
     # Accept the in-memory HF name of the readout too, and configurations HF can express but
     # checkpoints omit: tied readout, bias-free attention projections.
     if "embed_out.weight" not in tensors and "lm_head.weight" in tensors:
         tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
-    if hf_config.get("tie_word_embeddings", False) and "embed_out.weight" not in tensors:
+    if fields.boolean("tie_word_embeddings", False) and "embed_out.weight" not in tensors:
         if "gpt_neox.embed_in.weight" in tensors:
             tensors["embed_out.weight"] = tensors["gpt_neox.embed_in.weight"]
-    if not hf_config.get("attention_bias", True):
+    if not fields.boolean("attention_bias", True):
         for i in range(config.num_layers):
-            for part, width in (("query_key_value", 3 * config.hidden_size), ("dense", config.hidden_size)):
-                tensors.setdefault(f"gpt_neox.layers.{i}.attention.{part}.bias", torch.zeros(width))
+            for part in ("query_key_value", "dense"):
+                weight = tensors.get(f"gpt_neox.layers.{i}.attention.{part}.weight")
+                if weight is not None and weight.dim() >= 1:   # else the checks below name it
+                    tensors.setdefault(f"gpt_neox.layers.{i}.attention.{part}.bias",
+                                       torch.zeros(weight.shape[0]))
 
     name_map = hf_name_map(config)
     missing = [n for n in name_map if n not in tensors]
@@ -195,7 +328,11 @@ def load_hf_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype = tor
                          + (" ..." if len(unexpected) > 8 else ""))
         raise CheckpointError(f"checkpoint {root} does not match its config.json: " + "; ".join(parts))
 
-    model = NeoXModel(config, init_weights=False)  # parameters on the meta device
+    try:
+        model = NeoXModel(config, init_weights=False)  # parameters on the meta device
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"{source} describes a model that cannot be built ({e}); correct "
+                              "its sizes") from e
     expected_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     state: dict[str, Tensor] = {}
     for hf_name, ours in name_map.items():
