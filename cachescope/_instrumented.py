@@ -75,11 +75,14 @@ class InstrumentedCache(Cache):
         self.attributor = Attributor(attribution)
         self._lookup = self.attributor.lookup
         self._lock = threading.RLock()
+        # The checker and the sinks reach back to this cache through a weak reference: no
+        # reference cycle, so a dropped cache is freed at once, without the cyclic GC.
+        ref = weakref.ref(self)
         self._checker = PopOrderChecker(
             name=self.name, family=family, timeline_size=timeline_size,
-            max_violations=max_violations, state_key=state_key, peek=self._peek,
+            max_violations=max_violations, state_key=state_key, peek=_peeker(ref),
             same_owner=self.attributor.same_owner)
-        self._sinks = SinkSet(self._count_error)
+        self._sinks = SinkSet(_error_counter(ref))
         self._generation: dict[str, Any] | None = None
         self.metrics: Any = None
         self.tracer: Any = None
@@ -213,10 +216,6 @@ class InstrumentedCache(Cache):
     def sinks(self) -> tuple[Any, ...]:
         return tuple(self._sinks.sinks)
 
-    def _count_error(self, sink_name: str) -> None:
-        with self._lock:
-            errors = self.stats.telemetry_errors
-            errors[sink_name] = errors.get(sink_name, 0) + 1
 
     def _emit_op(self) -> None:
         """Give the last op to the sinks that want every op."""
@@ -237,11 +236,6 @@ class InstrumentedCache(Cache):
         step = checker.step
         if step is not None:
             self._sinks.emit(self, "on_step_start", step)
-
-    def _peek(self, name: Any) -> Any:
-        """The oldest value queued under ``name`` (the checker's leftover reports)."""
-        queue = self._cache.get(name, _MISSING)
-        return queue[0] if type(queue) is list and queue else _MISSING
 
     # ------------------------------------------------------------------ queue ops
     def push(self, name: str, value: Any) -> None:
@@ -443,6 +437,26 @@ class InstrumentedCache(Cache):
     def __repr__(self) -> str:
         return (f"InstrumentedCache(name={self.name!r}, queues={len(self._checker.live_queues())}, "
                 f"violations={len(self.violations)})")
+
+
+def _peeker(ref: "weakref.ref[InstrumentedCache]") -> Callable[[Any], Any]:
+    def peek(name: Any) -> Any:
+        """The oldest value queued under ``name`` (for the checker's leftover reports)."""
+        cache = ref()
+        queue = cache._cache.get(name, _MISSING) if cache is not None else _MISSING
+        return queue[0] if type(queue) is list and queue else _MISSING
+    return peek
+
+
+def _error_counter(ref: "weakref.ref[InstrumentedCache]") -> Callable[[str], None]:
+    def count(sink_name: str) -> None:
+        """Count a sink failure in ``stats.telemetry_errors``."""
+        cache = ref()
+        if cache is not None:
+            with cache._lock:
+                errors = cache.stats.telemetry_errors
+                errors[sink_name] = errors.get(sink_name, 0) + 1
+    return count
 
 
 def _hashable(key: Any) -> bool:

@@ -46,6 +46,12 @@ def _step(step: int | None) -> str:
     return "before the first step" if step < 0 else f"step {step}"
 
 
+def _at(step: int | None) -> str:
+    """``at step 3``, or ``before the first step``."""
+    text = _step(step)
+    return text if text.startswith("before") else f"at {text}"
+
+
 def one_line(v: "Violation") -> str:
     who = {
         "owner_mismatch": f"{v.consumer} popped the item pushed by {v.producer}",
@@ -56,7 +62,7 @@ def one_line(v: "Violation") -> str:
         "state_not_advanced": v.detail or "state_ids not advanced",
         "bad_state_ids": v.detail or "state_ids is not a (prev, next) pair",
     }.get(v.kind, v.detail)
-    return f"{v.kind} on {_quoted(v.queue)} at {_step(v.step)}: {who}"
+    return f"{v.kind} on {_quoted(v.queue)} {_at(v.step)}: {who}"
 
 
 def format_op(rec: "OpRecord", mark: bool = False) -> str:
@@ -73,13 +79,13 @@ def format_op(rec: "OpRecord", mark: bool = False) -> str:
 
 def format_violation(v: "Violation") -> str:
     lines = [_RULE, f"cachescope: {v.kind} on queue {_quoted(v.queue)} (family {v.family}) "
-             f"at {_step(v.step)}  [cache {v.cache}]", f"  {v.description}", ""]
+             f"{_at(v.step)}  [cache {v.cache}]", f"  {v.description}", ""]
     if v.kind in ("owner_mismatch", "pop_empty", "pop_missing"):
         nth = f" (pop #{v.position} of this queue)" if v.position else ""
-        lines.append(f"  Pop by   {v.consumer or '<no module>'} at {_step(v.step)}{nth}")
+        lines.append(f"  Pop by   {v.consumer or '<no module>'} {_at(v.step)}{nth}")
         lines.append(f"           at {v.consumer_site or '<unknown site>'}")
     if v.producer is not None or v.producer_site is not None:
-        lines.append(f"  Push by  {v.producer or '<no module>'} at {_step(v.producer_step)}"
+        lines.append(f"  Push by  {v.producer or '<no module>'} {_at(v.producer_step)}"
                      f" (op #{v.producer_seq})")
         lines.append(f"           at {v.producer_site or '<unknown site>'}")
     if v.value:

@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,11 +86,8 @@ def _host() -> dict[str, Any]:
             info[key] = fn()
         except Exception:  # pragma: no cover - exotic platforms
             info[key] = None
-    try:
-        import torch
-        info["torch"] = torch.__version__
-    except Exception:  # pragma: no cover
-        info["torch"] = None
+    torch = sys.modules.get("torch")    # never import it: only report the one in use
+    info["torch"] = getattr(torch, "__version__", None) if torch is not None else None
     return info
 
 
