@@ -189,7 +189,7 @@ def _gzip_lines(raw: IO[bytes]) -> Iterator[bytes]:
             yield from lines
     if in_member:
         left = sum(len(p) for p in parts)
-        raise EOFError(_GZIP_CUT + (f"; the incomplete line after it ({left} bytes) is skipped"
+        raise EOFError(_GZIP_CUT + (f"; an incomplete last line of {left} bytes is skipped"
                                     if left else ""))
     if parts:
         yield b"".join(parts)
@@ -394,13 +394,14 @@ class _Replayer:
                                   "run?); skipped")
             return
         t = d.get("type")
-        handler = self._handlers.get(t)  # type: ignore[arg-type]
+        handler = self._handlers.get(t) if type(t) is str else None
         if handler is None:
-            self.unknown[str(t)] = self.unknown.get(str(t), 0) + 1
+            label = t if type(t) is str else f"<{type(t).__name__}>"
+            self.unknown[label] = self.unknown.get(label, 0) + 1
             return
         try:
             handler(d)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self.bad_lines += 1
             if self.bad_lines == 1:
                 self.notes.append(f"line {n} ({t}) is malformed ({type(exc).__name__}: {exc}); skipped")

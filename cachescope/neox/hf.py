@@ -82,6 +82,8 @@ class _Fields:
             value = int(value)
         if type(value) is not int or value <= 0:
             raise self.fail(key, what, default)
+        if value >= 1 << 63:   # no tensor dimension is this large; torch sizes are int64
+            raise self.fail(key, what + " below 2**63", default)
         return value
 
     def number(self, key: str, default: Any, *, what: str, low: float = 0.0,
@@ -90,10 +92,14 @@ class _Fields:
         value = self.get(key)
         if value is _UNSET:
             return default
-        if type(value) not in (int, float) or not math.isfinite(value) \
-                or not (value >= low if low_inclusive else value > low) or value > high:
+        try:
+            number = float(value) if type(value) in (int, float) else math.nan
+        except OverflowError:   # an integer beyond any float
+            number = math.nan
+        if not math.isfinite(number) or not (number >= low if low_inclusive else number > low) \
+                or number > high:
             raise self.fail(key, what, default)
-        return float(value)
+        return number
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.get(key)
@@ -192,7 +198,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> NeoXCo
             max_position_embeddings=max_positions,
             layer_norm_eps=eps,
         )
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise CheckpointError(f"{source}: unsupported configuration: {e}") from e
 
 

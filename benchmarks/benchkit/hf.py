@@ -1,0 +1,133 @@
+"""Section ``hf``: cachescope's ``generate`` vs Hugging Face ``GPTNeoXForCausalLM.generate`` on
+identical random weights (saved by HF, loaded with ``cachescope.neox.load_hf_checkpoint``)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import os
+import random
+import statistics
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from cachescope import Cache
+from cachescope.neox import NeoXConfig, generate
+
+from .common import PERF, Context, Modes, bootstrap_ci, log, prompt_for
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    preset = ctx.hf_preset or ("tiny" if ctx.quick else "pythia-70m")
+    log(f"hf: cachescope generate vs transformers generate, {preset}")
+    res = bench_hf(preset, 16 if ctx.quick else 128, 2 if ctx.quick else 7, ctx.seed)
+    if "skipped" in res:
+        log(f"  skipped: {res['skipped']}")
+    else:
+        log(f"  hf {preset}: {res['ms']}, ratio {res['ratio']:.3f}, same tokens {res['same_tokens']}")
+    return res
+
+
+def bench_hf(preset: str, tokens: int, reps: int, seed: int) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import transformers
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    except Exception as exc:  # pragma: no cover - transformers is a test extra
+        return {"skipped": f"transformers not importable: {exc!r}"}
+    transformers.logging.set_verbosity_error()
+    with contextlib.suppress(Exception):
+        transformers.utils.logging.disable_progress_bar()
+    from cachescope.neox import load_hf_checkpoint
+
+    cfg = NeoXConfig.preset(preset)
+    hf_cfg = GPTNeoXConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings, rotary_pct=cfg.rotary_pct,
+        rotary_emb_base=cfg.rotary_base, use_parallel_residual=True, hidden_act="gelu",
+        layer_norm_eps=cfg.layer_norm_eps, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=0)
+    torch.manual_seed(seed)
+    hf = GPTNeoXForCausalLM(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stderr(io.StringIO()):
+            hf.save_pretrained(d)
+        ours = load_hf_checkpoint(d)
+    hf.generation_config.eos_token_id = None   # never stop early: exactly `tokens` new tokens
+    hf.generation_config.pad_token_id = 0
+    prompt = prompt_for(cfg.vocab_size, seed=seed)
+    ids = torch.tensor([prompt])
+    mask = torch.ones_like(ids)
+    mk = Modes("hf")
+    inst = mk.make("default")
+    runs = {
+        "hf": lambda n: hf.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False)[0, len(prompt):].tolist(),
+        "cachescope": lambda n: generate(ours, prompt, n, cache=Cache()),
+        "cachescope+default": lambda n: generate(ours, prompt, n, cache=inst),
+    }
+    res: dict[str, list[float]] = {k: [] for k in runs}
+    out_tokens: dict[str, list[int]] = {}
+    rng = random.Random(seed)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in runs:
+            runs[k](4)
+        for _ in range(reps):
+            order = list(runs)
+            rng.shuffle(order)
+            for k in order:
+                gc.collect()
+                t0 = PERF()
+                out_tokens[k] = runs[k](tokens)
+                res[k].append((PERF() - t0) / tokens * 1e3)
+    mk.close()
+    ratios = [c / h for c, h in zip(res["cachescope"], res["hf"])]
+    lo, hi = bootstrap_ci(ratios, statistics.median)
+    ratios_i = [c / h for c, h in zip(res["cachescope+default"], res["hf"])]
+    ilo, ihi = bootstrap_ci(ratios_i, statistics.median)
+    same = out_tokens["hf"] == out_tokens["cachescope"] == out_tokens["cachescope+default"]
+    first_diff = None
+    if not same:
+        first_diff = next((i for i, (a, b) in enumerate(zip(out_tokens["hf"], out_tokens["cachescope"]))
+                           if a != b), None)
+    return {"preset": preset, "tokens": tokens, "reps": reps,
+            "ms": {k: statistics.median(v) for k, v in res.items()}, "raw": res,
+            "ratio": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi,
+            "ratio_inst": statistics.median(ratios_i), "ratio_inst_lo": ilo, "ratio_inst_hi": ihi,
+            "same_tokens": same, "first_diff": first_diff,
+            "transformers": transformers.__version__}
+
+
+def render(hf: dict[str, Any], w: Callable[[str], None]) -> None:
+    w("## cachescope `generate` vs Hugging Face `generate`")
+    w("")
+    if "skipped" in hf:
+        w(f"Skipped: {hf['skipped']}")
+        w("")
+        return
+    w(f"Random `GPTNeoXForCausalLM` with the `{hf['preset']}` shape (transformers "
+      f"{hf['transformers']}), saved with `save_pretrained` and loaded into cachescope with "
+      f"`load_hf_checkpoint` (identical weights); {hf['tokens']} new tokens after a 16-token "
+      "prompt, HF `generate(do_sample=False, min_new_tokens=max_new_tokens)` with its default "
+      f"cache; {hf['reps']} interleaved repetitions, same threads.")
+    w("")
+    w("| run | median ms/token |")
+    w("|---|---|")
+    for k, ms in hf["ms"].items():
+        w(f"| {k} | {ms:.2f} |")
+    w("")
+    w(f"Ratio cachescope / HF (median of paired ratios): **{hf['ratio']:.3f}** "
+      f"[{hf['ratio_lo']:.3f}, {hf['ratio_hi']:.3f}] (below 1 = cachescope faster); with "
+      f"`InstrumentedCache()` (default mode): {hf['ratio_inst']:.3f} "
+      f"[{hf['ratio_inst_lo']:.3f}, {hf['ratio_inst_hi']:.3f}]. Generated tokens identical: "
+      f"{'yes' if hf['same_tokens'] else 'no (first difference at token %s)' % hf['first_diff']}.")
+    w("")
