@@ -34,9 +34,11 @@ _STEP_MEMORY = 4096    # queue names remembered per step (a loop with no step bo
 _FS_MEMO = 4096
 _NOTHING = object()
 
-# Positions in a compact entry: OpRecord's fields, then the storages a push holds.
+# Positions in a compact entry: OpRecord's fields, then the storages a push holds (or a pop
+# released) and, for a push, whether the queue existed before it (for a pop: whether it took an
+# item whose push the checker saw).
 SEQ, TIME, STEP, OP, QUEUE, FAMILY, OWNER, SITE, DEPTH, LOGICAL, STORAGE, VALUE, VIOLATION, \
-    PRODUCER, STORAGES = range(15)
+    PRODUCER, STORAGES, EXISTED = range(16)
 _RECORD_FIELDS = len(OpRecord._fields)
 _new_record = tuple.__new__
 _time = time.time
@@ -51,17 +53,16 @@ class Timeline:
     """A bounded ring of the most recent ops as compact entries (plain tuples holding no tensor);
     ``OpRecord``s are built only when read."""
 
-    __slots__ = ("_ring",)
+    __slots__ = ("_ring", "append")
 
     def __init__(self, maxlen: int) -> None:
         self._ring: deque[tuple[Any, ...]] = deque(maxlen=max(1, int(maxlen)))
+        #: Add an entry (the deque's own method: no Python frame per op).
+        self.append: Callable[[tuple[Any, ...]], None] = self._ring.append
 
     @property
     def maxlen(self) -> int:
         return self._ring.maxlen or 0
-
-    def append(self, entry: tuple[Any, ...]) -> None:
-        self._ring.append(entry)
 
     def clear(self) -> None:
         self._ring.clear()
@@ -161,7 +162,7 @@ class PopOrderChecker:
         self.state_key = state_key
         self.max_violations = max_violations
         self.families = FamilyMap(family)
-        self.stats = Stats()
+        self._stats = Stats()
         self.violations: list[Violation] = []
         self.timeline = Timeline(timeline_size)
         self.peek = peek
@@ -172,13 +173,48 @@ class PopOrderChecker:
         self.loop_ends_steps = False      # set once the decode loop calls end_step()
         self.pending_step_end: StepInfo | None = None
         self.state_value: Any = None      # the value of state_key, as last set
-        self._queues: dict[Any, deque[tuple[Any, ...]]] = {}   # name -> push entries not yet popped
-        self._pops: dict[Any, int] = {}                        # name -> pops so far (live queues)
+        # name -> [pops so far, push entries not yet popped...] (a list: cheaper to make than a
+        # deque for a new queue name every token; a queue holds about one item per layer)
+        self._queues: dict[Any, list[Any]] = {}
         self._fs_memo: dict[str, FamilyStats] = {}
-        self._step_pops: set[tuple[Any, Any]] = set()           # (queue, owner) popped this step
+        self._ring_append = self.timeline.append
+        # str keys read by get() since they were last counted: appended without the lock (a
+        # decode reads 'use_cache' and 'state_ids' in every layer) and counted when the
+        # counters are read or the next op that changes them runs
+        self._gets: list[Any] = []
         self._cleared: dict[Any, tuple[int, int, str | None, str | None]] = {}
         self._cleared_all: tuple[int, int, str | None, str | None] | None = None
         self._restarted_step: int | None = None
+
+    # ------------------------------------------------------------------ counters, folded
+    @property
+    def stats(self) -> Stats:
+        """The counters, up to date (counts the gets not counted yet)."""
+        if self._gets:
+            self.fold()
+        return self._stats
+
+    def fold(self) -> None:
+        """Count the gets made since the last fold (callers hold the lock)."""
+        gets = self._gets
+        if gets:
+            n = len(gets)
+            for key in gets[:n]:
+                self.family_stats(key).get += 1
+            del gets[:n]                 # appends made meanwhile stay for the next fold
+
+    def note_get(self, key: str) -> bool:
+        """A ``get`` of the str key ``key``, counted at the next fold. Safe without the lock (a
+        list append); returns True when enough are waiting that the caller should fold (with
+        the lock held)."""
+        gets = self._gets
+        gets.append(key)
+        return len(gets) > 4096
+
+    def count_get(self, key: Any) -> None:
+        """A ``get`` of any key, counted now (callers hold the lock; non-str keys are never kept
+        for later: that would keep them alive)."""
+        self.family_stats(key).get += 1
 
     # ------------------------------------------------------------------ small helpers
     def family_stats(self, name: Any) -> FamilyStats:
@@ -187,32 +223,32 @@ class PopOrderChecker:
             fs = self._fs_memo.get(name)
             if fs is not None:
                 return fs
-            fs = self.stats.family(self.families(name))
+            fs = self._stats.family(self.families(name))
             if len(self._fs_memo) >= _FS_MEMO:
                 self._fs_memo.clear()
             self._fs_memo[name] = fs
             return fs
-        return self.stats.family(self.families(name))
+        return self._stats.family(self.families(name))
 
     def _append(self, op: str, queue: Any, family: str, owner: str | None, site: str | None,
                 depth: int | None, violation: str | None = None) -> tuple[Any, ...]:
         self.seq = seq = self.seq + 1
         entry = (seq, _time(), self.step_index, op, queue if type(queue) is str else safe_str(queue),
-                 family, owner, site, depth, 0, 0, None, violation, None, ())
-        self.timeline.append(entry)
+                 family, owner, site, depth, 0, 0, None, violation, None, (), False)
+        self._ring_append(entry)
         if self.step is not None:
             self.step.ops += 1
         return entry
 
     def _keep(self, v: Violation) -> Violation:
-        fs = self.stats.family(v.family)
+        fs = self._stats.family(v.family)
         fs.violations[v.kind] = fs.violations.get(v.kind, 0) + 1
         if self.step is not None:
             self.step.violations += 1
         if len(self.violations) < self.max_violations:
             self.violations.append(v)
         else:
-            self.stats.violations_dropped += 1
+            self._stats.violations_dropped += 1
         return v
 
     def _timeline_for(self, queue: str, seq: int) -> tuple[OpRecord, ...]:
@@ -228,7 +264,7 @@ class PopOrderChecker:
     def pending(self, name: Any) -> list[OpRecord]:
         """Push records of the items still queued under ``name``, oldest first."""
         q = self._queues.get(name)
-        return [_record(e) for e in q] if q else []
+        return [_record(e) for e in q[1:]] if q else []
 
     def live_queues(self) -> list[Any]:
         return list(self._queues)
@@ -237,108 +273,120 @@ class PopOrderChecker:
         """How many entries each bookkeeping structure holds now (all are bounded)."""
         return {"queues": len(self._queues), "timeline": len(self.timeline),
                 "family_memo": len(self._fs_memo), "families": len(self.families.families),
-                "stat_families": len(self.stats.families), "step_pops": len(self._step_pops),
+                "stat_families": len(self._stats.families),
                 "cleared": len(self._cleared), "violations": len(self.violations)}
 
     # ------------------------------------------------------------------ queue ops
     def push(self, name: Any, owner: str | None, site: str | None, existed: bool,
-             depth: int | None, logical: int, storages: tuple[tuple[Any, int], ...],
+             depth: int | None, logical: int, storage: int, storages: tuple[tuple[Any, int], ...],
              value: Measure | None = None) -> None:
-        """An item was appended to queue ``name``, which now holds ``depth`` items."""
-        fs = self._fs_memo.get(name) if type(name) is str else None
-        if fs is None:
-            fs = self.family_stats(name)
-        fs.push += 1
-        if depth == 1:
-            if existed:
-                fs.empty = max(0, fs.empty - 1)
-            fs.live += 1
+        """An item was appended to queue ``name``, which now holds ``depth`` items; it holds
+        ``logical`` tensor bytes in ``storages`` (``storage`` bytes in all)."""
+        if type(name) is str:
+            qname = name
+            family = self.families.memo.get(name) or self.families(name)
+        else:
+            qname, family = safe_str(name), self.families(name)
         self.seq = seq = self.seq + 1
-        storage = storages[0][1] if len(storages) == 1 else sum(n for _, n in storages)
-        entry = (seq, _time(), self.step_index, "push", name if type(name) is str else safe_str(name),
-                 fs.family, owner, site, depth, logical, storage, value, None, None, storages)
-        self.timeline.append(entry)
+        entry = (seq, _time(), self.step_index, "push", qname, family, owner, site, depth, logical,
+                 storage, value, None, None, storages, existed)
+        self._ring_append(entry)
         q = self._queues.get(name)
         if q is None:
-            q = self._queues[name] = deque()
-        q.append(entry)                      # provenance: the push entry itself
+            self._queues[name] = [0, entry]  # provenance: the push entry itself
+        else:
+            q.append(entry)
+        fs = self._stats.families.get(family) or self._stats.family(family)
+        fs.push += 1
+        if depth == 1:
+            if existed and fs.empty:
+                fs.empty -= 1
+            fs.live += 1
         fs.hold(logical, storages)
         step = self.step
         if step is not None:
             step.ops += 1
-            if len(step.pushed) < _STEP_MEMORY:
-                step.pushed.add(name)
+            pushed = step.pushed
+            if len(pushed) < _STEP_MEMORY:
+                pushed.add(name)
 
     def pop(self, name: Any, owner: str | None, site: str | None, depth: int | None,
             value: Any = _NOTHING) -> Violation | None:
         """The oldest item of queue ``name`` was removed (``depth`` left; ``value``: the item, for
         a violation's value summary). Returns the violation, if the pop broke the rule."""
-        fs = self._fs_memo.get(name) if type(name) is str else None
-        if fs is None:
-            fs = self.family_stats(name)
+        if type(name) is str:
+            qname = name
+            family = self.families.memo.get(name) or self.families(name)
+        else:
+            qname, family = safe_str(name), self.families(name)
+        q = self._queues.get(name)
+        self.seq = seq = self.seq + 1
+        fs = self._stats.families.get(family) or self._stats.family(family)
         fs.pop += 1
         if depth == 0:
-            fs.live = max(0, fs.live - 1)
+            if fs.live:
+                fs.live -= 1
             fs.empty += 1
-        q = self._queues.get(name)
-        item = None
-        position = None
-        if q is not None:
-            if q:
-                item = q.popleft()
-            self._pops[name] = position = self._pops.get(name, 0) + 1
-            if not q:
-                del self._queues[name]       # drained: free the bookkeeping
-                del self._pops[name]
-        producer = kind = None
-        logical = storage = 0
-        measured = None
-        if item is not None:
-            logical, storage, measured = item[LOGICAL], item[STORAGE], item[VALUE]
-            fs.release(logical, item[STORAGES])
-            producer = item[OWNER]
-            if (producer != owner and producer is not None and owner is not None
-                    and not self.same_owner(owner, producer)):
-                kind = "owner_mismatch"
-        self.seq = seq = self.seq + 1
-        qname = name if type(name) is str else safe_str(name)
-        self.timeline.append((seq, _time(), self.step_index, "pop", qname, fs.family, owner, site,
-                              depth, logical, storage, measured, kind, producer, ()))
-        key = (name, owner)
-        step_pops = self._step_pops
-        popped_before = key in step_pops
-        if len(step_pops) >= _STEP_MEMORY:
-            step_pops.clear()                # no step boundary for a long time
-        step_pops.add(key)
         step = self.step
         if step is not None:
             step.ops += 1
-            if len(step.popped) < _STEP_MEMORY:
-                step.popped.add(name)
-        if kind is None:
+            popped = step.popped
+            if len(popped) < _STEP_MEMORY:
+                popped.add(name)
+        if q is None:                        # pushed before a clear_all / reset: no provenance
+            self._ring_append((seq, _time(), self.step_index, "pop", qname, family, owner, site,
+                               depth, 0, 0, None, None, None, (), False))
             return None
-        assert item is not None
+        item = q.pop(1)
+        q[0] += 1
+        if len(q) == 1:
+            del self._queues[name]           # drained: free the bookkeeping
+        fs.release(item[LOGICAL], item[STORAGES])
+        producer = item[OWNER]
+        if (producer == owner or producer is None or owner is None
+                or self.same_owner(owner, producer)):
+            self._ring_append((seq, _time(), self.step_index, "pop", qname, family, owner, site,
+                               depth, item[LOGICAL], item[STORAGE], item[VALUE], None, producer,
+                               item[STORAGES], True))
+            return None
+        kind = "owner_mismatch"
+        self._ring_append((seq, _time(), self.step_index, "pop", qname, family, owner, site,
+                           depth, item[LOGICAL], item[STORAGE], item[VALUE], kind, producer,
+                           item[STORAGES], True))
+        measured = item[VALUE]
         if measured is None:
             measured = measure(value) if value is not _NOTHING else None
         return self._keep(Violation(
-            kind, qname, fs.family, self.step_index, owner, producer, seq, site,
+            kind, qname, family, self.step_index, owner, producer, seq, site,
             item[SITE], item[STEP], item[SEQ],
-            format_summary(measured) if measured is not None else None, depth, position,
-            mismatch_hint(owner, _record(item), [_record(e) for e in q] if q else (),
-                          popped_before, self.step_index,
+            format_summary(measured) if measured is not None else None, depth, q[0],
+            mismatch_hint(owner, _record(item), [_record(e) for e in q[1:]],
+                          self._popped_before(qname, owner, seq), self.step_index,
                           taken_by=self._taken_by(qname, owner, seq),
                           restarted=self._restarted_step == self.step_index),
             timeline=self._timeline_for(qname, seq), cache=self.name))
 
+    def _popped_before(self, queue: str, owner: str | None, seq: int) -> bool:
+        """Whether ``owner`` popped ``queue`` earlier in this step (violation path only: read
+        from the op ring)."""
+        for e in self.timeline.entries():
+            if e[STEP] != self.step_index:
+                break
+            if e[OP] == "pop" and e[SEQ] < seq and e[QUEUE] == queue and e[OWNER] == owner:
+                return True
+        return False
+
     def pop_failed(self, kind: str, name: Any, owner: str | None, site: str | None) -> Violation:
         """A pop of a missing (``pop_missing``) or empty (``pop_empty``) queue."""
+        if self._gets:
+            self.fold()
         family = self.families(name)
         fs = self.stats.family(family)
         fs.pop += 1
         depth = 0 if kind == "pop_empty" else None
         entry = self._append("pop", name, family, owner, site, depth, violation=kind)
         queue, seq = entry[QUEUE], entry[SEQ]
-        popped_before = (name, owner) in self._step_pops
+        popped_before = self._popped_before(queue, owner, seq)
         if kind == "pop_empty":
             pushers = [e[OWNER] for e in self.timeline.entries() if e[QUEUE] == queue and e[OP] == "push"]
             pushers.reverse()
@@ -374,16 +422,12 @@ class PopOrderChecker:
 
 
     # ------------------------------------------------------------------ value ops
-    def count_get(self, key: Any) -> None:
-        fs = self._fs_memo.get(key) if type(key) is str else None
-        if fs is None:
-            fs = self.family_stats(key)
-        fs.get += 1
-
     def set(self, key: Any, owner: str | None, site: str | None, old_len: int | None,
             new_len: int | None, value: Any = None) -> list[Violation]:
         """``key`` was set: ``old_len``/``new_len``: lengths when the old/new value is a list
         (a queue), else None. Setting ``state_key`` is a step boundary: returns its violations."""
+        if self._gets:
+            self.fold()
         fs = self.family_stats(key)
         fs.set += 1
         if old_len is not None:
@@ -398,6 +442,8 @@ class PopOrderChecker:
 
     def clear(self, key: Any, owner: str | None, site: str | None, old_len: int | None) -> None:
         """``key`` was removed (``old_len``: its length when it was a queue)."""
+        if self._gets:
+            self.fold()
         fs = self.family_stats(key)
         fs.clear += 1
         if old_len is not None:
@@ -411,8 +457,9 @@ class PopOrderChecker:
                 self.state_value = None
 
     def clear_all(self, owner: str | None, site: str | None) -> None:
+        if self._gets:
+            self.fold()
         self._queues.clear()
-        self._pops.clear()
         self._cleared.clear()
         for fs in self.stats.families.values():
             fs.drop_all()
@@ -426,9 +473,8 @@ class PopOrderChecker:
         """A queue vanished (clear/set over it): release what its items held."""
         fs.queue_removed(length)
         q = self._queues.pop(name, None)
-        self._pops.pop(name, None)
         if q is not None:
-            for item in q:
+            for item in q[1:]:
                 fs.release(item[LOGICAL], item[STORAGES])
 
     # ------------------------------------------------------------------ steps
@@ -439,6 +485,8 @@ class PopOrderChecker:
 
     def end_step(self, tokens: int = 0) -> StepInfo | None:
         """Close the current step; returns it (None when no step was open)."""
+        if self._gets:
+            self.fold()
         self.loop_ends_steps = True
         step = self.step
         if step is None or step.end is not None:
@@ -478,7 +526,6 @@ class PopOrderChecker:
         self.step_index += 1
         prev, nxt = pair if pair is not None else (None, None)
         self.step = StepInfo(self.step_index, prev, nxt, _perf(), _time())
-        self._step_pops = set()
         self.pending_step_end = ended
         return violations
 
@@ -490,10 +537,11 @@ class PopOrderChecker:
         out = []
         for name in sorted(held, key=safe_str):
             q = queues.get(name)
-            if not q:
+            if not q or len(q) < 2:
                 continue
-            owners = [e[OWNER] or "<no module>" for e in q]
-            first = q[0]
+            items = q[1:]
+            owners = [e[OWNER] or "<no module>" for e in items]
+            first = items[0]
             m = first[VALUE]
             if m is None:
                 try:
@@ -506,7 +554,7 @@ class PopOrderChecker:
             out.append(self._keep(Violation(
                 "leftover", qname, self.families(name), step.index, None, first[OWNER], entry[SEQ],
                 producer_site=first[SITE], producer_step=first[STEP], producer_seq=first[SEQ],
-                value=format_summary(m), depth=len(q),
+                value=format_summary(m), depth=len(items),
                 detail=f"pushed by {', '.join(owners)}",
                 hint=(f"{len(owners)} item(s) pushed by {', '.join(owners)} were never popped in "
                       f"step {step.index}: a layer was skipped, or fewer layers ran than pushed"),
@@ -535,7 +583,7 @@ class PopOrderChecker:
         unfinished = self.loop_ends_steps and step.end is None
         if unconsumed or (pushed and unfinished):
             names = sorted(set(pushed + unconsumed), key=safe_str)
-            held = ", ".join(f"{safe_str(n)!r} holds {len(queues[n])}" for n in names)
+            held = ", ".join(f"{safe_str(n)!r} holds {len(queues[n]) - 1}" for n in names)
             kind = "step_restarted"
             self._restarted_step = step.index + 1
             detail = (f"state_ids {state} was set again before step {step.index} finished; {held} "
@@ -559,6 +607,8 @@ class PopOrderChecker:
     def finish(self, error: BaseException | None = None) -> tuple[list[Violation], StepInfo | None]:
         """The end of a generation: a clean end checks the last step for leftovers. Returns the
         violations and the step this closed (if it was still open)."""
+        if self._gets:
+            self.fold()
         violations: list[Violation] = []
         ended = None
         step = self.step
@@ -576,13 +626,13 @@ class PopOrderChecker:
         """Forget violations, counters and provenance; ``live``: (name, length) of the queues
         the front end holds now."""
         self.violations.clear()
-        self.stats = Stats()
+        self._stats = Stats()
+        self._gets.clear()
         self._fs_memo.clear()
         self._queues.clear()
-        self._pops.clear()
         self.timeline.clear()
         for name, length in live:
-            self.stats.family(self.families(name)).queue_added(length)
+            self._stats.family(self.families(name)).queue_added(length)
 
 
 def mismatch_hint(consumer: str | None, head: OpRecord, items: Any, popped_by_consumer: bool,

@@ -45,12 +45,15 @@ def default_family(name: Any) -> str:
 class FamilyMap:
     """Memoised, bounded normaliser: at most ``max_families`` labels, a bounded memo of names."""
 
-    __slots__ = ("_fn", "_memo", "_families", "max_families", "_memo_limit")
+    __slots__ = ("_fn", "_memo", "memo", "_families", "max_families", "_memo_limit")
 
     def __init__(self, fn: Callable[[Any], str] | None = None, max_families: int = MAX_FAMILIES,
                  memo_limit: int = 8192) -> None:
         self._fn = fn or default_family
         self._memo: dict[Any, str] = {}
+        #: name -> family of the str names seen recently (read-only for callers: a hit skips
+        #: a Python call on the hot path)
+        self.memo = self._memo
         self._families: set[str] = set()
         self.max_families = max_families
         self._memo_limit = memo_limit

@@ -108,7 +108,8 @@ class InstrumentedCache(Cache):
     @property
     def stats(self) -> Stats:
         """Counters by queue family plus decode-loop totals (read by the exporters)."""
-        return self._checker.stats
+        with self._lock:
+            return self._checker.stats
 
     @property
     def violations(self) -> list[Violation]:
@@ -246,19 +247,22 @@ class InstrumentedCache(Cache):
         sinks = self._sinks
         if sinks.needs_values:
             m = measure(value)
-            logical, storages = m.logical, m.storages
+            logical, storage, storages = m.logical, m.storage, m.storages
         else:
             m = None
-            logical, storages = measure_bytes(value)
+            logical, storage, storages = measure_bytes(value)
         with self._lock:
             cache = self._cache
-            existed = name in cache
-            if not existed:                       # the seed's push
-                cache[name] = []
-            queue = cache[name]
+            queue = cache.get(name, _MISSING)
+            if queue is _MISSING:                 # the seed's push
+                queue = cache[name] = []
+                existed = False
+            else:
+                existed = True
             queue.append(value)
             self._checker.push(name, owner, site, existed,
-                               len(queue) if type(queue) is list else None, logical, storages, m)
+                               len(queue) if type(queue) is list else None, logical, storage,
+                               storages, m)
         if sinks.op:
             self._emit_op()
 
@@ -329,8 +333,13 @@ class InstrumentedCache(Cache):
             raise strict_error(violations[0])
 
     def get(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            self._checker.count_get(key)
+        if type(key) is str:
+            if self._checker.note_get(key):   # counted later, without the lock
+                with self._lock:
+                    self._checker.fold()
+        else:
+            with self._lock:
+                self._checker.count_get(key)
         return self._cache.get(key, default)
 
     def q_size(self, name: str) -> int | None:

@@ -109,7 +109,8 @@ class ReplayCache:
         existed = name in self._lengths
         depth = (self._lengths.get(name) or 0) + 1
         self._lengths[name] = depth
-        self._checker.push(name, owner, site, existed, depth, value.logical, value.storages, value)
+        self._checker.push(name, owner, site, existed, depth, value.logical, value.storage,
+                           value.storages, value)
         self._op_done([])
 
     def pop(self, name: Any, owner: str | None, site: str | None) -> Violation | None:

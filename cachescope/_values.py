@@ -43,6 +43,7 @@ class Measure(NamedTuple):
 
 
 EMPTY = Measure(0, (), (), "NoneType")
+_ATOMIC = frozenset({int, float, bool, str, bytes, complex})   # values that hold no tensor
 NO_STORAGES: tuple[tuple[Any, int], ...] = ()
 
 
@@ -86,8 +87,9 @@ def _tensor_nbytes(t: Any) -> int:
         return 0
 
 
-def measure_bytes(value: Any) -> tuple[int, tuple[tuple[Any, int], ...]]:
-    """``(logical bytes, storages)`` of ``value``: what the cache counts per push. Never raises."""
+def measure_bytes(value: Any) -> tuple[int, int, tuple[tuple[Any, int], ...]]:
+    """``(logical bytes, storage bytes, storages)`` of ``value``: what the cache counts per
+    push. Never raises."""
     # The labml convention pushes a (k, v) tuple of tensors: measured inline, because this runs
     # once per push right after the model's matmuls have evicted the CPU caches.
     if type(value) is tuple and len(value) == 2:
@@ -102,11 +104,15 @@ def measure_bytes(value: Any) -> tuple[int, tuple[tuple[Any, int], ...]]:
                 if (type(na) is int and type(nb) is int and type(la) is int and type(lb) is int
                         and 0 <= la < MAX_BYTES and 0 <= lb < MAX_BYTES
                         and 0 <= na < MAX_BYTES and 0 <= nb < MAX_BYTES):
-                    return la + lb, (((ka, na),) if ka == kb else ((ka, na), (kb, nb)))
+                    if ka == kb:
+                        return la + lb, na, ((ka, na),)
+                    return la + lb, na + nb, ((ka, na), (kb, nb))
             except Exception:
                 pass
+    elif value is None or type(value) in _ATOMIC:
+        return 0, 0, NO_STORAGES
     m = measure(value, summary=False)
-    return m.logical, m.storages
+    return m.logical, m.storage, m.storages
 
 
 def measure(value: Any, summary: bool = True) -> Measure:

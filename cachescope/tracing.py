@@ -76,6 +76,9 @@ class TracingSink:
         #: Takes effect at the next step or generation.
         self.op_events = bool(op_events)
         self._tracer = otel_trace.get_tracer("cachescope", __version__, tracer_provider=tracer_provider)
+        #: the API's no-op provider was given: no span would ever record
+        self._noop_provider = isinstance(tracer_provider, otel_trace.NoOpTracerProvider)
+        self._global = tracer_provider is None
         self.cache_name = _trunc(getattr(cache, "name", "default"))
         self._gen_span: Span | None = None
         self._gen_ctx: otel_context.Context | None = None
@@ -193,9 +196,19 @@ class TracingSink:
             span.end(end_time=end_time)
 
     # ------------------------------------------------------------------ steps
+    def _unconfigured(self) -> bool:
+        """No SDK behind this sink's tracer (the no-op provider, or the global provider while the
+        application has not set one): a span would not record, so none is made."""
+        return self._noop_provider or (
+            self._global and type(otel_trace.get_tracer_provider()) is otel_trace.ProxyTracerProvider)
+
     def on_step_start(self, cache: Any, step: StepInfo) -> None:
-        if self._gen_noop and self._gen_span is not None and self._step_span is None:
-            return   # no SDK: nothing would record this step (and no op events are pending)
+        if self._step_span is None:
+            if self._gen_span is None:
+                if self._unconfigured():
+                    return   # no SDK: nothing would record this step
+            elif self._gen_noop:
+                return   # no SDK: nothing would record this step (and no op events are pending)
         self._flush(cache)
         self._end_step_span(None)
         attrs: dict[str, Any] = {A.CACHE: self.cache_name, A.STEP: step.index}

@@ -88,6 +88,7 @@ def test_odd_values_round_trip(kind, label):
     assert fs.depth == 1 and fs.logical >= 0 and fs.storage >= 0
     c.report()
     assert c.pop("attn_kv_0") is value
+    fs = c.stats.family("attn_kv")
     assert (fs.depth, fs.logical, fs.storage) == (0, 0, 0)
 
 
