@@ -82,3 +82,17 @@ def test_readme_pytest_example_passes(pytester) -> None:
     pytester.makepyfile(test_example=block)
     result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_core_snippet_exports_and_attributes_as_described() -> None:
+    """The 'One core' snippet attaches metrics and tracing from outside, names the owner, and
+    both exporters detach on close."""
+    block = next(b for b in _python_blocks() if "metrics.export(cache" in b)
+    scope: dict = {"__name__": "readme"}
+    exec(compile(block, "README.md", "exec"), scope)
+    cache = scope["cache"]
+    assert cache.pending("kv_1")[0].owner == "layer0"
+    assert cache.sinks == ()
+    reg = scope["m"].registry
+    assert reg.get_sample_value("cachescope_ops_total",
+                                {"cache": cache.name, "op": "push", "family": "kv"}) is None
