@@ -67,6 +67,17 @@ class _Counters:
         if self.storage < 0:
             self.storage = 0
 
+    def set_held(self, items: Iterable[tuple[int, Iterable[tuple[Any, int]]]]) -> None:
+        """The items held now, measured afresh: ``(logical, storages)`` each (depth unchanged)."""
+        depth = self.depth
+        self.depth = 0
+        self.logical = self.storage = 0
+        self._storages.clear()
+        peak = self.peak_depth
+        for logical, storages in items:
+            self.hold(logical, storages)
+        self.depth, self.peak_depth = depth, peak
+
     def drop_all(self) -> None:
         """``clear_all``: nothing is held any more."""
         self.depth = self.logical = self.storage = self.live = self.empty = 0

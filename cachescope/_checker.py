@@ -18,13 +18,14 @@ Callers serialise calls (the cache holds its lock); nothing here calls user code
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Iterable
 
 from ._accounting import FamilyStats, Stats
 from ._families import FamilyMap
 from ._records import OpRecord, StepInfo, Violation
-from ._values import Measure, format_summary, measure
+from ._values import Measure, format_summary, measure, measure_bytes
 
 __all__ = ["PopOrderChecker", "Timeline", "mismatch_hint", "safe_str", "safe_repr"]
 
@@ -142,6 +143,27 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
+def _step_key(name: Any) -> Any:
+    """How a step remembers a non-str queue name: weakly where the object allows it, so that a
+    tensor or object used as a name is not kept alive until the step ends."""
+    try:
+        return weakref.ref(name)
+    except TypeError:
+        return name
+
+
+def _step_names(names: Iterable[Any]) -> list[Any]:
+    """The live names of a step's set (weakly remembered names that are gone are left out)."""
+    out = []
+    for n in names:
+        if type(n) is weakref.ref:
+            n = n()
+            if n is None:
+                continue
+        out.append(n)
+    return out
+
+
 def _no_peek(name: Any) -> Any:
     return _NOTHING
 
@@ -182,6 +204,7 @@ class PopOrderChecker:
         # decode reads 'use_cache' and 'state_ids' in every layer) and counted when the
         # counters are read or the next op that changes them runs
         self._gets: list[Any] = []
+        self._weak_names = False   # a step set holds a weakly remembered non-str name
         self._cleared: dict[Any, tuple[int, int, str | None, str | None]] = {}
         self._cleared_all: tuple[int, int, str | None, str | None] | None = None
         self._restarted_step: int | None = None
@@ -269,6 +292,33 @@ class PopOrderChecker:
     def live_queues(self) -> list[Any]:
         return list(self._queues)
 
+    def _step_key(self, name: Any) -> Any:
+        self._weak_names = True
+        return _step_key(name)
+
+    def refresh_held(self, values: Callable[[Any], Any]) -> None:
+        """Re-measure the items queued now (``values(name)``: the queue's list) so that held
+        bytes follow storages resized in place since their push; a later pop releases what was
+        measured last. Called when counters are read, never per op."""
+        by_family: dict[str, list[tuple[int, tuple[tuple[Any, int], ...]]]] = {}
+        for name, q in self._queues.items():
+            queue = values(name)
+            n = len(q) - 1
+            if type(queue) is not list or len(queue) < n:
+                continue
+            items = queue[len(queue) - n:]
+            fresh = [q[0]]
+            for entry, value in zip(q[1:], items):
+                logical, storage, storages = measure_bytes(value)
+                if logical != entry[LOGICAL] or storages != entry[STORAGES]:
+                    entry = entry[:LOGICAL] + (logical, storage) + entry[STORAGE + 1:STORAGES] \
+                        + (storages,) + entry[STORAGES + 1:]
+                fresh.append(entry)
+                by_family.setdefault(entry[FAMILY], []).append((entry[LOGICAL], entry[STORAGES]))
+            q[:] = fresh
+        for family, held in by_family.items():
+            self._stats.family(family).set_held(held)
+
     def sizes(self) -> dict[str, int]:
         """How many entries each bookkeeping structure holds now (all are bounded)."""
         return {"queues": len(self._queues), "timeline": len(self.timeline),
@@ -308,7 +358,7 @@ class PopOrderChecker:
             step.ops += 1
             pushed = step.pushed
             if len(pushed) < _STEP_MEMORY:
-                pushed.add(name)
+                pushed.add(name if type(name) is str else self._step_key(name))
 
     def pop(self, name: Any, owner: str | None, site: str | None, depth: int | None,
             value: Any = _NOTHING) -> Violation | None:
@@ -332,7 +382,7 @@ class PopOrderChecker:
             step.ops += 1
             popped = step.popped
             if len(popped) < _STEP_MEMORY:
-                popped.add(name)
+                popped.add(name if type(name) is str else self._step_key(name))
         if q is None:                        # pushed before a clear_all / reset: no provenance
             self._ring_append((seq, _time(), self.step_index, "pop", qname, family, owner, site,
                                depth, 0, 0, None, None, None, (), False))
@@ -531,7 +581,8 @@ class PopOrderChecker:
 
     def _leftover_check(self, step: StepInfo, entry: tuple[Any, ...]) -> list[Violation]:
         queues = self._queues
-        held = [n for n in step.popped if n in queues]
+        held = [n for n in (_step_names(step.popped) if self._weak_names else step.popped)
+                if n in queues]
         if not held:
             return []   # the usual case: every queue the step popped was drained
         out = []
@@ -575,8 +626,8 @@ class PopOrderChecker:
         if not step.pushed and not step.popped:
             return []  # nothing ran under these state_ids: setting them again is harmless
         queues = self._queues
-        unconsumed = [n for n in step.popped if n in queues]
-        pushed = [n for n in step.pushed if n in queues]
+        unconsumed = [n for n in _step_names(step.popped) if n in queues]
+        pushed = [n for n in _step_names(step.pushed) if n in queues]
         state = f"({safe_repr(step.prev)}, {safe_repr(step.next)})"
         # A loop that closes its steps (end_step) tells us whether this one finished; otherwise
         # only unconsumed items in a queue the step popped show that it stopped half-way.

@@ -107,8 +107,10 @@ class InstrumentedCache(Cache):
     # ------------------------------------------------------------------ what the checker holds
     @property
     def stats(self) -> Stats:
-        """Counters by queue family plus decode-loop totals (read by the exporters)."""
+        """Counters by queue family plus decode-loop totals (read by the exporters). Reading
+        them re-measures the items queued now (a storage may have been resized in place)."""
         with self._lock:
+            self._checker.refresh_held(self._cache.get)
             return self._checker.stats
 
     @property
@@ -192,7 +194,8 @@ class InstrumentedCache(Cache):
     def stats_snapshot(self) -> Stats:
         """A copy of ``stats`` taken under the lock (for exporters on other threads)."""
         with self._lock:
-            return self.stats.copy()
+            self._checker.refresh_held(self._cache.get)
+            return self._checker.stats.copy()
 
     @contextlib.contextmanager
     def owner(self, name: str) -> Iterator[None]:

@@ -74,6 +74,18 @@ def _forward_code(module: Any) -> Any:
         return None
 
 
+_TYPE_NAME = type.__dict__["__name__"]
+
+
+def _type_name(cls: type) -> str:
+    """A class's name read from the type itself: a metaclass's ``__name__`` (user code, which
+    may raise) is not consulted."""
+    try:
+        return _TYPE_NAME.__get__(cls, type)
+    except Exception:  # pragma: no cover - every class has a name
+        return "object"
+
+
 def _is_module(obj: Any) -> bool:
     """Whether ``obj`` is an ``nn.Module``, judged by its real type: no code of the object runs
     (``isinstance`` would read a ``__class__`` that the object may override, or that may raise)."""
@@ -247,7 +259,7 @@ class Attributor:
             handle._discovered(module, name)
             label = name
         else:
-            cls = type(module).__name__
+            cls = _type_name(type(module))
             with self._lock:
                 n = self._counters.get(cls, 0)
                 self._counters[cls] = n + 1
