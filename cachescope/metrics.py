@@ -355,6 +355,18 @@ def export(cache: Any, registry: CollectorRegistry | None = None,
     return sink
 
 
+def _tracer_of(cache: Any) -> Any:
+    """The tracing sink of ``cache`` (the one its constructor made, else one attached with
+    ``tracing.trace``): whatever sink answers ``trace_id``; None without one."""
+    tracer = getattr(cache, "tracer", None)
+    if tracer is not None:
+        return tracer
+    for sink in cache.sinks:
+        if callable(getattr(type(sink), "trace_id", None)):
+            return sink
+    return None
+
+
 class CacheNameTaken(ValueError):
     """Another live cache already exports under this name to the registry."""
 
@@ -378,10 +390,9 @@ class MetricsSink:
         self._violation_exemplars: dict[tuple[str, str], tuple[str, float]] = {}
         self._cache_ref = weakref.ref(cache)
         self._collector = _collector_for(self.registry, tuple(n for n, _ in const))
-        self._pending: deque[float] = deque()
-        #: The cache's C fast path appends the durations of the steps it closes here itself
-        #: (up to ``_PENDING_STEPS``, then it calls ``on_step_end``), so a decode step runs no
-        #: Python for metrics; ``on_step_end`` still runs whenever another sink wants step ends.
+        self._pending: deque[Any] = deque()
+        #: The durations of the steps closed since the last scrape (a tuple with the step span's
+        #: trace id for a traced step); the scrape observes them.
         self.step_durations = self._pending
         self._hist = self._collector.attach(cache, self, const)
 
@@ -389,7 +400,7 @@ class MetricsSink:
         duration = step.duration
         if duration is None:
             return
-        tracer = cache.tracer
+        tracer = _tracer_of(cache)
         tid = tracer.trace_id(step) if tracer is not None else None
         # Observed at the next scrape (work that can wait for a scrape happens then), with the
         # step span's trace id as exemplar when it has one; the deque is bounded by folding it
@@ -416,7 +427,7 @@ class MetricsSink:
             pass
 
     def on_violation(self, cache: Any, v: Any) -> None:
-        tracer = cache.tracer
+        tracer = _tracer_of(cache)
         tid = tracer.trace_id() if tracer is not None else None
         if tid is not None:
             self._violation_exemplars[(v.family, v.kind)] = (tid, time.time())
