@@ -28,6 +28,13 @@ __all__ = ["InstrumentedCache"]
 #: uses it to find the caches a test created, for the pytest plugin's strict mode).
 _on_create: list[Callable[["InstrumentedCache"], None]] = []
 
+def on_create(hook: Callable[["InstrumentedCache"], None]) -> None:
+    """Call ``hook(cache)`` with every ``InstrumentedCache`` created from now on (idempotent per
+    hook; ``cachescope.testing`` finds the caches a test made this way)."""
+    if hook not in _on_create:
+        _on_create.append(hook)
+
+
 _MISSING = object()
 _live: "weakref.WeakSet[InstrumentedCache]" = weakref.WeakSet()
 

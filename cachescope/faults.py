@@ -260,7 +260,7 @@ class _Injector:
         self.layers = layers
         self.cache = cache
         self.state_key = getattr(cache, "state_key", "state_ids")
-        self.modules = list(layers._modules.values())
+        self.modules = list(layers)   # in order, a module listed twice included
         n = len(self.modules)
         if n == 0:
             raise ValueError("inject(): the layer container is empty")

@@ -137,8 +137,7 @@ def _cache_created(cache: InstrumentedCache) -> None:
         _trackers[-1].add(cache)
 
 
-if _cache_created not in _instrumented._on_create:
-    _instrumented._on_create.append(_cache_created)
+_instrumented.on_create(_cache_created)
 
 
 # --------------------------------------------------------------------------- formatting
