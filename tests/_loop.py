@@ -1,24 +1,21 @@
 """Shared helpers for tests that drive a real decode loop: the tiny reference NeoX model, an
 injected layer swap, and an in-memory OpenTelemetry setup.
 
-Import with ``sys.path.insert(0, str(Path(__file__).resolve().parent)); from _loop import ...``.
+Import with ``from _loop import ...`` (tests/conftest.py's directory is on ``sys.path``). Imports
+torch (through cachescope.neox): tests/conftest.py must not import it at module level.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import pytest
-
 from cachescope.neox import NeoXConfig, NeoXModel, generate
 
-__all__ = ["PROMPT", "NEW_TOKENS", "tiny_model", "run_decode", "swap_layers_after",
-           "swapped_layers", "otel_memory", "require_tool"]
+__all__ = ["PROMPT", "NEW_TOKENS", "tiny_model", "run_decode", "run_decode_swapped",
+           "swap_layers_after", "swapped_layers", "otel_memory"]
 
 PROMPT = [1, 2, 3]
 NEW_TOKENS = 4
@@ -26,8 +23,9 @@ NEW_TOKENS = 4
 
 @functools.lru_cache(maxsize=None)
 def tiny_model(num_layers: int = 4) -> NeoXModel:
-    """The ``tiny`` preset (4 layers, hidden 64), shared by every test of the session."""
-    return NeoXModel(NeoXConfig.preset("tiny", num_layers=num_layers))
+    """The ``tiny`` preset (4 layers, hidden 64) in eval mode, shared by every test of the session
+    (tests that swap its layers put them back)."""
+    return NeoXModel(NeoXConfig.preset("tiny", num_layers=num_layers)).eval()
 
 
 def run_decode(cache: Any, new_tokens: int = NEW_TOKENS, prompt: list[int] | None = None,
@@ -67,6 +65,16 @@ def swap_layers_after(model: NeoXModel, step: int) -> tuple[Callable[[int, int],
     return on_step, restore
 
 
+def run_decode_swapped(cache: Any, step: int = 1, **kwargs: Any) -> list[int]:
+    """``run_decode`` on the tiny model with layers 0 and 1 swapped after ``step`` (an
+    owner_mismatch fault); the layers are put back afterwards, also when the decode raises."""
+    on_step, restore = swap_layers_after(tiny_model(), step)
+    try:
+        return run_decode(cache, on_step=on_step, **kwargs)
+    finally:
+        restore()
+
+
 def otel_memory() -> tuple[Any, Any]:
     """A fresh SDK ``TracerProvider`` exporting synchronously to an ``InMemorySpanExporter``."""
     from opentelemetry.sdk.trace import TracerProvider
@@ -77,14 +85,3 @@ def otel_memory() -> tuple[Any, Any]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
-
-
-def require_tool(name: str, default: str | None = None) -> str:
-    """Path of a command-line tool; skip when missing, but fail when the CI variable is set."""
-    path = default if default and os.access(default, os.X_OK) else shutil.which(name)
-    if path:
-        return path
-    reason = f"{name} not found (Debian: apt-get install -y prometheus)"
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip")
-    pytest.skip(reason)

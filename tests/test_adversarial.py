@@ -23,6 +23,8 @@ from torch import nn
 
 import cachescope
 
+from _kvloop import labml_decode
+
 # Several tests provoke violations on purpose: never fail them through the plugin's strict mode.
 pytestmark = [pytest.mark.cachescope(strict=False),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -121,26 +123,6 @@ def test_fullgraph_compile_raises_dynamos_graph_break_error(dynamo_reset: None) 
 LABML_LAYERS, LABML_HIDDEN, LABML_HEADS = 3, 16, 2
 
 
-def _labml_decode(layers: nn.Sequential, tokens: torch.Tensor, prompt_len: int,
-                  swap_at: int | None = None) -> list[torch.Tensor]:
-    """labml's decode loop through labml's own ``get_cache()`` (as in tests/test_labml.py);
-    ``swap_at``: the step at which layers 1 and 2 run in the wrong order."""
-    from labml_nn.neox.utils import cache as labml_cache
-    cache = labml_cache.get_cache()
-    cache.set("use_cache", True)
-    outputs = []
-    with torch.no_grad():
-        cache.set("state_ids", (None, 0))
-        outputs.append(layers(tokens[:, :prompt_len])[:, -1])
-        for i in range(tokens.shape[1] - prompt_len):
-            cache.set("state_ids", (i, i + 1))
-            run = layers
-            if i + 1 == swap_at:
-                run = nn.Sequential(layers[0], layers[2], layers[1], *layers[3:])
-            outputs.append(run(tokens[:, prompt_len + i:prompt_len + i + 1])[:, -1])
-    return outputs
-
-
 @pytest.mark.parametrize("backend,use_watch", [("aot_eager", False), ("inductor", True)],
                          ids=["aot_eager-stack", "inductor-watch"])
 def test_compiled_labml_attention_decodes_like_plain_labml_and_catches_a_swap(
@@ -165,15 +147,15 @@ def test_compiled_labml_attention_decodes_like_plain_labml_and_catches_a_swap(
     cachescope.uninstall()
     try:
         labml_cache._INSTANCE = labml_cache.Cache()          # the reference: labml's own cache, eager
-        reference = _labml_decode(make(), tokens, 3)
-        reference_swapped = _labml_decode(make(), tokens, 3, swap_at=2)
+        reference = labml_decode(make(), tokens, 3)
+        reference_swapped = labml_decode(make(), tokens, 3, swap_at=2)
 
         layers = make()
         compiled = nn.Sequential(*[torch.compile(layer, backend=backend) for layer in layers])
         cache = cachescope.install(**BARE)
         handle = cachescope.watch(layers, prefix="layers.") if use_watch else None
         try:
-            outputs = _labml_decode(compiled, tokens, 3)
+            outputs = labml_decode(compiled, tokens, 3)
             assert cache.violations == []
             for got, want in zip(outputs, reference, strict=True):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -185,7 +167,7 @@ def test_compiled_labml_attention_decodes_like_plain_labml_and_catches_a_swap(
             cachescope.uninstall()                       # a fresh cache for the faulty decode
             cache = cachescope.install(**BARE)
             handle = cachescope.watch(layers, prefix="layers.") if use_watch else None
-            outputs = _labml_decode(compiled, tokens, 3, swap_at=2)
+            outputs = labml_decode(compiled, tokens, 3, swap_at=2)
             for got, want in zip(outputs, reference_swapped, strict=True):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             kinds = {v.kind for v in cache.violations}

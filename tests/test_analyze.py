@@ -18,14 +18,12 @@ from cachescope.analyze import RecordFormatError, analyze_file, main_analyze, re
 from cachescope.neox import NeoXConfig, NeoXModel
 from cachescope.record import record
 
+from _helpers import make_cache
+
 MODEL = NeoXModel(NeoXConfig(num_layers=4))
 LAYERS = list(MODEL.layers)
 
 Fault = Callable[[InstrumentedCache, int, Any, list], tuple[Any, list]]
-
-
-def make_cache(**options: Any) -> InstrumentedCache:
-    return InstrumentedCache(metrics=False, tracing=False, **options)
 
 
 def decode(cache: InstrumentedCache, steps: int = 6, fault: Fault | None = None) -> None:

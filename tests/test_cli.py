@@ -23,6 +23,8 @@ import cachescope
 from cachescope.cli import main
 from cachescope.faults import FAULTS
 
+from _helpers import save_tiny_neox_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVING = re.compile(r"cachescope: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
@@ -314,13 +316,7 @@ def test_serve_exposes_metrics_and_stops_on_sigterm() -> None:
 
 def test_run_from_a_hugging_face_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """``--checkpoint DIR`` decodes with the loaded model (its shapes in the summary); a fault still maps to its layers."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPTNeoXConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
-        use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.GPTNeoXForCausalLM(config).eval().save_pretrained(tmp_path)
+    save_tiny_neox_checkpoint(tmp_path)
     rc, out, err = run(capsys, "run", "--checkpoint", str(tmp_path), "--max-new-tokens", "4")
     assert rc == 0, err
     assert f"checkpoint {tmp_path} (3 layers, hidden 32, vocab 128)" in out

@@ -15,7 +15,8 @@ import cachescope
 from cachescope import Cache, InstrumentedCache, PopOrderError, _cache
 from cachescope._families import MAX_FAMILIES, OTHER_FAMILY, FamilyMap, default_family
 
-from _kvloop import CONSTRUCTIONS, Attention, Net, construct, decode, layers, make_cache, run
+from _helpers import construct, make_cache
+from _kvloop import Attention, KVLayer, Net, decode, layers, run
 
 X = torch.ones(2, 4)
 
@@ -28,11 +29,6 @@ def _no_leftover_install():
     yield
     cachescope.uninstall()
     _cache.set_cache(saved)
-
-
-@pytest.fixture(params=CONSTRUCTIONS)
-def kind(request):
-    return request.param
 
 
 def prompt(cache, mods):
@@ -548,17 +544,8 @@ def test_labml_model_code_is_instrumented_after_install():
     """labml's own get_cache() inside a module is attributed after install()."""
     labml = pytest.importorskip("labml_nn.neox.utils.cache")
 
-    class LabmlAttention(nn.Module):
-        def forward(self, x):
-            cache = labml.get_cache()
-            prev, nxt = cache.get("state_ids")
-            if prev is not None:
-                cache.pop(f"attn_kv_{prev}")
-            cache.push(f"attn_kv_{nxt}", (x, x))
-            return x
-
     c = cachescope.install(make_cache())
-    model = nn.Sequential(LabmlAttention(), LabmlAttention())
+    model = nn.Sequential(KVLayer(get_cache=labml.get_cache), KVLayer(get_cache=labml.get_cache))
     h = cachescope.watch(model)
     assert h.hooked == ["0", "1"]
     c.set("state_ids", (None, 0))

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _prom import (  # noqa: E402
+from _prom import (
     DASHBOARD_JSON,
     GENERATOR,
     ROOT,

@@ -8,15 +8,12 @@ end-to-end run with the real exporter is tests/test_prometheus_integration.py.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _prom import (  # noqa: E402
+from _prom import (
     GRAFANA_SUBSTITUTIONS,
     RULES_FILE,
     PromHandle,

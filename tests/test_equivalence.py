@@ -19,7 +19,7 @@ from torch import nn
 
 from cachescope import Cache
 
-from _kvloop import CONSTRUCTIONS, construct
+from _helpers import CONSTRUCTIONS, construct
 
 
 class _Sub(torch.Tensor):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import pytest
@@ -12,7 +11,10 @@ from torch import nn
 import cachescope
 from cachescope import KINDS, Cache, InstrumentedCache
 from cachescope.faults import (DEFAULT_STEP, FAULTS, Fault, InjectedFault, inject, parse_fault)
-from cachescope.neox import NeoXConfig, NeoXModel, generate
+from cachescope.neox import generate
+
+from _kvloop import KVLayer
+from _loop import tiny_model
 
 STEPS = 6
 L = [f"layers.{i}.attention" for i in range(4)]
@@ -20,29 +22,12 @@ L = [f"layers.{i}.attention" for i in range(4)]
 
 # ----------------------------------------------------------------------------- models and loops
 
-class Attention(nn.Module):
-    """A labml-style attention layer: pops ``attn_kv_{prev}``, pushes ``attn_kv_{next}``."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cache = cachescope.get_cache()
-        prev, nxt = cache.get("state_ids")
-        if prev is not None:
-            k_past, _ = cache.pop(f"attn_kv_{prev}")
-            x = x + 0 * k_past[..., -1:].sum()
-        cache.push(f"attn_kv_{nxt}", (x.clone(), x.clone()))
-        return x + self.index
-
-
 class Block(nn.Module):
-    """A transformer-ish layer around ``Attention`` (so owners are ``layers.i.attention``)."""
+    """A transformer-ish layer around a labml-style ``KVLayer`` (so owners are ``layers.i.attention``)."""
 
     def __init__(self, index: int) -> None:
         super().__init__()
-        self.attention = Attention(index)
+        self.attention = KVLayer(kv=lambda x: (x.clone(), x.clone()), index=index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attention(x)
@@ -60,11 +45,6 @@ def generic_decode(model: nn.Module, cache: Any, steps: int) -> None:
         x = model(x)[:, -1:]
 
 
-@functools.lru_cache(maxsize=None)
-def neox_model() -> NeoXModel:
-    return NeoXModel(NeoXConfig.preset("tiny"))
-
-
 @pytest.fixture
 def installed() -> Any:
     cache = cachescope.install(metrics=False, tracing=False)
@@ -80,7 +60,7 @@ def run_fault(which: str, spec: str | list[str] | None, cache: InstrumentedCache
     error: BaseException | None = None
     handle = None
     if which == "neox":
-        model: nn.Module = neox_model()
+        model: nn.Module = tiny_model()
         layers, prefix = model.layers, ""
         drive: Callable[[], Any] = lambda: generate(model, [1, 2, 3], steps, cache=cache)
     else:
@@ -278,7 +258,7 @@ def test_every_fault_produces_its_expected_kinds(name: str, installed: Instrumen
 
 def test_everything_is_restored_on_exit_and_on_error(installed: InstrumentedCache) -> None:
     """After the block (also when it raises) the container, hooks, model.forward and cache.set are back."""
-    model = neox_model()
+    model = tiny_model()
     modules = model.layers._modules
     hooks = [dict(layer._forward_pre_hooks) for layer in model.layers]
     for spec in ("swap@0", "retry@0", "clear@1", "stale-state@1"):
@@ -320,7 +300,7 @@ _LOOP_SET_LINE = generic_decode.__code__.co_firstlineno + 4
 
 def test_works_on_a_plain_cache() -> None:
     """On the seed Cache steps are counted from state_ids sets: a swap changes the tokens, a skip crashes."""
-    model = neox_model()
+    model = tiny_model()
     clean = generate(model, [1, 2, 3], STEPS, cache=Cache())
     cache = Cache()
     with inject("swap@1:layer=0,other=3", model.layers, cache) as handle:
@@ -350,7 +330,7 @@ def test_several_faults_in_one_block(installed: InstrumentedCache) -> None:
 
 def test_retry_needs_a_runner() -> None:
     """retry on a ModuleList needs model=; an nn.Sequential runs itself."""
-    model = neox_model()
+    model = tiny_model()
     with pytest.raises(ValueError, match="needs model="):
         with inject("retry@1", model.layers, Cache()):
             pass
@@ -370,7 +350,7 @@ def test_injected_fault_escapes_without_a_retry_wrapper(installed: InstrumentedC
 
 def test_bad_layer_indices_and_containers() -> None:
     """Out-of-range layers and non-container arguments are refused before anything changes."""
-    model = neox_model()
+    model = tiny_model()
     cache = Cache()
     with pytest.raises(ValueError, match="layer=7 is out of range.*0..3"):
         with inject("skip@1:layer=7", model.layers, cache):

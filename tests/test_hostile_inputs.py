@@ -16,6 +16,8 @@ import pytest
 from cachescope.analyze import analyze_file, decode_value, read_record
 from cachescope.cli import main
 
+from _helpers import save_tiny_neox_checkpoint
+
 SWAP = "swap@3:layer=1,other=2"
 
 
@@ -218,16 +220,7 @@ def test_gzip_reader_handles_members_and_long_lines(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small GPT-NeoX checkpoint saved by transformers (config.json + model.safetensors)."""
-    transformers = pytest.importorskip("transformers")
-    import torch
-    config = transformers.GPTNeoXConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
-        use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "neox"
-    transformers.GPTNeoXForCausalLM(config).eval().save_pretrained(path)
-    return path
+    return save_tiny_neox_checkpoint(tmp_path_factory.mktemp("ckpt") / "neox")
 
 
 def edited(checkpoint: Path, dst: Path, changes: dict[str, Any], drop: tuple[str, ...] = ()) -> Path:

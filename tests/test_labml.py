@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 
 import pytest
@@ -10,6 +9,9 @@ import torch
 from torch import nn
 
 from cachescope.testing import capture
+
+from _helpers import plugin_autoloaded
+from _kvloop import labml_decode
 
 try:
     from labml_nn.neox.model import AttentionLayer
@@ -21,16 +23,8 @@ except Exception as exc:  # labml_nn is installed with --no-deps: a missing depe
                 "(scripts/bootstrap.sh test)", allow_module_level=True)
 
 
-def _plugin_autoloaded() -> bool:
-    """Whether pytest loads cachescope's plugin itself (package installed with its entry point)."""
-    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        return False
-    return any(ep.value == "cachescope.pytest_plugin"
-               for ep in importlib.metadata.entry_points(group="pytest11"))
-
-
 # The cachescope fixture comes from the plugin; load it here unless its entry point does.
-pytest_plugins = [] if _plugin_autoloaded() else ["cachescope.pytest_plugin"]
+pytest_plugins = [] if plugin_autoloaded() else ["cachescope.pytest_plugin"]
 
 # labml's attention wraps its einsums in torch.cuda.amp.autocast, deprecated in recent torch.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -43,26 +37,6 @@ NAMES = [f"layers.{i}" for i in range(N_LAYERS)]
 def layers() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(*[AttentionLayer(n_hidden=HIDDEN, n_heads=HEADS) for _ in range(N_LAYERS)])
-
-
-def labml_decode(layers: nn.Sequential, tokens: torch.Tensor, prompt_len: int,
-                 swap_at: int | None = None) -> list[torch.Tensor]:
-    """labml's decode loop: the prompt with state_ids (None, 0), then one token per step with
-    (i, i + 1), everything through labml's own ``get_cache()``. ``swap_at``: the step at which
-    layers 1 and 2 run in the wrong order. Returns each step's output for the last position."""
-    cache = labml_cache.get_cache()
-    cache.set("use_cache", True)
-    outputs = []
-    with torch.no_grad():
-        cache.set("state_ids", (None, 0))
-        outputs.append(layers(tokens[:, :prompt_len])[:, -1])
-        for i in range(tokens.shape[1] - prompt_len):
-            cache.set("state_ids", (i, i + 1))
-            run = layers
-            if i + 1 == swap_at:
-                run = nn.Sequential(layers[0], layers[2], layers[1], *layers[3:])
-            outputs.append(run(tokens[:, prompt_len + i:prompt_len + i + 1])[:, -1])
-    return outputs
 
 
 def test_labml_uses_the_fixture_cache(cachescope) -> None:

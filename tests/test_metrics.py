@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import prometheus_client
 import pytest
@@ -21,9 +20,8 @@ from cachescope._cache import Cache
 from cachescope import metrics as cmetrics
 from cachescope.metrics import MetricsServerError, MetricsSink, start_metrics_server
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loop import (NEW_TOKENS, PROMPT, otel_memory, require_tool, run_decode,  # noqa: E402
-                   swap_layers_after, tiny_model)
+from _loop import NEW_TOKENS, PROMPT, otel_memory, run_decode, run_decode_swapped
+from _prom import PROMTOOL, require_binary
 
 LAYERS = 4
 
@@ -90,12 +88,7 @@ def test_violations_counter_after_injected_swap_has_trace_exemplar() -> None:
     reg = CollectorRegistry()
     provider, exporter = otel_memory()
     cache = _cache(reg, tracing=True, tracer_provider=provider)
-    model = tiny_model()
-    on_step, restore = swap_layers_after(model, 1)
-    try:
-        run_decode(cache, on_step=on_step)
-    finally:
-        restore()
+    run_decode_swapped(cache, step=1)
     n = sum(1 for v in cache.violations if v.kind == "owner_mismatch")
     assert n > 0
     assert _value(reg, "cachescope_violations_total", cache="t", family="attn_kv", kind="owner_mismatch") == n
@@ -217,17 +210,12 @@ def test_no_exemplar_without_a_recording_span() -> None:
 
 def test_promtool_check_metrics_passes() -> None:
     """`promtool check metrics` accepts the exposition of a run with violations and two caches."""
-    promtool = require_tool("promtool", "/usr/bin/promtool")
+    promtool = require_binary("promtool", PROMTOOL)
     reg = CollectorRegistry()
     provider, _ = otel_memory()
     a = _cache(reg, "a", tracing=True, tracer_provider=provider, const_labels={"rank": "0"})
     b = _cache(reg, "b", const_labels={"rank": "1"})
-    model = tiny_model()
-    on_step, restore = swap_layers_after(model, 0)
-    try:
-        run_decode(a, on_step=on_step)
-    finally:
-        restore()
+    run_decode_swapped(a, step=0)
     run_decode(b)
     proc = subprocess.run([promtool, "check", "metrics"], input=generate_latest(reg),
                           capture_output=True, timeout=60)
@@ -358,3 +346,40 @@ def test_step_durations_are_observed_at_scrape_time_and_stay_bounded() -> None:
     assert count == M._PENDING_STEPS + 10 and len(sink._pending) == 0
     assert reg.get_sample_value("cachescope_decode_step_duration_seconds_count",
                                 {"cache": "deferred"}) == count   # a second scrape adds nothing
+
+
+def test_exemplars_come_from_a_tracer_attached_by_hand() -> None:
+    """A tracer attached with tracing.trace (the cache made none) gives the step histogram and the
+    violations counter their trace-id exemplars."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from cachescope import metrics, tracing
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    reg = CollectorRegistry()
+    cache = InstrumentedCache(name="by-hand", metrics=False, tracing=False)
+    metrics.export(cache, registry=reg)
+    tracing.trace(cache, tracer_provider=provider)
+    with cache.generation():
+        cache.set("state_ids", (None, 0))
+        with cache.owner("a"):
+            cache.push("kv_0", 1)
+        with cache.owner("b"):
+            cache.push("kv_0", 2)
+        cache.end_step(1)
+        cache.set("state_ids", (0, 1))
+        with cache.owner("b"):
+            cache.pop("kv_0")      # a's item: owner_mismatch
+        with cache.owner("a"):
+            cache.pop("kv_0")
+        cache.end_step(1)
+    from prometheus_client.openmetrics.exposition import generate_latest
+    text = generate_latest(reg).decode()
+    step_lines = [ln for ln in text.splitlines()
+                  if ln.startswith("cachescope_decode_step_duration_seconds_bucket") and "# {" in ln]
+    violation_lines = [ln for ln in text.splitlines()
+                       if ln.startswith('cachescope_violations_total{') and 'owner_mismatch' in ln]
+    assert step_lines and "trace_id=" in step_lines[0]
+    assert violation_lines and "trace_id=" in violation_lines[0]

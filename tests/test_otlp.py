@@ -5,13 +5,11 @@ from __future__ import annotations
 import gzip
 import http.server
 import socket
-import sys
 import threading
 import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
@@ -22,8 +20,8 @@ from cachescope import _attributes as A
 from cachescope._cache import Cache
 from cachescope._sdk import configure_tracing, shutdown
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loop import NEW_TOKENS, run_decode  # noqa: E402
+from _loop import NEW_TOKENS, run_decode
+from _prom import free_port
 
 
 class _Receiver:
@@ -217,9 +215,7 @@ def test_hanging_endpoint_does_not_block_decoding(monkeypatch: pytest.MonkeyPatc
 
 def test_unreachable_endpoint_is_harmless() -> None:
     """Exporting to a closed port loses the spans quietly and the decode gives the same tokens."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     provider = configure_tracing(otlp_endpoint=f"http://127.0.0.1:{port}/v1/traces",
                                  export_timeout_s=0.5)
     cache = InstrumentedCache(name="down", metrics=False, tracer_provider=provider)

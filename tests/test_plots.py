@@ -19,41 +19,19 @@ from cachescope._values import measure  # noqa: E402
 from cachescope.plots import PNG_NAMES, main_report, write_report  # noqa: E402
 from cachescope.record import record  # noqa: E402
 
+from _kvloop import KVLayer, decode, filled_kv, zeros_input  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class Attention(nn.Module):
-    """A labml-style layer over a plain ModuleList loop: pop ``kv_{prev}``, push ``kv_{next}``."""
-
-    def __init__(self, cache: InstrumentedCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prev, nxt = self.cache.get("state_ids")
-        k = v = x.new_zeros(1, 2, x.shape[1], 4)
-        if prev is not None:
-            k_past, v_past = self.cache.pop(f"kv_{prev}")
-            k, v = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)
-        self.cache.push(f"kv_{nxt}", (k, v))
-        return x
 
 
 def recorded_run(path: Path, steps: int = 8, swap_at: int | None = 4, name: str = "plots") -> InstrumentedCache:
     """Decode ``steps`` steps of a 4-layer loop; layers 1 and 2 swap places at ``swap_at``."""
     cache = InstrumentedCache(metrics=False, tracing=False, name=name)
-    layers = nn.ModuleList([Attention(cache) for _ in range(4)])
+    layers = nn.ModuleList([KVLayer(cache, prefix="kv_", kv=filled_kv(0.0), cat=2) for _ in range(4)])
     with watch(layers, cache, prefix="layers."), record(cache, path):
         with cache.generation():
-            for i in range(steps):
-                cache.set("state_ids", (None, 0) if i == 0 else (i - 1, i))
-                order = list(layers)
-                if i == swap_at:
-                    order[1], order[2] = order[2], order[1]
-                x = torch.zeros(1, 5 if i == 0 else 1, 4)
-                for layer in order:
-                    x = layer(x)
-                cache.end_step(tokens=1)
+            decode(layers, cache, steps - 1, inputs=zeros_input(5),
+                   order=lambda i: [0, 2, 1, 3] if i == swap_at else [0, 1, 2, 3])
     return cache
 
 

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _prom import (  # noqa: E402
+from _prom import (
     GRAFANA_SUBSTITUTIONS,
     PROMTOOL,
     ROOT,

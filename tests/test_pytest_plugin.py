@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 import os
 from pathlib import Path
@@ -15,6 +14,8 @@ import cachescope.neox  # noqa: F401 - imported here so in-process runs share on
 import cachescope.pytest_plugin  # noqa: F401
 import cachescope.testing  # noqa: F401
 
+from _helpers import plugin_autoloaded
+
 try:  # keep labml_nn (which install() patches when present) loaded across in-process runs
     import labml_nn.neox.utils.cache  # noqa: F401
 except Exception:
@@ -25,16 +26,8 @@ pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _plugin_autoloaded() -> bool:
-    """Whether pytest loads the plugin itself (package installed with its pytest11 entry point)."""
-    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        return False
-    return any(ep.value == "cachescope.pytest_plugin"
-               for ep in importlib.metadata.entry_points(group="pytest11"))
-
-
 # ``-p`` for a module that its entry point already registered is an error in pytest.
-PLUGIN = [] if _plugin_autoloaded() else ["-p", "cachescope.pytest_plugin"]
+PLUGIN = [] if plugin_autoloaded() else ["-p", "cachescope.pytest_plugin"]
 
 # Plugins that would be re-imported by every in-process run (hypothesis alone costs a second).
 FAST = ["-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio"]

@@ -17,39 +17,21 @@ from cachescope import InstrumentedCache, OpRecord, watch
 from cachescope._values import measure
 from cachescope.record import FORMAT, VERSION, Recorder, encode_value, record, record_to
 
+from _helpers import make_cache
+from _kvloop import KVLayer, filled_kv, zeros_input, decode as kv_decode
+
 SENTINEL = 12345.678   # a tensor value that must never reach the file
 
 
-def make_cache(**options: Any) -> InstrumentedCache:
-    return InstrumentedCache(metrics=False, tracing=False, **options)
-
-
-class Attention(nn.Module):
-    """A labml-style layer: pops ``attn_kv_{prev}``, pushes ``attn_kv_{next}`` (k, v)."""
-
-    def __init__(self, cache: InstrumentedCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prev, nxt = self.cache.get("state_ids")
-        k = v = torch.full((1, 2, x.shape[1], 4), SENTINEL)
-        if prev is not None:
-            k_past, v_past = self.cache.pop(f"attn_kv_{prev}")
-            k, v = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)
-        self.cache.push(f"attn_kv_{nxt}", (k, v))
-        return x
+def sentinel_layers(cache: InstrumentedCache, n: int) -> nn.ModuleList:
+    """``n`` labml-style layers pushing ``(k, v)`` pairs filled with ``SENTINEL`` (growing along dim 2)."""
+    return nn.ModuleList([KVLayer(cache, kv=filled_kv(SENTINEL), cat=2) for _ in range(n)])
 
 
 def decode(cache: InstrumentedCache, layers: nn.ModuleList, steps: int) -> None:
     """Run ``steps`` decode steps of ``layers`` the labml way, inside ``cache.generation()``."""
     with cache.generation(prompt_tokens=3):
-        for i in range(steps):
-            cache.set("state_ids", (None, 0) if i == 0 else (i - 1, i))
-            x = torch.zeros(1, 3 if i == 0 else 1, 4)
-            for layer in layers:
-                x = layer(x)
-            cache.end_step(tokens=1)
+        kv_decode(layers, cache, steps - 1, inputs=zeros_input(3))
 
 
 def read_lines(path: Any) -> list[dict[str, Any]]:
@@ -73,7 +55,7 @@ def walk(x: Any):
 def test_header_then_one_valid_line_per_event(tmp_path, suffix):
     """The file starts with a versioned header, then op/step/generation lines with every field."""
     cache = make_cache(name="rec")
-    layers = nn.ModuleList([Attention(cache) for _ in range(3)])
+    layers = sentinel_layers(cache, 3)
     handle = watch(layers, cache, prefix="model.")
     path = tmp_path / f"run{suffix}"
     with record(cache, path, model="toy", prompt_len=3) as rec:
@@ -177,7 +159,7 @@ def test_failing_writer_does_not_break_decode_and_logs_once(caplog):
             pass
 
     cache = make_cache()
-    layers = nn.ModuleList([Attention(cache) for _ in range(4)])
+    layers = sentinel_layers(cache, 4)
     with caplog.at_level(logging.WARNING, logger="cachescope"):
         with record(cache, Broken(), buffer_ops=8) as rec:
             decode(cache, layers, 10)

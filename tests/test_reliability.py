@@ -12,14 +12,10 @@ from torch import nn
 from cachescope import Cache, InstrumentedCache
 from cachescope._values import measure
 
-from _kvloop import CONSTRUCTIONS, Attention, construct, decode, exporters_available, layers, run
+from _helpers import CONSTRUCTIONS, construct, exporters_available
+from _kvloop import Attention, decode, layers, run
 
 X = torch.ones(2, 4)
-
-
-@pytest.fixture(params=CONSTRUCTIONS)
-def kind(request):
-    return request.param
 
 
 # ---------------------------------------------------------------- odd input

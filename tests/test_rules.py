@@ -6,13 +6,11 @@ Skipped locally when promtool is missing; a failure when the CI environment vari
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _prom import PROMTOOL, require_binary  # noqa: E402
+from _prom import PROMTOOL, require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "dashboards" / "prometheus"

@@ -7,12 +7,15 @@ from torch import nn
 
 from cachescope import InstrumentedCache, watch
 from cachescope.faults import inject
-from cachescope.neox import NeoXConfig, NeoXModel, generate
+from cachescope.neox import NeoXModel, generate
+
+from _kvloop import KVLayer
+from _loop import tiny_model
 
 
 @pytest.fixture(scope="module")
 def model() -> NeoXModel:
-    return NeoXModel(NeoXConfig.preset("tiny")).eval()
+    return tiny_model()
 
 
 def _kinds(cache: InstrumentedCache) -> list[tuple[str, int]]:
@@ -41,16 +44,7 @@ def test_setting_state_ids_twice_before_any_layer_runs_is_harmless() -> None:
 def test_completed_step_set_again_is_state_not_advanced() -> None:
     """A step that pushed and completed, then gets the same state_ids again, is state_not_advanced."""
     cache = InstrumentedCache(metrics=False, tracing=False)
-
-    class Layer(nn.Module):
-        def forward(self, x):  # noqa: D102 - labml-style cache use
-            prev, nxt = cache.get("state_ids")
-            if prev is not None:
-                cache.pop(f"attn_kv_{prev}")
-            cache.push(f"attn_kv_{nxt}", (x, x))
-            return x
-
-    layers = nn.Sequential(Layer(), Layer())
+    layers = nn.Sequential(KVLayer(cache), KVLayer(cache))
     import torch
     x = torch.zeros(1, 1, 2)
     cache.set("state_ids", (None, 0))

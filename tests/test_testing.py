@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-
 import prometheus_client
 import pytest
 import torch
 
 import cachescope
 from cachescope import InstrumentedCache, _cache
-from cachescope.neox import NeoXConfig, NeoXModel
+from cachescope.neox import NeoXModel
 from cachescope.testing import CacheProbe, Op, capture
 
-
+from _kvloop import KVLayer
+from _loop import tiny_model
 
 LAYERS = [f"layers.{i}.attention" for i in range(4)]
-
-
-@functools.lru_cache(maxsize=None)
-def _model() -> NeoXModel:
-    return NeoXModel(NeoXConfig.preset("tiny"))
 
 
 def _swap_after_first_step(model: NeoXModel):
@@ -32,7 +26,7 @@ def _swap_after_first_step(model: NeoXModel):
 
 
 def _decode_swapped(probe: CacheProbe, n: int = 3) -> None:
-    model = _model()
+    model = tiny_model()
     original = list(model.layers)
     try:
         probe.decode(model, [1, 2, 3], n, on_step=_swap_after_first_step(model))
@@ -101,7 +95,7 @@ def test_nested_captures_restore_in_order() -> None:
 
 def test_watch_hooks_removed_on_exit() -> None:
     """probe.watch() names owners after the model and its hooks go away with the probe."""
-    model = _model()
+    model = tiny_model()
     with capture() as probe:
         handle = probe.watch(model)
         assert handle.active and "layers.0.attention" in handle.hooked
@@ -114,8 +108,8 @@ def test_watch_hooks_removed_on_exit() -> None:
 def test_ops_log_records_every_op_beyond_the_timeline() -> None:
     """probe.ops keeps every op (the cache's timeline is a short ring) as Op tuples."""
     with capture(timeline_size=4) as probe:
-        probe.watch(_model())
-        probe.decode(_model(), [1, 2, 3], 5)
+        probe.watch(tiny_model())
+        probe.decode(tiny_model(), [1, 2, 3], 5)
     pushes = [o for o in probe.ops if o.op == "push"]
     assert len(pushes) == 20 and len(probe.cache.timeline()) == 4
     first_pop = next(o for o in probe.ops if o.op == "pop")
@@ -127,7 +121,7 @@ def test_ops_log_records_every_op_beyond_the_timeline() -> None:
 def test_ops_log_is_capped() -> None:
     """max_ops bounds the op log; the overflow is counted and named in pop-order failures."""
     with capture(max_ops=10) as probe:
-        probe.decode(_model(), [1, 2, 3], 4)
+        probe.decode(tiny_model(), [1, 2, 3], 4)
     assert len(probe.ops) == 10
     assert probe._log.dropped > 0
 
@@ -135,7 +129,7 @@ def test_ops_log_is_capped() -> None:
 def test_metrics_go_to_the_probe_registry_only() -> None:
     """The probe's metrics land in its own registry, never in prometheus_client.REGISTRY."""
     with capture() as probe:
-        probe.decode(_model(), [1, 2, 3], 3)
+        probe.decode(tiny_model(), [1, 2, 3], 3)
     assert probe.sample("cachescope_ops_total", {"op": "push", "family": "attn_kv"}) == 12
     assert probe.sample("cachescope_decode_steps_total") == 3
     global_names = {m.name for m in prometheus_client.REGISTRY.collect()}
@@ -145,7 +139,7 @@ def test_metrics_go_to_the_probe_registry_only() -> None:
 def test_two_probes_with_the_same_name_do_not_clash() -> None:
     """Each probe has its own registry, so equal cache names are fine."""
     a, b = CacheProbe(name="same"), CacheProbe(name="same")
-    a.decode(_model(), [1], 2)
+    a.decode(tiny_model(), [1], 2)
     assert a.sample("cachescope_decode_steps_total") == 2
     assert b.sample("cachescope_decode_steps_total") == 0
 
@@ -154,7 +148,7 @@ def test_spans_are_captured_in_memory() -> None:
     """With opentelemetry-sdk installed, spans go to the probe's in-memory exporter."""
     pytest.importorskip("opentelemetry.sdk")
     with capture() as probe:
-        probe.decode(_model(), [1, 2, 3], 3)
+        probe.decode(tiny_model(), [1, 2, 3], 3)
     assert len(probe.spans("decode_step")) == 3
     assert len(probe.spans("generate")) == 1
 
@@ -171,8 +165,8 @@ def test_spans_raise_when_tracing_is_off() -> None:
 def test_assertions_pass_on_a_correct_decode() -> None:
     """Every helper passes on the reference model's correct decode loop."""
     with capture() as probe:
-        probe.watch(_model())
-        probe.decode(_model(), [1, 2, 3], 5)
+        probe.watch(tiny_model())
+        probe.decode(tiny_model(), [1, 2, 3], 5)
     probe.assert_no_violations()
     probe.assert_drained()
     probe.assert_op_counts(push=20, pop=16, family="attn_kv")
@@ -186,7 +180,7 @@ def test_assertions_pass_on_a_correct_decode() -> None:
 def test_assert_no_violations_shows_the_reports() -> None:
     """The failure message holds the violation report: both owners, the kind and the hint."""
     with capture() as probe:
-        probe.watch(_model())
+        probe.watch(tiny_model())
         _decode_swapped(probe)
     text = _assertion_text(probe.assert_no_violations)
     assert "recorded 2 pop-order violation(s) (owner_mismatch x2)" in text
@@ -199,7 +193,7 @@ def test_assert_no_violations_shows_the_reports() -> None:
 def test_assert_no_violations_limits_full_reports() -> None:
     """Past max_reports, violations get one summary line each."""
     with capture() as probe:
-        probe.watch(_model())
+        probe.watch(tiny_model())
         _decode_swapped(probe)
     text = _assertion_text(probe.assert_no_violations, max_reports=1)
     assert text.count("Hint:") == 1
@@ -209,7 +203,7 @@ def test_assert_no_violations_limits_full_reports() -> None:
 def test_expect_violations_declares_them_expected() -> None:
     """Violations inside expect_violations() are returned and no longer fail assert_no_violations."""
     with capture() as probe:
-        probe.watch(_model())
+        probe.watch(tiny_model())
         with probe.expect_violations("owner_mismatch") as caught:
             _decode_swapped(probe)
     assert [(v.consumer, v.producer) for v in caught[:2]] == [
@@ -223,7 +217,7 @@ def test_expect_violations_fails_when_nothing_happens() -> None:
     with capture() as probe:
         with pytest.raises(AssertionError, match="expected violations of kind pop_empty"):
             with probe.expect_violations("pop_empty"):
-                probe.decode(_model(), [1], 2)
+                probe.decode(tiny_model(), [1], 2)
         with pytest.raises(ValueError, match="unknown violation kind"):
             with probe.expect_violations("nonsense"):
                 pass
@@ -232,8 +226,8 @@ def test_expect_violations_fails_when_nothing_happens() -> None:
 def test_assert_drained_names_what_is_left() -> None:
     """A queue left filled is named with its depth and who pushed it; ignore= skips it."""
     with capture() as probe:
-        probe.watch(_model())
-        probe.decode(_model(), [1, 2, 3], 3, cleanup=False)
+        probe.watch(tiny_model())
+        probe.decode(tiny_model(), [1, 2, 3], 3, cleanup=False)
     text = _assertion_text(probe.assert_drained)
     assert "1 queue(s) still hold items" in text
     assert "'attn_kv_2': depth 4, pushed by " + ", ".join(LAYERS) + " at step 2" in text
@@ -245,7 +239,7 @@ def test_assert_drained_names_what_is_left() -> None:
 def test_assert_op_counts_lists_each_mismatch() -> None:
     """Wrong counts are listed op by op; bad keywords are a TypeError."""
     with capture() as probe:
-        probe.decode(_model(), [1, 2, 3], 2)
+        probe.decode(tiny_model(), [1, 2, 3], 2)
     text = _assertion_text(probe.assert_op_counts, push=9, pop=4)
     assert "push: expected 9, got 8" in text and "pop: expected 4, got 4  (ok)" in text
     with pytest.raises(TypeError):
@@ -255,7 +249,7 @@ def test_assert_op_counts_lists_each_mismatch() -> None:
 def test_assert_max_depth_and_bytes_report_the_peak() -> None:
     """Depth and byte limits report the peak and the limit; unknown families fail clearly."""
     with capture() as probe:
-        probe.decode(_model(), [1, 2, 3], 2)
+        probe.decode(tiny_model(), [1, 2, 3], 2)
     assert "peaked at 4 item(s) held at once, above the limit of 3" in _assertion_text(
         probe.assert_max_depth, "attn_kv", 3)
     assert "above the limit of 100 B (100 bytes)" in _assertion_text(
@@ -268,7 +262,7 @@ def test_assert_max_depth_and_bytes_report_the_peak() -> None:
 def test_assert_pop_order_shows_the_difference() -> None:
     """A wrong pop order is reported at the first differing pop, with who pushed each item."""
     with capture() as probe:
-        probe.watch(_model())
+        probe.watch(tiny_model())
         _decode_swapped(probe)
     probe.assert_pop_order("attn_kv_0", ["layers.0.attention", "layers.2.attention",
                                          "layers.1.attention", "layers.3.attention"])
@@ -280,20 +274,7 @@ def test_assert_pop_order_shows_the_difference() -> None:
 
 def test_probe_works_with_a_plain_module_loop() -> None:
     """A hand-written loop through the installed singleton is seen by the probe."""
-    class Layer(torch.nn.Module):
-        def __init__(self, i: int) -> None:
-            super().__init__()
-            self.i = i
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            cache = cachescope.get_cache()
-            prev, nxt = cache.get("state_ids")
-            if prev is not None:
-                cache.pop(f"kv_{prev}")
-            cache.push(f"kv_{nxt}", x)
-            return x
-
-    model = torch.nn.Sequential(*[Layer(i) for i in range(3)])
+    model = torch.nn.Sequential(*[KVLayer(prefix="kv_", kv=lambda x: x) for _ in range(3)])
     with capture() as probe:
         probe.watch(model)
         cache = cachescope.get_cache()

@@ -16,15 +16,10 @@ from torch import nn
 
 import cachescope
 
-from _kvloop import CONSTRUCTIONS, construct
+from _helpers import construct
 
 THREADS = 8
 ROUNDS = 400
-
-
-@pytest.fixture(params=CONSTRUCTIONS)
-def kind(request):
-    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -18,8 +16,7 @@ from cachescope._cache import Cache
 from cachescope._sdk import GuardedExporter
 from cachescope.tracing import TracingSink
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loop import NEW_TOKENS, PROMPT, otel_memory, run_decode, swap_layers_after, tiny_model  # noqa: E402
+from _loop import NEW_TOKENS, PROMPT, otel_memory, run_decode, run_decode_swapped, tiny_model
 
 LAYERS = 4
 
@@ -98,12 +95,7 @@ def test_violation_sets_error_status_and_report_event() -> None:
     """An injected layer swap marks the step span ERROR and adds a cachescope.violation event with the report."""
     provider, exporter = otel_memory()
     cache = _cache(provider)
-    model = tiny_model()
-    on_step, restore = swap_layers_after(model, 1)
-    try:
-        run_decode(cache, on_step=on_step)
-    finally:
-        restore()
+    run_decode_swapped(cache, step=1)
     assert cache.violations
     spans = exporter.get_finished_spans()
     bad = [s for s in _by_name(spans, "decode_step") if s.status.status_code is StatusCode.ERROR]
@@ -316,12 +308,7 @@ def test_op_events_can_be_turned_off() -> None:
     provider, exporter = otel_memory()
     cache = _cache(provider)
     cache.tracer.op_events = False
-    model = tiny_model()
-    on_step, restore = swap_layers_after(model, 1)
-    try:
-        run_decode(cache, on_step=on_step)
-    finally:
-        restore()
+    run_decode_swapped(cache, step=1)
     spans = exporter.get_finished_spans()
     steps = _by_name(spans, "decode_step")
     assert len(steps) == NEW_TOKENS
