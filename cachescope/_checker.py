@@ -393,16 +393,14 @@ class PopOrderChecker:
             del self._queues[name]           # drained: free the bookkeeping
         fs.release(item[LOGICAL], item[STORAGES])
         producer = item[OWNER]
-        if (producer == owner or producer is None or owner is None
-                or self.same_owner(owner, producer)):
-            self._ring_append((seq, _time(), self.step_index, "pop", qname, family, owner, site,
-                               depth, item[LOGICAL], item[STORAGE], item[VALUE], None, producer,
-                               item[STORAGES], True))
-            return None
-        kind = "owner_mismatch"
-        self._ring_append((seq, _time(), self.step_index, "pop", qname, family, owner, site,
-                           depth, item[LOGICAL], item[STORAGE], item[VALUE], kind, producer,
+        # the rule: the k-th pop is made by the owner of the k-th push
+        kind = None if (producer == owner or producer is None or owner is None
+                        or self.same_owner(owner, producer)) else "owner_mismatch"
+        self._ring_append((seq, _time(), self.step_index, "pop", qname, family, owner, site, depth,
+                           item[LOGICAL], item[STORAGE], item[VALUE], kind, producer,
                            item[STORAGES], True))
+        if kind is None:
+            return None
         measured = item[VALUE]
         if measured is None:
             measured = measure(value) if value is not _NOTHING else None
