@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -75,7 +76,11 @@ class InstrumentedCache(Cache):
                  strict: bool = False, family: Callable[[Any], str] | None = None,
                  attribution: str = "auto", timeline_size: int = 256, max_violations: int = 1000,
                  state_key: str = "state_ids", const_labels: dict[str, str] | None = None,
-                 metrics: bool = True, tracing: bool = True) -> None:
+                 metrics: bool = True, tracing: bool = True, speedups: Any = None) -> None:
+        if speedups is not None:
+            warnings.warn("InstrumentedCache(speedups=...) has no effect: cachescope no longer has "
+                          "a C fast path (one pure-Python core on every CPython); drop the argument",
+                          DeprecationWarning, stacklevel=2)
         super().__init__()
         self.name = "default" if name is None else str(name)
         self.strict = strict
@@ -110,6 +115,11 @@ class InstrumentedCache(Cache):
             self.tracer = _tracing.trace(self, tracer_provider=tracer_provider, on_error="log")
         for hook in _on_create:
             hook(self)
+
+    @property
+    def speedups_active(self) -> bool:
+        """Always False: there is no C fast path any more (kept for code that asks)."""
+        return False
 
     # ------------------------------------------------------------------ what the checker holds
     @property

@@ -723,3 +723,13 @@ def test_reset_forgets_counters_not_values(kind):
     assert c.violations == [] and c.timeline() == []
     assert c.q_size("attn_kv_0") == 1 and c.stats.family("attn_kv").live == 1
     assert c.pop("attn_kv_0") == 1
+
+
+def test_speedups_argument_is_accepted_with_a_deprecation_warning():
+    """Code written for the old C fast path still constructs a cache: speedups= warns and does
+    nothing, speedups_active is False."""
+    with pytest.warns(DeprecationWarning, match="no longer has a C fast path"):
+        c = make_cache(speedups=True)
+    assert c.speedups_active is False
+    c.push("kv_0", 1)
+    assert c.pop("kv_0") == 1
