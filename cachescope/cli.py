@@ -18,7 +18,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from typing import Any, Iterator, Sequence
 
 __all__ = ["main", "build_parser"]

@@ -414,3 +414,23 @@ def lockstep_row(mode_s: list[float], a_s: list[float], b_s: list[float],
         "extra_us_per_token": paired_diff(b_s, mode_s)["median"] * 1e6,
         "token_median_ratio": statistics.median(token_ratios) - 1,
     }
+
+
+class LockstepTally:
+    """Per mode, the per-repetition seconds/token of its three lockstep arms (mode, plain A,
+    plain B) and the median per-token ratio mode / B; ``row(m)`` gives ``lockstep_row``."""
+
+    def __init__(self, modes: Sequence[str]) -> None:
+        self.arm: dict[str, list[list[float]]] = {m: [[], [], []] for m in modes}
+        self.token_ratios: dict[str, list[float]] = {m: [] for m in modes}
+
+    def add(self, mode: str, result: dict[str, Any], tokens: int) -> None:
+        """One repetition's ``lockstep()`` result for ``mode``."""
+        for i in range(3):
+            self.arm[mode][i].append(result["totals"][i] / tokens)
+        self.token_ratios[mode].append(statistics.median(
+            x / b for x, b in zip(result["steps"][0], result["steps"][2])))
+
+    def row(self, mode: str) -> dict[str, Any]:
+        a = self.arm[mode]
+        return lockstep_row(a[0], a[1], a[2], self.token_ratios[mode])

@@ -27,7 +27,7 @@ from cachescope import Cache, InstrumentedCache
 from cachescope.neox import NeoXConfig, NeoXModel, generate
 
 from .common import PERF, Context, Modes, log, prompt_for
-from .ops import Driver
+from .ops import Driver, f_pushpop
 
 ENTRY_POINTS = ("push", "pop", "get", "set", "clear", "clear_all", "q_size", "end_step",
                 "mark_step", "generation", "finish_generation")
@@ -58,16 +58,8 @@ def bench_profile(preset: str, tokens: int, n: int) -> dict[str, Any]:
     comps = out["components"]
     plain = Cache()
 
-    def plain_pair(m: int) -> float:
-        push, pop = plain.push, plain.pop
-        t0 = PERF()
-        for _ in range(m):
-            push("attn_kv_0", kv)
-            pop("attn_kv_0")
-        return PERF() - t0
-
     comps.append(("plain `Cache.push` + `Cache.pop` from a function",
-                  min(plain_pair(n) for _ in range(5)) / n * 1e9))
+                  min(f_pushpop(plain, kv, n) for _ in range(5)) / n * 1e9))
     for mode in ("plain", "core", "default", "trace-all"):
         mk = Modes("profile")
         cache = mk.make(mode)

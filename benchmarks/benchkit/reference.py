@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import random
-import statistics
 from typing import Any, Callable
 
 import torch
@@ -22,7 +21,7 @@ from cachescope import Cache
 from cachescope.neox import Decoder, NeoXConfig, NeoXModel, generate
 
 from .common import (CPU, PERF, Context, GCWatch, Modes, fmt_ci, gc_summary, loadavg, lockstep,
-                     lockstep_row, log, paired_diff, paired_overhead, pct, prompt_for, quantiles)
+                     LockstepTally, log, paired_diff, paired_overhead, pct, prompt_for, quantiles)
 
 LOCKSTEP_MODES = ("plain-aa", "core", "default", "trace-all", "trace-10")
 DECODE_MODES = ("plain", "plain-aa", "core", "default", "trace-all", "trace-10")
@@ -57,6 +56,19 @@ class DecoderRun:
 
 
 # ----------------------------------------------------------------------------- lockstep
+
+def _warm_up(model: Any, prompt: list[int], tokens: int, caches: dict[str, Any],
+             reference: Any = None) -> None:
+    """A short decode on every mode's cache (labels the modules), which must give the same
+    tokens as on ``reference`` (or as on the first mode's cache)."""
+    expected = generate(model, prompt, min(tokens, 8), cache=reference) \
+        if reference is not None else None
+    for m, cache in caches.items():
+        out = generate(model, prompt, min(tokens, 8), cache=cache)
+        expected = expected or out
+        if out != expected:
+            raise AssertionError(f"mode {m} changed the generated tokens")
+
 def run_lockstep(ctx: Context) -> list[dict[str, Any]]:
     out = []
     for preset in ctx.presets:
@@ -83,14 +95,10 @@ def bench_lockstep(preset: str, tokens: int, reps: int, modes: tuple[str, ...],
     mk = Modes(f"lockstep-{preset}")
     caches = {m: mk.make(m) for m in modes}
     plain_a, plain_b = Cache(), Cache()
-    arm: dict[str, list[list[float]]] = {m: [[], [], []] for m in modes}   # mode, plain A, plain B
-    token_ratios: dict[str, list[float]] = {m: [] for m in modes}
+    tally = LockstepTally(modes)
     rng = random.Random(seed)
     with torch.inference_mode(), GCWatch() as watch:
-        expected = generate(model, prompt, min(tokens, 8), cache=plain_a)
-        for m in modes:                                  # warm-up: labels the modules
-            if generate(model, prompt, min(tokens, 8), cache=caches[m]) != expected:
-                raise AssertionError(f"mode {m} changed the generated tokens")
+        _warm_up(model, prompt, tokens, caches, reference=plain_a)
         t_start = PERF()
         for _ in range(reps):
             order = list(modes)
@@ -104,15 +112,12 @@ def bench_lockstep(preset: str, tokens: int, reps: int, modes: tuple[str, ...],
                 r["totals"][0] += PERF() - t0
                 if not runs[0].tokens == runs[1].tokens == runs[2].tokens:
                     raise AssertionError(f"mode {m} changed the generated tokens")
-                for i in range(3):
-                    arm[m][i].append(r["totals"][i] / tokens)
-                token_ratios[m].append(statistics.median(
-                    x / b for x, b in zip(r["steps"][0], r["steps"][2])))
+                tally.add(m, r, tokens)
     elapsed = PERF() - t_start
     out: dict[str, Any] = {"preset": preset, "tokens": tokens, "reps": reps, "elapsed_s": elapsed,
                            "loadavg_end": loadavg(), "modes": {}}
     for m in modes:
-        row = lockstep_row(arm[m][0], arm[m][1], arm[m][2], token_ratios[m])
+        row = tally.row(m)
         row["gc"] = {name: gc_summary(watch, label, tokens * reps)
                      for name, label in (("mode", m), ("plain_a", f"{m}/A"), ("plain", f"{m}/B"))}
         out["modes"][m] = row
@@ -148,12 +153,7 @@ def bench_decode(preset: str, tokens: int, reps: int, modes: tuple[str, ...], se
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     rng = random.Random(seed)
     with torch.inference_mode(), GCWatch() as watch:
-        expected: list[int] | None = None
-        for m in modes:                                   # warm-up, and same tokens everywhere
-            out = generate(model, prompt, min(tokens, 8), cache=caches[m])
-            expected = expected or out
-            if out != expected:
-                raise AssertionError(f"mode {m} changed the generated tokens")
+        _warm_up(model, prompt, tokens, caches)
         t_start = PERF()
         for _ in range(reps):
             order = list(modes)

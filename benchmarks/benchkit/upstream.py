@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import random
-import statistics
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -38,7 +37,7 @@ import cachescope
 from cachescope import InstrumentedCache
 
 from .common import (PERF, Context, GCWatch, Modes, fmt_ci, gc_summary, loadavg, lockstep,
-                     lockstep_row, log, paired_diff, paired_overhead, pct, prompt_for, quantiles)
+                     LockstepTally, log, paired_diff, paired_overhead, pct, prompt_for, quantiles)
 
 #: labml model shapes (vocab, hidden, transformer layers, heads); FFN 4 x hidden, rotary 25 %
 SHAPES = {
@@ -277,8 +276,7 @@ def _lockstep(model: nn.Sequential, prompt: list[int], size: tuple[int, int],
     _, lc = labml()
     tokens, reps = size
     plain_a, plain_b = lc.Cache(), lc.Cache()
-    arm: dict[str, list[list[float]]] = {m: [[], [], []] for m in LOCKSTEP_MODES}
-    token_ratios: dict[str, list[float]] = {m: [] for m in LOCKSTEP_MODES}
+    tally = LockstepTally(LOCKSTEP_MODES)
     rng = random.Random(seed + 1)
     t_start = PERF()
     for _ in range(reps):
@@ -295,14 +293,11 @@ def _lockstep(model: nn.Sequential, prompt: list[int], size: tuple[int, int],
                 run_.cleanup()
                 if run_.tokens != expected[:tokens]:
                     raise AssertionError(f"mode {m} changed the generated tokens")
-            for i in range(3):
-                arm[m][i].append(r["totals"][i] / tokens)
-            token_ratios[m].append(statistics.median(
-                x / b for x, b in zip(r["steps"][0], r["steps"][2])))
+            tally.add(m, r, tokens)
     elapsed = PERF() - t_start
     modes: dict[str, Any] = {}
     for m in LOCKSTEP_MODES:
-        row = lockstep_row(arm[m][0], arm[m][1], arm[m][2], token_ratios[m])
+        row = tally.row(m)
         row["gc"] = {name: gc_summary(watch, label, tokens * reps)
                      for name, label in (("mode", f"ls:{m}"), ("plain_a", f"ls:{m}/A"),
                                          ("plain", f"ls:{m}/B"))}
