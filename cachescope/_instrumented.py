@@ -17,9 +17,10 @@ from typing import Any, Callable, Iterator
 
 from ._cache import Cache
 from ._checker import PopOrderChecker
+from ._frontend import CheckerFront
 from ._accounting import Stats
 from ._owners import Attributor
-from ._records import OpRecord, StepInfo, Violation, strict_error
+from ._records import Violation, strict_error
 from ._sinks import SinkSet
 from ._values import measure, measure_bytes
 
@@ -52,7 +53,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class InstrumentedCache(Cache):
+class InstrumentedCache(Cache, CheckerFront):
     """A drop-in ``Cache`` that checks pop order and counts every op for metrics and traces.
 
     Keyword options:
@@ -130,63 +131,6 @@ class InstrumentedCache(Cache):
             self._checker.refresh_held(self._cache.get)
             return self._checker.stats
 
-    @property
-    def violations(self) -> list[Violation]:
-        """The violations kept so far (at most ``max_violations``; all are counted)."""
-        return self._checker.violations
-
-    @property
-    def state_key(self) -> Any:
-        """The key whose ``set`` marks a step boundary (labml: 'state_ids')."""
-        return self._checker.state_key
-
-    @state_key.setter
-    def state_key(self, value: Any) -> None:
-        self._checker.state_key = value
-
-    @property
-    def max_violations(self) -> int:
-        return self._checker.max_violations
-
-    @max_violations.setter
-    def max_violations(self, value: int) -> None:
-        self._checker.max_violations = value
-
-    @property
-    def seq(self) -> int:
-        """Number of the last op recorded (ops are numbered from 1; ``get`` is counted, not numbered)."""
-        return self._checker.seq
-
-    @property
-    def step(self) -> int:
-        """Index of the current decode step (-1 before the first boundary)."""
-        return self._checker.step_index
-
-    @property
-    def current_step(self) -> StepInfo | None:
-        return self._checker.step
-
-    @property
-    def timeline_size(self) -> int:
-        return self._checker.timeline.maxlen
-
-    def timeline(self) -> list[OpRecord]:
-        """The most recent ops (bounded ring buffer), oldest first."""
-        with self._lock:
-            return self._checker.timeline.records()
-
-    def ops_since(self, seq: int) -> tuple[int, list[OpRecord]]:
-        """``(first, records)``: the ops numbered above ``seq`` that the ring still holds, oldest
-        first; ``first`` is the number of the oldest of them (``first > seq + 1``: the ring wrapped
-        and ``first - seq - 1`` ops are gone)."""
-        with self._lock:
-            return self._checker.timeline.since(seq)
-
-    def pending(self, name: Any) -> list[OpRecord]:
-        """Push records of the items still queued under ``name`` (who pushed them, when)."""
-        with self._lock:
-            return self._checker.pending(name)
-
     def queues(self) -> dict[Any, int]:
         """The length of every queue that holds items now, by name."""
         with self._lock:
@@ -199,10 +143,6 @@ class InstrumentedCache(Cache):
             sizes = self._checker.sizes()
         sizes["labels"] = self.attributor.size()
         return sizes
-
-    def family(self, name: Any) -> str:
-        """The bounded family label of a queue name (``attn_kv_17`` -> ``attn_kv``)."""
-        return self._checker.families(name)
 
     def same_owner(self, a: str, b: str) -> bool:
         """Whether two owner labels name the same module (a label may predate ``watch()``)."""
@@ -222,41 +162,12 @@ class InstrumentedCache(Cache):
             yield
 
     # ------------------------------------------------------------------ sinks
-    def add_sink(self, sink: Any) -> Any:
-        """Send this cache's steps, violations and generations (and ops, to a sink with
-        ``on_op``) to ``sink``; see ``cachescope._sinks`` for the interface."""
-        with self._lock:
-            self._sinks.add(sink)
-        return sink
-
-    def remove_sink(self, sink: Any) -> None:
-        with self._lock:
-            self._sinks.remove(sink)
-
-    @property
-    def sinks(self) -> tuple[Any, ...]:
-        return tuple(self._sinks.sinks)
-
-
     def _emit_op(self) -> None:
         """Give the last op to the sinks that want every op."""
         with self._lock:
             rec = self._checker.timeline.last()
         if rec is not None:
             self._sinks.emit(self, "on_op", rec)
-
-    def _emit_violations(self, violations: list[Violation]) -> None:
-        for v in violations:
-            self._sinks.emit(self, "on_violation", v)
-
-    def _emit_step_start(self) -> None:
-        checker = self._checker
-        ended, checker.pending_step_end = checker.pending_step_end, None
-        if ended is not None:
-            self._sinks.emit(self, "on_step_end", ended)
-        step = checker.step
-        if step is not None:
-            self._sinks.emit(self, "on_step_start", step)
 
     # ------------------------------------------------------------------ queue ops
     def push(self, name: str, value: Any) -> None:
@@ -404,22 +315,6 @@ class InstrumentedCache(Cache):
             self._emit_op()
 
     # ------------------------------------------------------------------ steps
-    def mark_step(self, prev: Any = None, next: Any = None) -> None:  # noqa: A002 - labml's naming
-        """Mark a step boundary explicitly (for loops that do not set ``state_ids``)."""
-        with self._lock:
-            violations = self._checker.mark_step(prev, next)
-        self._emit_violations(violations)
-        self._emit_step_start()
-        if violations and self.strict:
-            raise strict_error(violations[0])
-
-    def end_step(self, tokens: int = 0) -> None:
-        """Close the current step (the decode loop calls this after its forward)."""
-        with self._lock:
-            step = self._checker.end_step(tokens)
-        if step is not None:
-            self._sinks.emit(self, "on_step_end", step)
-
     @contextlib.contextmanager
     def generation(self, **info: Any) -> Iterator["InstrumentedCache"]:
         """Wrap one generation: a ``generate`` span in traces; checks the last step on exit.
@@ -438,24 +333,6 @@ class InstrumentedCache(Cache):
             raise
         finally:
             self.finish_generation(error)
-
-    def finish_generation(self, error: BaseException | None = None) -> None:
-        with self._lock:
-            violations, ended = self._checker.finish(error)
-            info = dict(self._generation or {})
-            self._generation = None
-        self._emit_violations(violations)
-        if ended is not None:
-            self._sinks.emit(self, "on_step_end", ended)
-        info["error"] = error
-        self._sinks.emit(self, "on_generation_end", info)
-
-    # ------------------------------------------------------------------ reading
-    def report(self) -> str:
-        """Whole-run summary: ops, depth and byte peaks, violations."""
-        from ._report import format_run
-        with self._lock:
-            return format_run(self)
 
     def reset(self) -> None:
         """Forget violations, counters and provenance (not the cached values)."""

@@ -8,13 +8,13 @@ numbers included) and run summary as the live run; sinks get the same events.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
-from ._accounting import Stats
 from ._checker import PopOrderChecker
+from ._frontend import CheckerFront
 from ._owners import Attributor
-from ._records import OpRecord, StepInfo, Violation
-from ._report import format_run
+from ._records import Violation
 from ._sinks import SinkSet
 from ._values import Measure
 
@@ -23,8 +23,9 @@ __all__ = ["ReplayCache"]
 _PLAIN = None   # the length of a key that holds a plain value
 
 
-class ReplayCache:
-    """Replays attributed ops through a ``PopOrderChecker``; reads like an ``InstrumentedCache``."""
+class ReplayCache(CheckerFront):
+    """Replays attributed ops through a ``PopOrderChecker``; reads like an ``InstrumentedCache``
+    (the read API, ``mark_step``, ``end_step`` and ``finish_generation`` are ``CheckerFront``'s)."""
 
     def __init__(self, *, name: str = "default", family: Callable[[Any], str] | None = None,
                  timeline_size: int = 256, max_violations: int = 1000,
@@ -36,51 +37,7 @@ class ReplayCache:
             name=name, family=family, timeline_size=timeline_size, max_violations=max_violations,
             state_key=state_key, same_owner=self.attributor.same_owner)
         self._sinks = SinkSet(self._count_error)
-
-    # ------------------------------------------------------------------ reading (as the live cache)
-    @property
-    def stats(self) -> Stats:
-        return self._checker.stats
-
-    @property
-    def violations(self) -> list[Violation]:
-        return self._checker.violations
-
-    @property
-    def state_key(self) -> Any:
-        return self._checker.state_key
-
-    @property
-    def seq(self) -> int:
-        return self._checker.seq
-
-    @property
-    def step(self) -> int:
-        return self._checker.step_index
-
-    @property
-    def current_step(self) -> StepInfo | None:
-        return self._checker.step
-
-    def timeline(self) -> list[OpRecord]:
-        return self._checker.timeline.records()
-
-    def pending(self, name: Any) -> list[OpRecord]:
-        return self._checker.pending(name)
-
-    def family(self, name: Any) -> str:
-        return self._checker.families(name)
-
-    def report(self) -> str:
-        return format_run(self)
-
-    def add_sink(self, sink: Any) -> Any:
-        self._sinks.add(sink)
-        return sink
-
-    @property
-    def sinks(self) -> tuple[Any, ...]:
-        return tuple(self._sinks.sinks)
+        self._lock = threading.RLock()
 
     def _count_error(self, sink_name: str) -> None:
         errors = self.stats.telemetry_errors
@@ -102,8 +59,7 @@ class ReplayCache:
             rec = self._checker.timeline.last()
             if rec is not None:
                 self._sinks.emit(self, "on_op", rec)
-        for v in violations:
-            self._sinks.emit(self, "on_violation", v)
+        self._emit_violations(violations)
 
     def push(self, name: Any, owner: str | None, site: str | None, value: Measure) -> None:
         existed = name in self._lengths
@@ -138,7 +94,7 @@ class ReplayCache:
         violations = self._checker.set(key, owner, site, old, new, value)
         self._op_done(violations)
         if type(key) is str and key == self._checker.state_key:
-            self._step_started()
+            self._emit_step_start()
 
     def clear(self, key: Any, owner: str | None, site: str | None) -> bool:
         """Replay a clear; False when the key is unknown (an inconsistent log)."""
@@ -153,30 +109,3 @@ class ReplayCache:
         self._lengths = {}
         self._checker.clear_all(owner, site)
         self._op_done([])
-
-    # ------------------------------------------------------------------ steps
-    def _step_started(self) -> None:
-        checker = self._checker
-        ended, checker.pending_step_end = checker.pending_step_end, None
-        if ended is not None:
-            self._sinks.emit(self, "on_step_end", ended)
-        if checker.step is not None:
-            self._sinks.emit(self, "on_step_start", checker.step)
-
-    def mark_step(self, prev: Any = None, next: Any = None) -> None:  # noqa: A002
-        for v in self._checker.mark_step(prev, next):
-            self._sinks.emit(self, "on_violation", v)
-        self._step_started()
-
-    def end_step(self, tokens: int = 0) -> None:
-        step = self._checker.end_step(tokens)
-        if step is not None:
-            self._sinks.emit(self, "on_step_end", step)
-
-    def finish_generation(self, error: BaseException | None = None) -> None:
-        violations, ended = self._checker.finish(error)
-        for v in violations:
-            self._sinks.emit(self, "on_violation", v)
-        if ended is not None:
-            self._sinks.emit(self, "on_step_end", ended)
-        self._sinks.emit(self, "on_generation_end", {"error": error})
