@@ -31,6 +31,9 @@ class _Counters:
         self.depth += 1
         if self.depth > self.peak_depth:
             self.peak_depth = self.depth
+        self._add_bytes(logical, storages)
+
+    def _add_bytes(self, logical: int, storages: Iterable[tuple[Any, int]]) -> None:
         self.logical += logical
         if self.logical > self.peak_logical:
             self.peak_logical = self.logical
@@ -69,14 +72,10 @@ class _Counters:
 
     def set_held(self, items: Iterable[tuple[int, Iterable[tuple[Any, int]]]]) -> None:
         """The items held now, measured afresh: ``(logical, storages)`` each (depth unchanged)."""
-        depth = self.depth
-        self.depth = 0
         self.logical = self.storage = 0
         self._storages.clear()
-        peak = self.peak_depth
         for logical, storages in items:
-            self.hold(logical, storages)
-        self.depth, self.peak_depth = depth, peak
+            self._add_bytes(logical, storages)
 
     def drop_all(self) -> None:
         """``clear_all``: nothing is held any more."""
