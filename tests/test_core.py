@@ -733,3 +733,41 @@ def test_speedups_argument_is_accepted_with_a_deprecation_warning():
     assert c.speedups_active is False
     c.push("kv_0", 1)
     assert c.pop("kv_0") == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_storage_counts_match_a_model_over_random_holds_and_releases(seed):
+    """Random hold/release/drop_all/set_held sequences keep storage bytes equal to the sum over
+    distinct held storages, logical bytes and depth exact, and peaks the running maxima."""
+    import random
+    from cachescope._accounting import FamilyStats
+
+    rng = random.Random(seed)
+    fs = FamilyStats("kv")
+    pool = [1000 + 16 * k for k in range(rng.choice((3, 40)))]
+    nbytes = {k: rng.randrange(1, 1 << 20) for k in pool}
+    live: list[tuple[int, tuple[tuple[int, int], ...]]] = []
+    peak_storage = peak_logical = 0
+
+    def model_storage() -> int:
+        return sum(nbytes[k] for k in {k for _, st in live for k, _ in st})
+
+    for _ in range(2000):
+        r = rng.random()
+        if r < 0.5 or not live:
+            st = tuple((k, nbytes[k]) for k in rng.sample(pool, rng.choice((0, 1, 2, 3))))
+            item = (rng.randrange(0, 1 << 16), st)
+            fs.hold(*item)
+            live.append(item)
+        elif r < 0.95:
+            fs.release(*live.pop(rng.randrange(len(live))))
+        elif r < 0.98:
+            fs.set_held(live)          # measured afresh: the same items, nothing changes
+        else:
+            fs.drop_all()
+            live.clear()
+        peak_storage = max(peak_storage, model_storage())
+        peak_logical = max(peak_logical, sum(lg for lg, _ in live))
+        assert (fs.storage, fs.logical) == (model_storage(), sum(lg for lg, _ in live))
+        assert fs.depth == len(live)
+        assert (fs.peak_storage, fs.peak_logical) == (peak_storage, peak_logical)
