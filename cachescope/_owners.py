@@ -47,31 +47,15 @@ class _NoModule:
 _Module: type = _NoModule
 
 
-_CALL_CODES: tuple[Any, Any] = (None, None)   # codes of Module._call_impl, Module._wrapped_call_impl
-
-
 def module_type() -> type:
     """``torch.nn.Module`` once the application has imported torch, else a class with no instances."""
-    global _Module, _CALL_CODES
+    global _Module
     if _Module is _NoModule:
         nn_mod = sys.modules.get("torch.nn")
         module = getattr(nn_mod, "Module", None)
         if isinstance(module, type):
             _Module = module
-            _CALL_CODES = (getattr(getattr(module, "_call_impl", None), "__code__", None),
-                           getattr(getattr(module, "_wrapped_call_impl", None), "__code__", None))
     return _Module
-
-
-def _forward_code(module: Any) -> Any:
-    """The code of the ``forward`` that calling ``module`` runs (None when it is not a plain
-    Python method of its class)."""
-    try:
-        if "forward" in vars(module):
-            return None
-        return type(module).forward.__code__
-    except Exception:
-        return None
 
 
 _TYPE_NAME = type.__dict__["__name__"]
@@ -101,8 +85,7 @@ class Attributor:
         self._mode = mode
         self.watching = 0       # active WatchHandles (the per-thread owner stack may be in use)
         self._local = threading.local()
-        # id(module) -> (weak ref, label, code of its forward)
-        self._labels: dict[int, tuple[weakref.ref[Any], str, Any]] = {}
+        self._labels: dict[int, tuple[weakref.ref[Any], str]] = {}   # id(module) -> (ref, label)
         self._counters: dict[str, int] = {}
         # Memos keyed by id(code): hashing a code object is not cached by CPython and costs
         # O(size of its constants), recursively (a module's code hashes every function in it).
@@ -202,21 +185,8 @@ class Attributor:
             if stack:
                 return stack[-1][1], site
         if entry[2]:
-            # Fast paths: the caller is the forward of an already-labelled module (the usual
-            # case: an attention layer). Called as ``module(x)``, torch's two call frames sit
-            # right above it; the outer one has three locals, so its ``self`` is cheaper to
-            # read than the forward's (``f_locals`` copies every local of a frame up to 3.12).
-            # Frame depth + 3 is ``_wrapped_call_impl`` when the caller is a forward run by
-            # ``module(x)`` (``_call_impl`` in between); only that frame is materialised.
-            try:
-                outer = sys._getframe(depth + 3) if not self._transparent else None
-            except ValueError:
-                outer = None
-            if outer is not None and outer.f_code is _CALL_CODES[1]:
-                obj = outer.f_locals.get("self")
-                known = self._labels.get(id(obj))
-                if known is not None and known[2] is code and known[0]() is obj:
-                    return known[1], site
+            # Fast path: the caller is a method of an already-labelled module (the usual case:
+            # an attention layer's forward). Anything else takes the full walk below.
             obj = frame.f_locals.get("self")
             known = self._labels.get(id(obj))
             if known is not None and known[0]() is obj:
@@ -271,7 +241,7 @@ class Attributor:
         if len(self._labels) > 65536:
             for k in [k for k, v in self._labels.items() if v[0]() is None]:
                 del self._labels[k]
-        self._labels[key] = (ref, label, _forward_code(module))
+        self._labels[key] = (ref, label)
         return label
 
 
