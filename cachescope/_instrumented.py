@@ -359,8 +359,8 @@ def _error_counter(ref: "weakref.ref[InstrumentedCache]") -> Callable[[str], Non
         """Count a sink failure in ``stats.telemetry_errors``."""
         cache = ref()
         if cache is not None:
-            with cache._lock:
-                errors = cache.stats.telemetry_errors
+            with cache._lock:   # the checker's counters as they are: nothing to re-measure
+                errors = cache._checker.stats.telemetry_errors
                 errors[sink_name] = errors.get(sink_name, 0) + 1
     return count
 
