@@ -17,6 +17,8 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from ._lazytorch import LazyClass
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -40,22 +42,12 @@ def _short_path(path: str, _memo: dict[str, str] = {}) -> str:
 _MODES = ("off", "auto", "stack")
 
 
-class _NoModule:
-    """Stands in for ``torch.nn.Module`` until torch is imported: nothing is an instance of it."""
-
-
-_Module: type = _NoModule
+_MODULE = LazyClass("torch.nn", "Module")
 
 
 def module_type() -> type:
     """``torch.nn.Module`` once the application has imported torch, else a class with no instances."""
-    global _Module
-    if _Module is _NoModule:
-        nn_mod = sys.modules.get("torch.nn")
-        module = getattr(nn_mod, "Module", None)
-        if isinstance(module, type):
-            _Module = module
-    return _Module
+    return _MODULE.get()
 
 
 _TYPE_NAME = type.__dict__["__name__"]

@@ -15,9 +15,9 @@ and nothing raises.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, NamedTuple
 
+from ._lazytorch import LazyClass
 from ._report import format_bytes
 
 __all__ = ["Measure", "measure", "measure_bytes", "format_bytes", "format_summary", "EMPTY",
@@ -47,22 +47,12 @@ _ATOMIC = frozenset({int, float, bool, str, bytes, complex})   # values that hol
 NO_STORAGES: tuple[tuple[Any, int], ...] = ()
 
 
-class _NoTensor:
-    """Stands in for ``torch.Tensor`` until torch is imported: nothing is an instance of it."""
-
-
-_Tensor: type = _NoTensor
+_TENSOR = LazyClass("torch", "Tensor")
 
 
 def tensor_type() -> type:
     """``torch.Tensor`` once the application has imported torch, else a class with no instances."""
-    global _Tensor
-    if _Tensor is _NoTensor:
-        torch = sys.modules.get("torch")
-        tensor = getattr(torch, "Tensor", None)
-        if isinstance(tensor, type):
-            _Tensor = tensor
-    return _Tensor
+    return _TENSOR.get()
 
 
 def _count(n: Any) -> int:
@@ -94,7 +84,7 @@ def measure_bytes(value: Any) -> tuple[int, int, tuple[tuple[Any, int], ...]]:
     # once per push right after the model's matmuls have evicted the CPU caches.
     if type(value) is tuple and len(value) == 2:
         a, b = value
-        tensor = _Tensor if _Tensor is not _NoTensor else tensor_type()
+        tensor = _TENSOR.cls or _TENSOR.get()
         if isinstance(a, tensor) and isinstance(b, tensor):
             try:
                 ua, ub = a.untyped_storage(), b.untyped_storage()

@@ -434,3 +434,11 @@ class LockstepTally:
     def row(self, mode: str) -> dict[str, Any]:
         a = self.arm[mode]
         return lockstep_row(a[0], a[1], a[2], self.token_ratios[mode])
+
+
+def shuffled_rounds(modes: Sequence[str], reps: int, rng: random.Random):
+    """Each mode once per repetition, in a fresh random order each time."""
+    for _ in range(reps):
+        order = list(modes)
+        rng.shuffle(order)
+        yield from order

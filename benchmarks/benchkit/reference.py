@@ -21,7 +21,8 @@ from cachescope import Cache
 from cachescope.neox import Decoder, NeoXConfig, NeoXModel, generate
 
 from .common import (CPU, PERF, Context, GCWatch, Modes, fmt_ci, gc_summary, loadavg, lockstep,
-                     LockstepTally, log, paired_diff, paired_overhead, pct, prompt_for, quantiles)
+                     LockstepTally, log, paired_diff, paired_overhead, pct, prompt_for, quantiles,
+                     shuffled_rounds)
 
 LOCKSTEP_MODES = ("plain-aa", "core", "default", "trace-all", "trace-10")
 DECODE_MODES = ("plain", "plain-aa", "core", "default", "trace-all", "trace-10")
@@ -100,19 +101,16 @@ def bench_lockstep(preset: str, tokens: int, reps: int, modes: tuple[str, ...],
     with torch.inference_mode(), GCWatch() as watch:
         _warm_up(model, prompt, tokens, caches, reference=plain_a)
         t_start = PERF()
-        for _ in range(reps):
-            order = list(modes)
-            rng.shuffle(order)
-            for m in order:
-                gc.collect()
-                runs = [DecoderRun(model, prompt, tokens, c) for c in (caches[m], plain_a, plain_b)]
-                r = lockstep(runs, tokens, watch, (m, f"{m}/A", f"{m}/B"))
-                t0 = PERF()
-                mk.flush(m)   # the span export thread's backlog is charged to the traced arm
-                r["totals"][0] += PERF() - t0
-                if not runs[0].tokens == runs[1].tokens == runs[2].tokens:
-                    raise AssertionError(f"mode {m} changed the generated tokens")
-                tally.add(m, r, tokens)
+        for m in shuffled_rounds(modes, reps, rng):
+            gc.collect()
+            runs = [DecoderRun(model, prompt, tokens, c) for c in (caches[m], plain_a, plain_b)]
+            r = lockstep(runs, tokens, watch, (m, f"{m}/A", f"{m}/B"))
+            t0 = PERF()
+            mk.flush(m)   # the span export thread's backlog is charged to the traced arm
+            r["totals"][0] += PERF() - t0
+            if not runs[0].tokens == runs[1].tokens == runs[2].tokens:
+                raise AssertionError(f"mode {m} changed the generated tokens")
+            tally.add(m, r, tokens)
     elapsed = PERF() - t_start
     out: dict[str, Any] = {"preset": preset, "tokens": tokens, "reps": reps, "elapsed_s": elapsed,
                            "loadavg_end": loadavg(), "modes": {}}
@@ -155,19 +153,16 @@ def bench_decode(preset: str, tokens: int, reps: int, modes: tuple[str, ...], se
     with torch.inference_mode(), GCWatch() as watch:
         _warm_up(model, prompt, tokens, caches)
         t_start = PERF()
-        for _ in range(reps):
-            order = list(modes)
-            rng.shuffle(order)
-            for m in order:
-                gc.collect()
-                watch.label = m
-                c0, t0 = CPU(), PERF()
-                generate(model, prompt, tokens, cache=caches[m])
-                mk.flush(m)   # charge the span export thread's work to the mode that made it
-                t1, c1 = PERF(), CPU()
-                watch.label = None
-                wall[m].append((t1 - t0) / tokens)
-                cpu[m].append((c1 - c0) / tokens)
+        for m in shuffled_rounds(modes, reps, rng):
+            gc.collect()
+            watch.label = m
+            c0, t0 = CPU(), PERF()
+            generate(model, prompt, tokens, cache=caches[m])
+            mk.flush(m)   # charge the span export thread's work to the mode that made it
+            t1, c1 = PERF(), CPU()
+            watch.label = None
+            wall[m].append((t1 - t0) / tokens)
+            cpu[m].append((c1 - c0) / tokens)
     elapsed = PERF() - t_start
     traced = {}
     for m in ("trace-all", "trace-10"):

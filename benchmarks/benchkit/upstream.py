@@ -37,7 +37,8 @@ import cachescope
 from cachescope import InstrumentedCache
 
 from .common import (PERF, Context, GCWatch, Modes, fmt_ci, gc_summary, loadavg, lockstep,
-                     LockstepTally, log, paired_diff, paired_overhead, pct, prompt_for, quantiles)
+                     LockstepTally, log, paired_diff, paired_overhead, pct, prompt_for, quantiles,
+                     shuffled_rounds)
 
 #: labml model shapes (vocab, hidden, transformer layers, heads); FFN 4 x hidden, rotary 25 %
 SHAPES = {
@@ -279,21 +280,18 @@ def _lockstep(model: nn.Sequential, prompt: list[int], size: tuple[int, int],
     tally = LockstepTally(LOCKSTEP_MODES)
     rng = random.Random(seed + 1)
     t_start = PERF()
-    for _ in range(reps):
-        order = list(LOCKSTEP_MODES)
-        rng.shuffle(order)
-        for m in order:
-            runs = [LabmlRun(model, prompt, tokens, c) for c in (caches[m], plain_a, plain_b)]
-            with labml_singleton(caches[m]):
-                r = lockstep(runs, tokens, watch, (f"ls:{m}", f"ls:{m}/A", f"ls:{m}/B"))
-                t0 = PERF()
-                mk.flush(m)
-                r["totals"][0] += PERF() - t0
-            for run_ in runs:
-                run_.cleanup()
-                if run_.tokens != expected[:tokens]:
-                    raise AssertionError(f"mode {m} changed the generated tokens")
-            tally.add(m, r, tokens)
+    for m in shuffled_rounds(LOCKSTEP_MODES, reps, rng):
+        runs = [LabmlRun(model, prompt, tokens, c) for c in (caches[m], plain_a, plain_b)]
+        with labml_singleton(caches[m]):
+            r = lockstep(runs, tokens, watch, (f"ls:{m}", f"ls:{m}/A", f"ls:{m}/B"))
+            t0 = PERF()
+            mk.flush(m)
+            r["totals"][0] += PERF() - t0
+        for run_ in runs:
+            run_.cleanup()
+            if run_.tokens != expected[:tokens]:
+                raise AssertionError(f"mode {m} changed the generated tokens")
+        tally.add(m, r, tokens)
     elapsed = PERF() - t_start
     modes: dict[str, Any] = {}
     for m in LOCKSTEP_MODES:
