@@ -274,6 +274,10 @@ class PopOrderChecker:
             self._stats.violations_dropped += 1
         return v
 
+    def keep(self, v: Violation) -> Violation:
+        """Count and keep a violation found outside this checker (e.g. by comparing ranks)."""
+        return self._keep(v)
+
     def _timeline_for(self, queue: str, seq: int) -> tuple[OpRecord, ...]:
         out = []
         for e in self.timeline.entries():

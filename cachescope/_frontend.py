@@ -118,6 +118,16 @@ class CheckerFront:
     def sinks(self) -> tuple[Any, ...]:
         return tuple(self._sinks.sinks)
 
+    def add_violation(self, violation: Violation) -> Violation:
+        """Record a violation found outside this cache's own checks (``cachescope.distributed``
+        compares ranks on a watcher thread): counted, kept, and sent to the sinks like the
+        cache's own. Never raises into the caller, also in strict mode (the decode loop that
+        broke the rule may be another process)."""
+        with self._lock:
+            self._checker.keep(violation)
+        self._sinks.emit(self, "on_violation", violation)
+        return violation
+
     def _emit_violations(self, violations: list[Violation]) -> None:
         for v in violations:
             self._sinks.emit(self, "on_violation", v)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from . import _report
 
-__all__ = ["OPS", "OpRecord", "StepInfo", "KINDS", "Violation", "PopOrderError", "PopEmptyError",
+__all__ = ["OPS", "OpRecord", "StepInfo", "KINDS", "RANK_KINDS", "Violation", "PopOrderError", "PopEmptyError",
            "PopMissingError", "strict_error"]
 
 OPS = ("push", "pop", "set", "get", "clear", "clear_all")
@@ -70,7 +70,14 @@ KINDS: dict[str, str] = {
     "step_restarted": "a step began again with the same state_ids while the queues it pushed still hold items",
     "state_not_advanced": "a completed step's state_ids were set again instead of advancing",
     "bad_state_ids": "state_ids was set to something other than a (prev, next) pair",
+    "rank_divergence": "ranks that decode the same sequence disagree on a step (its ops, owners, "
+                       "kv lengths, state ids or input tokens)",
+    "rank_stalled": "a rank has not reached a step its peers are past (stuck, or ended its "
+                    "generation early)",
 }
+
+#: The kinds found by comparing ranks (``cachescope.distributed``), not by one cache's ops.
+RANK_KINDS = ("rank_divergence", "rank_stalled")
 
 
 @dataclass
@@ -95,6 +102,9 @@ class Violation:
     detail: str = ""                 # extra facts (e.g. leftover owners, state ids)
     timeline: tuple[OpRecord, ...] = field(default=(), repr=False)
     cache: str = "default"
+    rank: int | None = None          # the rank it concerns (multi-rank runs; None otherwise)
+    peer: int | None = None          # rank_divergence: the rank it was compared with
+    peer_side: str = ""              # rank_divergence/rank_stalled: the other rank's side, as text
 
     @property
     def description(self) -> str:
@@ -113,7 +123,7 @@ class Violation:
         return {k: getattr(self, k) for k in (
             "kind", "queue", "family", "step", "consumer", "producer", "seq", "consumer_site",
             "producer_site", "producer_step", "producer_seq", "value", "depth", "position",
-            "hint", "detail", "cache")}
+            "hint", "detail", "cache", "rank", "peer")}
 
     def __str__(self) -> str:
         return self.summary()

@@ -62,7 +62,8 @@ def one_line(v: "Violation") -> str:
         "state_not_advanced": v.detail or "state_ids not advanced",
         "bad_state_ids": v.detail or "state_ids is not a (prev, next) pair",
     }.get(v.kind, v.detail)
-    return f"{v.kind} on {_quoted(v.queue)} {_at(v.step)}: {who}"
+    rank = "" if getattr(v, "rank", None) is None else f" [rank {v.rank}]"
+    return f"{v.kind} on {_quoted(v.queue)} {_at(v.step)}{rank}: {who}"
 
 
 def format_op(rec: "OpRecord", mark: bool = False) -> str:
@@ -78,8 +79,10 @@ def format_op(rec: "OpRecord", mark: bool = False) -> str:
 
 
 def format_violation(v: "Violation") -> str:
+    rank = getattr(v, "rank", None)
+    where = f"cache {v.cache}" + ("" if rank is None else f", rank {rank}")
     lines = [_RULE, f"cachescope: {v.kind} on queue {_quoted(v.queue)} (family {v.family}) "
-             f"{_at(v.step)}  [cache {v.cache}]", f"  {v.description}", ""]
+             f"{_at(v.step)}  [{where}]", f"  {v.description}", ""]
     if v.kind in ("owner_mismatch", "pop_empty", "pop_missing"):
         nth = f" (pop #{v.position} of this queue)" if v.position else ""
         lines.append(f"  Pop by   {v.consumer or '<no module>'} {_at(v.step)}{nth}")
@@ -96,6 +99,9 @@ def format_violation(v: "Violation") -> str:
                   "keys/values, silently."]
     if v.detail and v.kind not in ("owner_mismatch",):
         lines += ["", f"  {v.detail}"]
+    side = getattr(v, "peer_side", "")
+    if side:
+        lines += [""] + [f"  {line}" for line in side.splitlines()]
     if v.timeline:
         lines += ["", f"  Recent ops on {_quoted(v.queue)} and its step (oldest first):"]
         lines += [format_op(rec, mark=(rec.seq == v.seq)) for rec in v.timeline]
