@@ -1,0 +1,724 @@
+"""The cross-rank checker: ranks that decode one sequence must agree on every step.
+
+Under tensor parallelism (TP) and pipeline parallelism (PP) every rank has its own process-wide
+cache, and the worst cache bugs span ranks: one rank samples another token, skips or retries a
+layer, or finishes early while the others wait in a collective. ``attach`` makes a rank publish a
+compact fingerprint of each step to the key-value store its process group already has, and a
+watcher thread compares the ranks' fingerprints and watches their progress::
+
+    dist.init_process_group("gloo")
+    cache = cachescope.install()
+    check = cachescope.distributed.attach(cache, tp=2, pp=1)
+    ...decode...                  # check.note_inputs(ids) each step, if the loop can
+    check.flush(); check.detach()
+
+What is compared (``compare_step``), per step:
+
+* every rank of the run: the step's ``state_ids``, the kv lengths its layers pushed, and the digest
+  of the step's input token ids (``note_inputs``; token ids themselves never leave the rank);
+* TP peers (ranks of one pipeline stage) also: the ordered (op, queue, owner, kv length) of every
+  cache op of the step.
+
+A rank outside the majority (every rank of the group, when there is none) records a
+``rank_divergence``. A rank whose progress stays behind its peers' for ``stall_timeout`` seconds,
+or that ended its generation before a step its peers reached, is reported as ``rank_stalled`` by
+every rank that sees it: on the watcher thread, while the main thread may be blocked in a
+collective. The checker adds no collective of its own, so it can never add a hang; the store is
+only written and polled from the watcher thread. The main thread's share per checked step is one
+``ops_since`` read and a few tuples (``every=K`` checks one step in K).
+
+Rank layout: ``rank = pp_rank * tp + tp_rank`` within ``group`` (the layout of
+``cachescope.neox.parallel``).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from array import array
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ._families import strip_ids
+from ._records import OpRecord, Violation
+
+__all__ = ["attach", "RankCheck", "step_fingerprint", "compare_step", "kv_length",
+           "inputs_digest", "format_fingerprint"]
+
+log = logging.getLogger("cachescope")
+
+#: Ops per step kept in a fingerprint for reports (the digest covers all of them).
+MAX_FP_OPS = 128
+#: Steps a rank keeps its fingerprints in the store before deleting them.
+KEEP_STEPS = 256
+_CHECKED_OPS = frozenset(("push", "pop", "clear", "clear_all"))
+_attach_count: dict[Any, int] = {}
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def kv_length(value: Any) -> int | None:
+    """The sequence length of a queued KV item: ``shape[-2]`` of the first tensor-like in
+    ``value`` (a ``(k, v)`` pair of ``(B, heads, T, head_dim)`` tensors gives ``T``), else None.
+    Never raises."""
+    try:
+        x = value
+        for _ in range(4):
+            if isinstance(x, (tuple, list)):
+                if not x:
+                    return None
+                x = x[0]
+            else:
+                break
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) < 2:
+            return None
+        n = shape[-2]
+        return n if type(n) is int else int(n)
+    except Exception:
+        return None
+
+
+def inputs_digest(ids: Iterable[int]) -> str:
+    """A short digest of token ids (the ids themselves are never published)."""
+    try:
+        data = array("q", ids).tobytes()
+    except (TypeError, OverflowError, ValueError):
+        data = repr(list(ids)).encode("utf-8", "replace")
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _state(x: Any) -> str:
+    try:
+        return repr(x)[:80]
+    except Exception:
+        return f"<{type(x).__name__}>"
+
+
+def step_fingerprint(records: Sequence[OpRecord], *, step: int, state_ids: Any = None,
+                     inputs_digest: str | None = None,
+                     kv_lengths: Sequence[int | None] | None = None,
+                     state_key: str = "state_ids", rank: int | None = None,
+                     generation: int = 0) -> dict[str, Any]:
+    """The fingerprint of one step from its op records (the live checker and ``analyze`` of
+    per-rank recordings build it the same way).
+
+    ``kv_lengths``: one entry per push in ``records`` (None where unknown); without it the pushed
+    bytes stand in for lengths. Returns a JSON-able dict: ``s`` step, ``g`` generation, ``ids``
+    state ids, ``n`` number of checked ops, ``d`` digest of the ordered (op, queue, owner, kv
+    length), ``kv`` the distinct kv lengths pushed, ``in`` the inputs digest, ``ops`` the first
+    ``MAX_FP_OPS`` checked ops as ``[op, queue, owner, site, kv]``.
+    """
+    ops: list[list[Any]] = []
+    lengths = iter(kv_lengths) if kv_lengths is not None else None
+    for rec in records:
+        op = rec.op
+        if op in _CHECKED_OPS:
+            kv: Any = None
+            if op == "push":
+                kv = next(lengths, None) if lengths is not None else None
+                if kv is None and rec.logical_bytes:
+                    kv = f"{rec.logical_bytes}B"
+            ops.append([op, rec.queue, rec.owner, rec.site, kv])
+        elif op == "set" and rec.queue == state_key:
+            ops.append(["set", rec.queue, rec.owner, rec.site, None])
+    h = hashlib.blake2b(digest_size=8)
+    for op, queue, owner, _site, kv in ops:
+        h.update(f"{op}\x1f{queue}\x1f{owner}\x1f{kv}\x1e".encode("utf-8", "replace"))
+    kvs = sorted({str(o[4]) for o in ops if o[0] == "push" and o[4] is not None})
+    return {"r": rank, "g": generation, "s": step, "ids": _state(state_ids), "n": len(ops),
+            "d": h.hexdigest(), "kv": kvs, "in": inputs_digest, "ops": ops[:MAX_FP_OPS],
+            "t": time.time()}
+
+
+def format_fingerprint(fp: Mapping[str, Any], mark: int | None = None) -> list[str]:
+    """A fingerprint's ops as report lines (``mark``: index of the op to point at)."""
+    lines = []
+    for i, (op, queue, owner, site, kv) in enumerate(fp.get("ops") or ()):
+        arrow = "  >" if i == mark else "   "
+        kv_text = "" if kv is None else f" kv={kv}"
+        lines.append(f"{arrow} {i + 1:>3} {op:<9} {str(queue)[:40]:<14} {owner or '-'}{kv_text}"
+                     f"  at {site or '?'}")
+    if fp.get("n", 0) > len(fp.get("ops") or ()):
+        lines.append(f"      ... {fp['n'] - len(fp['ops'])} more op(s)")
+    return lines
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def _majority(values: Mapping[int, Any]) -> tuple[Any, bool]:
+    """The value most ranks hold, and whether it is a strict majority (ties: the lowest rank's)."""
+    counts: dict[Any, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    best = max(counts.values())
+    leaders = [v for v, n in counts.items() if n == best]
+    strict = len(leaders) == 1 and best * 2 > len(values)
+    if len(leaders) == 1:
+        return leaders[0], strict
+    lowest = min(values)
+    return values[lowest], False
+
+
+def _first_diff(a: Sequence[Any], b: Sequence[Any]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x[0] != y[0] or x[1] != y[1] or x[2] != y[2] or x[4] != y[4]:
+            return i
+    return min(len(a), len(b))
+
+
+def _owners(fp: Mapping[str, Any]) -> list[str]:
+    return [o[2] for o in fp.get("ops") or () if o[0] == "pop" or o[0] == "push"]
+
+
+def _ops_hint(rank: int, peer: int, mine: Mapping[str, Any], theirs: Mapping[str, Any],
+              step: int) -> str:
+    a, b = _owners(mine), _owners(theirs)
+    missing = [o for o in dict.fromkeys(b) if a.count(o) < b.count(o)]
+    extra = [o for o in dict.fromkeys(a) if a.count(o) > b.count(o)]
+    if missing and not extra:
+        return (f"rank {rank} skipped {', '.join(map(str, missing[:3]))} at step {step}: rank "
+                f"{peer} ran it. A layer that runs on some TP ranks only also desynchronises the "
+                "collectives; check what skips layers on that rank")
+    if extra and not missing:
+        how = "ran again" if mine.get("n", 0) > theirs.get("n", 0) else "ran"
+        return (f"rank {rank} {how} {', '.join(map(str, extra[:3]))} more often than rank {peer} "
+                f"at step {step} (a retried or repeated layer): its cache now holds entries its "
+                "peers do not; make a retried step re-run on every rank or on none")
+    if sorted(a) == sorted(b):
+        return (f"rank {rank} ran its layers in another order than rank {peer} at step {step}; TP "
+                "peers must run the same layers in the same order")
+    return (f"ranks {rank} and {peer} made different cache ops at step {step}; compare the two "
+            "op lists above")
+
+
+def _divergence(rank: int, peer: int, fp: Mapping[str, Any], ref: Mapping[str, Any],
+                field: str, strict: bool, queue_default: str = "state_ids") -> Violation:
+    step = int(fp.get("s", -1))
+    queue, consumer, producer = queue_default, None, None
+    consumer_site = producer_site = None
+    mark = None
+    if field == "in":
+        what = (f"rank {rank} fed other token ids into step {step} than rank {peer} (input "
+                f"digest {fp.get('in')} vs {ref.get('in')})")
+        who = (f"rank {rank} sampled a different token at step {step - 1}" if strict else
+               f"ranks {rank} and {peer} continued with different tokens after step {step - 1} "
+               "(one of them sampled a different token)")
+        hint = (f"{who}: the input to step {step} differs. Pick the token on one rank and "
+                "broadcast it (dist.broadcast), or seed every rank's sampler identically")
+        queue = "<inputs>"
+    elif field == "ids":
+        what = (f"rank {rank} ran step {step} with state_ids {fp.get('ids')} where rank {peer} "
+                f"ran {ref.get('ids')}")
+        hint = (f"rank {rank} counts steps differently from rank {peer}: a step that was retried "
+                "or restarted on one rank only (state_ids set again) shifts every later step. "
+                "Retry a failed step on every rank or on none")
+    elif field == "kv":
+        what = (f"rank {rank}'s layers pushed kv length(s) {', '.join(fp.get('kv') or ['-'])} at "
+                f"step {step} where rank {peer}'s pushed {', '.join(ref.get('kv') or ['-'])}")
+        hint = (f"rank {rank}'s cache holds a different number of positions than rank {peer}'s: "
+                "a token was missed or added on one rank (sizing or batch differs between ranks?)")
+    else:   # the ordered ops of TP peers
+        mine, theirs = fp.get("ops") or [], ref.get("ops") or []
+        i = _first_diff(mine, theirs)
+        mark = i
+        a = mine[i] if i < len(mine) else None
+        b = theirs[i] if i < len(theirs) else None
+        if a is not None:
+            queue, consumer, consumer_site = str(a[1]), a[2], a[3]
+        elif b is not None:
+            queue = str(b[1])
+        if b is not None:
+            producer, producer_site = b[2], b[3]
+
+        def show(o: Any) -> str:
+            if o is None:
+                return "nothing (its step ended)"
+            kv = "" if o[4] is None else f" (kv {o[4]})"
+            return f"{o[0]} {o[1]!r} by {o[2] or '<no module>'}{kv}"
+
+        what = (f"rank {rank} and rank {peer} disagree at op {i + 1} of step {step}: rank {rank} "
+                f"made {show(a)}, rank {peer} made {show(b)} (ops in the step: {fp.get('n')} vs "
+                f"{ref.get('n')})")
+        hint = _ops_hint(rank, peer, fp, ref, step)
+    if not strict:
+        what += f"; no majority among the ranks compared, so each side is reported"
+    side = [f"Rank {rank}'s step {step} (state_ids {fp.get('ids')}, {fp.get('n')} cache ops, "
+            f"inputs {fp.get('in') or '?'}):"]
+    side += format_fingerprint(fp, mark) or ["      (no cache ops)"]
+    side += ["", f"Rank {peer}'s step {step} (state_ids {ref.get('ids')}, {ref.get('n')} cache ops, "
+                 f"inputs {ref.get('in') or '?'}):"]
+    side += format_fingerprint(ref, mark) or ["      (no cache ops)"]
+    return Violation(
+        kind="rank_divergence", queue=queue, family=strip_ids(queue) or queue, step=step,
+        consumer=consumer, producer=producer, consumer_site=consumer_site,
+        producer_site=producer_site, hint=hint, detail=what, rank=rank, peer=peer,
+        peer_side="\n".join(side))
+
+
+def compare_step(fps_by_rank: Mapping[int, Mapping[str, Any]], *, tp: int,
+                 pp: int = 1) -> list[Violation]:
+    """Compare one step's fingerprints of the ranks in ``fps_by_rank`` (rank -> fingerprint);
+    returns a ``rank_divergence`` for every rank outside the majority, at most one per rank
+    (the first field that differs: inputs, state ids, kv lengths, then the TP peers' ops)."""
+    out: list[Violation] = []
+    blamed: set[int] = set()
+    ranks = sorted(fps_by_rank)
+    if len(ranks) < 2:
+        return out
+    # Every rank of the run: inputs (when all know them), state ids, kv lengths.
+    for field in ("in", "ids", "kv"):
+        values = {}
+        for r in ranks:
+            v = fps_by_rank[r].get(field)
+            values[r] = tuple(v) if isinstance(v, list) else v
+        if field == "in" and any(v is None for v in values.values()):
+            continue
+        if field == "kv" and any(not v for v in values.values()):
+            values = {r: v for r, v in values.items() if v}   # stages without cache layers
+            if len(values) < 2:
+                continue
+        if len(set(values.values())) <= 1:
+            continue
+        ref_value, strict = _majority(values)
+        ref_rank = min(r for r, v in values.items() if v == ref_value)
+        for r, v in values.items():
+            if (v != ref_value or not strict) and r not in blamed:
+                peer = ref_rank if r != ref_rank else min(x for x in values if values[x] != v)
+                out.append(_divergence(r, peer, fps_by_rank[r], fps_by_rank[peer], field, strict))
+                blamed.add(r)
+    # TP peers: the ordered ops.
+    stages: dict[int, list[int]] = {}
+    for r in ranks:
+        stages.setdefault(r // tp, []).append(r)
+    for members in stages.values():
+        members = [r for r in members if r not in blamed]   # their difference is explained
+        if len(members) < 2:
+            continue
+        values = {r: fps_by_rank[r].get("d") for r in members}
+        if len(set(values.values())) <= 1:
+            continue
+        ref_value, strict = _majority(values)
+        ref_rank = min(r for r, v in values.items() if v == ref_value)
+        for r, v in values.items():
+            if (v != ref_value or not strict) and r not in blamed:
+                peer = ref_rank if r != ref_rank else min(x for x in values if values[x] != v)
+                out.append(_divergence(r, peer, fps_by_rank[r], fps_by_rank[peer], "ops", strict))
+                blamed.add(r)
+    return out
+
+
+# ----------------------------------------------------------------------------- the live checker
+
+def _store_from_env(timeout: float) -> Any:
+    import datetime
+
+    import torch.distributed as dist
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise ValueError(
+            "cachescope.distributed.attach() needs the process group's key-value store: set "
+            "MASTER_ADDR/MASTER_PORT (torchrun and init_method='env://' do), or pass store= (the "
+            "dist.Store your init_process_group used)")
+    try:
+        return dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=timeout))
+    except Exception as exc:
+        raise ValueError(f"cachescope.distributed.attach(): cannot connect to the store at "
+                         f"{addr}:{port} ({exc}); pass store= explicitly") from None
+
+
+class RankCheck:
+    """What ``attach`` returns: a sink on the rank's cache plus a watcher thread. See the module
+    docstring; ``detach()`` stops both."""
+
+    def __init__(self, cache: Any, *, rank: int, world_size: int, tp: int, pp: int,
+                 store: Any, stall_timeout: float, every: int,
+                 on_stall: Callable[[Violation], Any] | None,
+                 length: Callable[[Any], int | None], poll: float | None = None) -> None:
+        import torch.distributed as dist
+        self.rank, self.world_size, self.tp, self.pp = rank, world_size, tp, pp
+        self.tp_rank, self.pp_rank = rank % tp, rank // tp
+        self.stall_timeout = float(stall_timeout)
+        self.every = int(every)
+        self.on_stall = on_stall
+        self._length = length
+        self._cache_ref = weakref.ref(cache)
+        self.cache_name = getattr(cache, "name", "default")
+        self._state_key = str(getattr(cache, "state_key", "state_ids"))
+        key = (id(store), rank)
+        n = _attach_count.get(key, 0)
+        _attach_count[key] = n + 1
+        prefix = f"cachescope/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/a{n}/"
+        #: The store for the caller's own bookkeeping (e.g. publishing results); the watcher
+        #: thread uses its own connection when the store can clone one.
+        self.store = dist.PrefixStore(prefix, store)
+        try:
+            wstore = store.clone()
+        except Exception:
+            wstore = store
+        self._wstore = dist.PrefixStore(prefix, wstore)
+        self.violations: list[Violation] = []
+        self._lock = threading.Lock()
+        self._outbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._poll = poll if poll is not None else max(0.02, min(0.25, self.stall_timeout / 8))
+        # main-thread state (written by the sink methods; read by the watcher)
+        self.generation = 0
+        self._step = -1
+        self._ended = False
+        self._error: str | None = None
+        self._seq0 = 0
+        self._sampled = False
+        self._inputs: str | None = None
+        # watcher state
+        self._pending: dict[tuple[int, int], float] = {}
+        self._diverged: set[tuple[int, int]] = set()     # (generation, rank) already reported
+        self._behind: dict[int, tuple[Any, float]] = {}
+        self._stalled: set[tuple[int, Any]] = set()
+        self._hb_sent: Any = None
+        self._hb_time = 0.0
+        self._published_steps: collections.deque[tuple[int, int]] = collections.deque()
+        self._failed_once = False
+        cache.add_sink(self)
+        self._thread = threading.Thread(target=self._run, name=f"cachescope-rankcheck-{rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ sink (main thread)
+    def on_generation_start(self, cache: Any, info: Any) -> None:
+        self.generation += 1
+        self._step = -1
+        self._ended = False
+        self._error = None
+        self._wake.set()
+
+    def on_generation_end(self, cache: Any, info: Any) -> None:
+        err = info.get("error") if isinstance(info, dict) else None
+        self._error = None if err is None else f"{type(err).__name__}: {str(err)[:200]}"
+        self._ended = True
+        self._wake.set()
+
+    def on_violation(self, cache: Any, violation: Violation) -> None:
+        if violation.rank is None:
+            violation.rank = self.rank      # the cache's own checks: they concern this rank
+
+    def on_step_start(self, cache: Any, step: Any) -> None:
+        index = step.index
+        self._step = index
+        self._sampled = index % self.every == 0
+        if self._sampled:
+            self._seq0 = cache.seq - 1           # the boundary op (the state_ids set) included
+            self._inputs = None
+        self._wake.set()
+
+    def note_inputs(self, ids: Iterable[int]) -> None:
+        """The token ids fed to the current step (call after the step's ``state_ids`` set).
+        Only a digest is kept and published."""
+        if self._sampled:
+            self._inputs = inputs_digest(ids)
+
+    def on_step_end(self, cache: Any, step: Any) -> None:
+        if not self._sampled or step.index != self._step:
+            return
+        self._sampled = False
+        _first, records = cache.ops_since(self._seq0)
+        lengths: list[int | None] | None = None
+        pushed = [r.queue for r in records if r.op == "push"]
+        if pushed:
+            lengths = []
+            taken: dict[str, int] = {}
+            for q in pushed:
+                taken[q] = taken.get(q, 0) + 1
+            values: dict[str, list[Any]] = {}
+            for q, n in taken.items():
+                items = cache.get_quiet(q)
+                values[q] = list(items[-n:]) if type(items) is list and len(items) >= n else []
+            pos = {q: 0 for q in taken}
+            for q in pushed:
+                items = values[q]
+                i = pos[q]
+                pos[q] = i + 1
+                lengths.append(self._length(items[i]) if i < len(items) else None)
+        fp = step_fingerprint(records, step=step.index, state_ids=(step.prev, step.next),
+                              inputs_digest=self._inputs, kv_lengths=lengths,
+                              state_key=self._state_key, rank=self.rank,
+                              generation=self.generation)
+        self._idle.clear()
+        self._outbox.append(fp)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ public
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every published step was compared with the peers' (or ``timeout``);
+        returns whether everything was compared."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._wake.set()
+            if self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic()))) \
+                    and not self._outbox and not self._pending:
+                return True
+        return not self._outbox and not self._pending
+
+    def detach(self) -> None:
+        """Stop the watcher and take the sink off the cache (idempotent)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(2.0, self._poll * 4))
+        cache = self._cache_ref()
+        if cache is not None:
+            try:
+                cache.remove_sink(self)
+            except Exception:
+                pass
+
+    def __enter__(self) -> RankCheck:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return (f"RankCheck(rank={self.rank}, tp={self.tp}, pp={self.pp}, every={self.every}, "
+                f"stall_timeout={self.stall_timeout}, violations={len(self.violations)})")
+
+    # ------------------------------------------------------------------ watcher thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._poll)
+            self._wake.clear()
+            try:
+                self._publish()
+                self._compare()
+                self._heartbeat()
+                self._watch_progress()
+            except Exception:
+                if not self._failed_once:
+                    self._failed_once = True
+                    log.warning("cachescope: the cross-rank checker on rank %d failed to reach the "
+                                "store; it keeps trying (the decode loop is not affected)",
+                                self.rank, exc_info=True)
+            if not self._outbox and not self._pending:
+                self._idle.set()
+
+    def _fp_key(self, gen: int, step: int, rank: int) -> str:
+        return f"fp/{gen}/{step}/{rank}"
+
+    def _publish(self) -> None:
+        store = self._wstore
+        while self._outbox:
+            fp = self._outbox[0]
+            g, s = fp["g"], fp["s"]
+            store.set(self._fp_key(g, s, self.rank), json.dumps(fp, separators=(",", ":")))
+            self._outbox.popleft()
+            self._pending[(g, s)] = time.monotonic()
+            self._published_steps.append((g, s))
+            while len(self._published_steps) > KEEP_STEPS:
+                og, os_ = self._published_steps.popleft()
+                try:
+                    store.delete_key(self._fp_key(og, os_, self.rank))
+                except Exception:
+                    pass
+
+    def _compare(self) -> None:
+        if not self._pending:
+            return
+        store = self._wstore
+        now = time.monotonic()
+        for (g, s), since in sorted(self._pending.items()):
+            keys = [self._fp_key(g, s, r) for r in range(self.world_size)]
+            if not store.check(keys):
+                # Peers that never publish this step are the progress watch's business.
+                if now - since > max(self.stall_timeout * 2, 5.0):
+                    del self._pending[(g, s)]
+                continue
+            del self._pending[(g, s)]
+            if (g, self.rank) in self._diverged:
+                continue
+            raw = store.multi_get(keys)
+            fps = {r: json.loads(bytes(b).decode("utf-8")) for r, b in enumerate(raw)}
+            for v in compare_step(fps, tp=self.tp, pp=self.pp):
+                if v.rank != self.rank:
+                    continue
+                self._diverged.add((g, self.rank))
+                v.detail = f"generation {g}: {v.detail}"
+                self._record(v)
+
+    def _heartbeat(self) -> None:
+        state = (self.generation, self._step, self._ended)
+        now = time.monotonic()
+        if state == self._hb_sent and now - self._hb_time < max(1.0, self.stall_timeout / 4):
+            return
+        cache = self._cache_ref()
+        last = None
+        if cache is not None:
+            try:
+                _f, recs = cache.ops_since(cache.seq - 1)
+                if recs:
+                    r = recs[-1]
+                    last = [r.op, r.queue, r.owner, r.site, r.step]
+            except Exception:
+                last = None
+        hb = {"g": state[0], "s": state[1], "ended": state[2], "err": self._error, "last": last,
+              "t": time.time()}
+        self._wstore.set(f"hb/{self.rank}", json.dumps(hb, separators=(",", ":")))
+        self._hb_sent, self._hb_time = state, now
+
+    def _progress(self) -> dict[int, dict[str, Any] | None]:
+        store = self._wstore
+        out: dict[int, dict[str, Any] | None] = {}
+        for r in range(self.world_size):
+            key = f"hb/{r}"
+            if store.check([key]):
+                out[r] = json.loads(bytes(store.get(key)).decode("utf-8"))
+            else:
+                out[r] = None
+        return out
+
+    def _watch_progress(self) -> None:
+        beats = self._progress()
+        running = [(b["g"], b["s"]) for b in beats.values() if b is not None and not b.get("ended")]
+        if not running:
+            return                      # nobody waits for anybody
+        lead = max(running)
+        now = time.monotonic()
+        for r, b in beats.items():
+            pos = (b["g"], b["s"]) if b is not None else (0, -1)
+            ended = b is not None and bool(b.get("ended"))
+            if ended and pos[0] == lead[0]:
+                # Ended this generation while peers still run it: they will wait for it in
+                # their next collective. At once when they are past its last step.
+                waiting = [p for p in running if p[0] == pos[0]]
+                if not waiting:
+                    self._behind.pop(r, None)
+                    continue
+                past = max(waiting) > pos
+            elif pos < lead and lead[1] >= 0:
+                past = False
+            else:
+                self._behind.pop(r, None)
+                continue
+            seen = self._behind.get(r)
+            state = (pos, ended)
+            if seen is None or seen[0] != state:
+                self._behind[r] = seen = (state, now)
+            if not past and now - seen[1] < self.stall_timeout:
+                continue
+            if (r, state) in self._stalled:
+                continue
+            self._stalled.add((r, state))
+            self._record(self._stall_violation(r, b, pos, lead, ended, past, now - seen[1]),
+                         stall=True)
+
+    def _stall_violation(self, r: int, b: dict[str, Any] | None, pos: tuple[int, int],
+                         lead: tuple[int, int], ended_early: bool, past: bool,
+                         waited: float) -> Violation:
+        g, s = pos
+        step = s + 1 if g == lead[0] else 0
+        last = (b or {}).get("last")
+        if b is None:
+            what = (f"rank {r} has not reached step {lead[1]} of generation {lead[0]} (its peers "
+                    f"are there): no progress from it at all for {waited:.1f} s (not started, "
+                    "crashed before attaching, or not attached)")
+        elif ended_early:
+            err = f" with {b['err']}" if b.get("err") else ""
+            where = (f"while its peers reached step {lead[1]}" if past else
+                     f"while its peers still run step {lead[1]} ({waited:.1f} s later)")
+            what = (f"rank {r} ended generation {g}{err} after step {s} {where}: they wait for it "
+                    "in a collective that will never complete")
+        else:
+            what = (f"rank {r} has not reached step {step} of generation {lead[0]} for "
+                    f"{waited:.1f} s while its peers are at step {lead[1]}")
+        side = ""
+        if last:
+            op, queue, owner, site, lstep = (list(last) + [None] * 5)[:5]
+            side = (f"Rank {r}'s last cache op: {op} {queue!r} by {owner or '<no module>'} at "
+                    f"step {lstep}\n  at {site or '<unknown site>'}")
+        hint = ((f"rank {r}'s decode loop failed ({b['err']}); its peers cannot finish without it: "
+                 "see its own violations and errors" if b and b.get("err") else
+                 f"rank {r} finished early: every rank must run the same number of steps (stop on "
+                 "an agreed condition, e.g. broadcast the stop flag; HF's synced_gpus)")
+                if ended_early else
+                f"rank {r} is stuck before step {step} (a slow or hung rank, a data-dependent "
+                "branch that skips a collective, or a crash); its peers are blocked in a "
+                f"collective waiting for it. Reported by rank {self.rank} after "
+                f"{waited:.1f} s (stall_timeout={self.stall_timeout:g})")
+        queue, consumer, site = (str(last[1]), last[2], last[3]) if last else ("<progress>", None, None)
+        return Violation(
+            kind="rank_stalled", queue=queue, family=strip_ids(queue) or queue, step=step,
+            consumer=consumer, producer=None, consumer_site=site, hint=hint,
+            detail=f"{what} (seen by rank {self.rank})", rank=r, peer=self.rank,
+            peer_side=side)
+
+    def _record(self, v: Violation, stall: bool = False) -> None:
+        v.cache = self.cache_name
+        with self._lock:
+            self.violations.append(v)
+        cache = self._cache_ref()
+        if cache is not None:
+            try:
+                cache.add_violation(v)
+            except Exception:
+                log.warning("cachescope: could not record a cross-rank violation", exc_info=True)
+        log.warning("cachescope: %s", v.summary())
+        if stall and self.on_stall is not None:
+            try:
+                self.on_stall(v)
+            except Exception:
+                log.warning("cachescope: on_stall callback failed", exc_info=True)
+
+
+def attach(cache: Any = None, group: Any = None, *, stall_timeout: float = 10.0, every: int = 1,
+           tp: int | None = None, pp: int = 1, store: Any = None,
+           on_stall: Callable[[Violation], Any] | None = None,
+           length: Callable[[Any], int | None] = kv_length) -> RankCheck:
+    """Check this rank's decode against its peers'. Call on every rank after
+    ``init_process_group`` (the same calls in the same order on every rank).
+
+    cache: the rank's ``InstrumentedCache`` (default: the installed one).
+    group: the process group whose ranks decode one sequence (default: the world).
+    stall_timeout: seconds a rank may stay behind its peers before ``rank_stalled``.
+    every: compare one step in ``every`` (progress is watched on every step).
+    tp, pp: the layout (default: every rank is a TP peer of every other, ``pp=1``);
+      ``tp * pp`` must be the group's size; ``rank = pp_rank * tp + tp_rank``.
+    store: the ``dist.Store`` to publish to (default: a new connection to the one torchrun /
+      ``env://`` made, at MASTER_ADDR:MASTER_PORT).
+    on_stall: called (on the watcher thread) with each ``rank_stalled`` violation, e.g. to end
+      a run whose main thread is blocked in a collective.
+    length: kv length of a queued item (default ``kv_length``: ``shape[-2]``).
+    """
+    import torch.distributed as dist
+    if cache is None:
+        from ._install import installed
+        cache = installed()
+        if cache is None:
+            raise ValueError("cachescope.distributed.attach(): no cache given and none installed; "
+                             "call cachescope.install() first or pass cache=")
+    if not hasattr(cache, "add_violation") or not hasattr(cache, "ops_since"):
+        raise TypeError(f"attach() needs a cachescope InstrumentedCache, got {type(cache).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("cachescope.distributed.attach() needs an initialised process group: "
+                         "call torch.distributed.init_process_group(...) first")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be an int >= 1 (check one step in every), got {every!r}")
+    if not (isinstance(stall_timeout, (int, float)) and stall_timeout > 0):
+        raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout!r}")
+    rank = dist.get_rank(group)
+    size = dist.get_world_size(group)
+    tp = size // pp if tp is None else tp
+    if tp < 1 or pp < 1 or tp * pp != size:
+        raise ValueError(f"tp * pp must equal the group's size: tp={tp} x pp={pp} = {tp * pp}, "
+                         f"but the group has {size} rank(s); pass tp= and pp= of your layout")
+    if store is None:
+        store = _store_from_env(timeout=max(30.0, 3 * float(stall_timeout)))
+    return RankCheck(cache, rank=rank, world_size=size, tp=tp, pp=pp, store=store,
+                     stall_timeout=stall_timeout, every=every, on_stall=on_stall, length=length)
