@@ -14,21 +14,30 @@ that the model iterates at call time::
 Steps count the ``set(state_ids, ...)`` calls made inside the ``with`` block, from 0 (the prompt
 step); for a fresh ``InstrumentedCache`` and one generation this is ``cache.step``. Layer
 indices are positions in the container. Everything is restored on exit, also on error.
+
+``RANK_FAULTS`` are faults of one rank of a multi-rank run (``cachescope.neox.parallel``): each
+names the ``rank`` it acts on. ``rank-skip``/``rank-retry`` go through ``inject(..., rank=R)``
+like ``skip``/``retry``; ``rank-diverge``/``rank-stall``/``rank-exit`` act outside the model,
+through the decoder hooks that ``rank_hooks(...)`` returns.
 See docs/faults.md for the semantics of each fault and the violations it produces.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["FAULTS", "DEFAULT_STEP", "Fault", "FaultEvent", "FaultHandle", "FaultSpec",
-           "InjectedFault", "inject", "parse_fault"]
+__all__ = ["FAULTS", "RANK_FAULTS", "DEFAULT_STEP", "Fault", "FaultEvent", "FaultHandle",
+           "FaultSpec", "InjectedFault", "RankHooks", "check_ranks", "inject", "parse_fault",
+           "rank_hooks"]
 
 #: Step a fault fires at when the spec names none (``swap`` = ``swap@2``).
 DEFAULT_STEP = 2
@@ -45,9 +54,10 @@ class FaultSpec:
     name: str
     doc: str                                   # one line
     expected_kinds: tuple[str, ...]           # violation kinds it produces (see ``kinds_note``)
-    params: Mapping[str, tuple[type, str]]     # parameter -> (type, one-line doc)
+    params: Mapping[str, tuple[type, str]]     # parameter -> (type, one-line doc); float: > 0
     min_step: int = 0
     kinds_note: str = ""
+    required: tuple[str, ...] = ()             # parameters the spec must name
 
 
 FAULTS: dict[str, FaultSpec] = {spec.name: spec for spec in (
@@ -98,12 +108,79 @@ FAULTS: dict[str, FaultSpec] = {spec.name: spec for spec in (
         kinds_note="pop_missing (the KeyError ends the loop) with a hint naming who cleared it"),
 )}
 
+_RANK_PARAM = (int, "the rank it acts on, 0..world size - 1")
+
+#: Faults of one rank in a multi-rank run; each needs ``rank=``. Kept apart from ``FAULTS`` (the
+#: faults of one decode loop) because they need a multi-rank run.
+RANK_FAULTS: dict[str, FaultSpec] = {spec.name: spec for spec in (
+    FaultSpec(
+        "rank-skip", "on one rank only, one layer is not run for one step (like skip)",
+        ("leftover", "owner_mismatch", "pop_empty", "rank_divergence"),
+        {"rank": _RANK_PARAM,
+         "layer": (int, "the layer skipped, a position in that rank's own layer container "
+                        "(default: its first layer that uses the cache)")},
+        required=("rank",),
+        kinds_note="with tp = 1 (pipeline stages only) the rank gets the local kinds of skip "
+                   "(leftover at the step; owner_mismatch and pop_empty at the next, whose "
+                   "IndexError ends its loop) and its peers are left waiting for it; with tp >= 2 "
+                   "the skipped layer's all_reduces are missing on the rank, so its collectives "
+                   "no longer pair with its TP peers': on gloo the ranks block inside the step "
+                   "(the rank in the token broadcast, its peers in the all_reduce), before the "
+                   "step's leftover is checked, and only its ops so far differ from its peers' "
+                   "(rank_divergence)"),
+    FaultSpec(
+        "rank-retry", "on one rank only, the step raises half-way and is retried with the same "
+                      "state_ids (like retry)",
+        ("step_restarted", "owner_mismatch", "pop_empty", "rank_divergence"),
+        {"rank": _RANK_PARAM,
+         "layer": (int, "the layer that raises InjectedFault on the first attempt, a position in "
+                        "that rank's own layer container (default: its second cache layer)")},
+        required=("rank",),
+        kinds_note="on the rank, the local kinds of retry (step_restarted, then owner_mismatch "
+                   "and pop_empty, whose IndexError ends its loop; seen with tp=2 on gloo); the "
+                   "re-set state_ids puts the rank one step ahead of its peers, whose steps it "
+                   "no longer matches (rank_divergence), and its peers are left waiting for it"),
+    FaultSpec(
+        "rank-diverge", "one rank continues with another token than its peers after the step",
+        ("rank_divergence",),
+        {"rank": _RANK_PARAM},
+        required=("rank",),
+        kinds_note="rank_divergence at the next step (its input token differs from its peers'); "
+                   "a diverge at the last step changes only that rank's last token, which no "
+                   "step reads"),
+    FaultSpec(
+        "rank-stall", "one rank stops for some seconds before the step begins",
+        ("rank_stalled",),
+        {"rank": _RANK_PARAM,
+         "seconds": (float, "how long the rank stops, a number of seconds > 0")},
+        required=("rank", "seconds"),
+        kinds_note="rank_stalled when seconds exceeds the stall timeout (--stall-timeout); a "
+                   "shorter stall only delays the step"),
+    FaultSpec(
+        "rank-exit", "one rank ends its generation before the step; its peers wait for it",
+        ("rank_stalled",),
+        {"rank": _RANK_PARAM},
+        required=("rank",),
+        kinds_note="rank_stalled: the peers reach the step, the rank never does"),
+)}
+
+#: The rank faults that ``inject`` carries out, and the single-process fault each acts like.
+_INJECTED_RANK = {"rank-skip": "skip", "rank-retry": "retry"}
+#: The rank faults that ``rank_hooks`` carries out.
+_HOOK_FAULTS = ("rank-diverge", "rank-stall", "rank-exit")
+_CATALOGUE: dict[str, FaultSpec] = {**FAULTS, **RANK_FAULTS}
+
 _SPEC_RE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z_-]*)\s*(?:@\s*(?P<step>[^:]*?)\s*)?"
                       r"(?::(?P<params>.*))?$")
 
 
 def _valid_names() -> str:
-    return ", ".join(FAULTS)
+    return ", ".join(_CATALOGUE)
+
+
+def _base(name: str) -> str:
+    """The single-process fault a rank fault acts like (``rank-skip`` -> ``skip``), else ``name``."""
+    return _INJECTED_RANK.get(name, name)
 
 
 def _canonical(name: str) -> str:
@@ -120,10 +197,10 @@ class Fault:
 
     def __post_init__(self) -> None:
         name = _canonical(self.name)
-        if name not in FAULTS:
+        if name not in _CATALOGUE:
             raise ValueError(f"unknown fault {self.name!r}; valid faults: {_valid_names()}")
         object.__setattr__(self, "name", name)
-        spec = FAULTS[name]
+        spec = _CATALOGUE[name]
         if isinstance(self.step, bool) or not isinstance(self.step, int):
             raise ValueError(f"fault {name}: step must be an int, got {self.step!r}")
         if self.step < spec.min_step:
@@ -140,6 +217,18 @@ class Fault:
                 raise ValueError(f"fault {name}: {key} must be an int, got {value!r}")
             if typ is str and not isinstance(value, str):
                 raise ValueError(f"fault {name}: {key} must be a string, got {value!r}")
+            if typ is float:
+                if (isinstance(value, bool) or not isinstance(value, (int, float))
+                        or not math.isfinite(value) or value <= 0):
+                    raise ValueError(f"fault {name}: {key} must be a positive finite number, "
+                                     f"got {value!r}")
+                params[key] = float(value)
+        for key in spec.required:
+            if key not in params:
+                raise ValueError(f"fault {name} needs {key}= ({spec.params[key][1]}), e.g. "
+                                 f"{_example(name)}")
+        if "rank" in params and params["rank"] < 0:
+            raise ValueError(f"fault {name}: rank must be >= 0, got {params['rank']}")
         if name == "swap" and "layer" in params and params.get("other") == params["layer"]:
             raise ValueError(f"fault swap: layer and other must differ, both are {params['layer']}")
         object.__setattr__(self, "params", params)
@@ -149,7 +238,12 @@ class Fault:
 
     @property
     def spec(self) -> FaultSpec:
-        return FAULTS[self.name]
+        return _CATALOGUE[self.name]
+
+    @property
+    def rank(self) -> int | None:
+        """The rank a rank fault acts on; None for the faults of ``FAULTS``."""
+        return self.params["rank"] if self.name in RANK_FAULTS else None
 
     @property
     def expected_kinds(self) -> tuple[str, ...]:
@@ -160,8 +254,16 @@ class Fault:
         return f"{self.name}@{self.step}" + (f":{params}" if params else "")
 
 
+def _example(name: str) -> str:
+    return {"rank-stall": "rank-stall@2:rank=1,seconds=5"}.get(name, f"{name}@2:rank=1")
+
+
+_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def parse_fault(text: str) -> Fault:
-    """``"swap@3"``, ``"skip@2:layer=1"``, ``"clear@4:layer=2,queue=attn_kv_{prev}"`` -> ``Fault``.
+    """``"swap@3"``, ``"skip@2:layer=1"``, ``"clear@4:layer=2,queue=attn_kv_{prev}"`` -> ``Fault``;
+    also the rank faults, e.g. ``"rank-stall@3:rank=1,seconds=2.5"``.
 
     Syntax: ``NAME[@STEP][:KEY=VALUE,...]``. Raises ``ValueError`` naming the problem (and the
     valid faults or parameters) for anything else.
@@ -174,9 +276,9 @@ def parse_fault(text: str) -> Fault:
         raise ValueError(f"bad fault spec {text!r}: expected NAME[@STEP][:KEY=VALUE,...], e.g. "
                          "swap@3 or skip@2:layer=1")
     name = _canonical(m.group("name"))
-    if name not in FAULTS:
+    if name not in _CATALOGUE:
         raise ValueError(f"unknown fault {m.group('name')!r} in {text!r}; valid faults: {_valid_names()}")
-    spec = FAULTS[name]
+    spec = _CATALOGUE[name]
     step = DEFAULT_STEP
     raw_step = m.group("step")
     if raw_step is not None:
@@ -198,11 +300,18 @@ def parse_fault(text: str) -> Fault:
                 raise ValueError(f"fault {name} has no parameter {key!r}; its parameters: {valid}")
             if key in params:
                 raise ValueError(f"parameter {key!r} given twice in fault spec {text!r}")
-            if spec.params[key][0] is int:
+            typ = spec.params[key][0]
+            if typ is int:
                 if not re.fullmatch(r"-?\d+", value):
+                    what = "a rank number" if key == "rank" else "an integer layer index"
                     raise ValueError(f"bad value {value!r} for {key} in fault spec {text!r}: "
-                                     "expected an integer layer index")
+                                     f"expected {what}")
                 params[key] = int(value)
+            elif typ is float:
+                if not _NUMBER_RE.fullmatch(value):
+                    raise ValueError(f"bad value {value!r} for {key} in fault spec {text!r}: "
+                                     "expected a number, e.g. 2.5")
+                params[key] = float(value)
             else:
                 params[key] = value
     return Fault(name, step, params)
@@ -224,26 +333,57 @@ class FaultEvent:
 
 
 class FaultHandle:
-    """What ``inject`` yields: the resolved faults and ``events`` (what was done, when)."""
+    """What ``inject`` yields: the resolved faults and ``events`` (what was done, when).
 
-    def __init__(self, faults: Sequence[Fault], layer_names: Sequence[str]) -> None:
+    ``faults`` holds every fault given (defaults resolved for those ``inject`` acts on);
+    ``active`` the ones ``inject`` acts on in this process: all but the rank faults of other ranks
+    and the hook faults (``rank-diverge``/``rank-stall``/``rank-exit``, whose events are in the
+    ``RankHooks``). ``fired`` and ``not_fired()`` concern ``active`` only.
+    """
+
+    def __init__(self, faults: Sequence[Fault], layer_names: Sequence[str],
+                 active: Sequence[Fault] | None = None, rank: int | None = None) -> None:
         self.faults = tuple(faults)
+        self.active = self.faults if active is None else tuple(active)
+        self.rank = rank
         self.layer_names = tuple(layer_names)
         self.events: list[FaultEvent] = []
         self.steps_seen = 0
 
     @property
     def fired(self) -> bool:
-        """Whether every fault fired."""
+        """Whether every fault of ``active`` fired."""
         return not self.not_fired()
 
     def not_fired(self) -> list[Fault]:
-        """The faults that did nothing (their step never came, or nothing to act on)."""
+        """The faults of ``active`` that did nothing (their step never came, or nothing to act on)."""
         done = {id(e.fault) for e in self.events}
-        return [f for f in self.faults if id(f) not in done]
+        return [f for f in self.active if id(f) not in done]
 
     def __repr__(self) -> str:
         return f"FaultHandle(faults={[str(f) for f in self.faults]}, events={len(self.events)})"
+
+
+def _acts_here(fault: Fault, rank: int | None) -> bool:
+    """Whether ``inject`` carries ``fault`` out in the process of ``rank``."""
+    if fault.name in FAULTS:
+        return True
+    return fault.name in _INJECTED_RANK and fault.params["rank"] == rank
+
+
+def _as_faults(faults: Fault | str | Sequence[Fault | str], who: str) -> list[Fault]:
+    items = [faults] if isinstance(faults, (Fault, str)) else list(faults)
+    resolved = [parse_fault(f) if isinstance(f, str) else f for f in items]
+    for f in resolved:
+        if not isinstance(f, Fault):
+            raise TypeError(f"{who} takes Fault objects or spec strings, got {type(f).__name__}")
+    return resolved
+
+
+def _check_rank_arg(rank: Any, who: str) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"{who}: rank must be an int >= 0 (this process's global rank), "
+                         f"got {rank!r}")
 
 
 def _touches_cache_deep(module: nn.Module) -> bool:
@@ -253,7 +393,7 @@ def _touches_cache_deep(module: nn.Module) -> bool:
 
 class _Injector:
     def __init__(self, faults: Sequence[Fault], layers: nn.Module, cache: Any,
-                 model: nn.Module | None) -> None:
+                 model: nn.Module | None, rank: int | None = None) -> None:
         if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
             raise TypeError(f"inject() needs the model's layer container (an nn.ModuleList or "
                             f"nn.Sequential), got {type(layers).__name__}")
@@ -265,16 +405,21 @@ class _Injector:
         if n == 0:
             raise ValueError("inject(): the layer container is empty")
         cache_layers = [i for i, m in enumerate(self.modules) if _touches_cache_deep(m)] or list(range(n))
-        self.faults = [self._resolve(f, n, cache_layers) for f in faults]
+        # Only the faults acted on here are resolved: another rank's layer= may not fit this
+        # rank's container (pipeline stages hold different numbers of layers).
+        resolved = [self._resolve(f, n, cache_layers) if _acts_here(f, rank) else f for f in faults]
+        self.handle = FaultHandle(resolved, [type(m).__name__ for m in self.modules],
+                                  [f for f in resolved if _acts_here(f, rank)], rank)
+        self.faults = list(self.handle.active)   # what the machinery below acts on
         self.runner: nn.Module | None = None
-        if any(f.name == "retry" for f in self.faults):
+        retry = next((f for f in self.faults if _base(f.name) == "retry"), None)
+        if retry is not None:
             runner = model if model is not None else (layers if isinstance(layers, nn.Sequential) else None)
             if runner is None:
-                raise ValueError("the retry fault needs model=: the module whose forward runs the "
-                                 "layers (the loop retries by calling it again); an nn.Sequential "
-                                 "container is its own runner")
+                raise ValueError(f"the {retry.name} fault needs model=: the module whose forward "
+                                 "runs the layers (the loop retries by calling it again); an "
+                                 "nn.Sequential container is its own runner")
             self.runner = runner
-        self.handle = FaultHandle(self.faults, [type(m).__name__ for m in self.modules])
         self._count = 0            # state_ids sets seen in the block
         self._step = -1
         self._last_state: Any = None
@@ -301,7 +446,8 @@ class _Injector:
         def nth(k: int) -> int:
             return cache_layers[min(k, len(cache_layers) - 1)]
 
-        if fault.name == "swap":
+        name = _base(fault.name)
+        if name == "swap":
             a = norm("layer", params["layer"]) if "layer" in params else nth(0)
             if "other" in params:
                 b = norm("other", params["other"])
@@ -314,11 +460,11 @@ class _Injector:
             if a == b:
                 raise ValueError(f"fault {fault}: layer and other must differ, both are {a}")
             params["layer"], params["other"] = a, b
-        elif fault.name in ("skip", "repeat"):
+        elif name in ("skip", "repeat"):
             params["layer"] = norm("layer", params["layer"]) if "layer" in params else nth(0)
-        elif fault.name in ("retry", "clear"):
+        elif name in ("retry", "clear"):
             params["layer"] = norm("layer", params["layer"]) if "layer" in params else nth(1)
-            if fault.name == "clear":
+            if name == "clear":
                 params.setdefault("queue", "attn_kv_{prev}")
         return Fault(fault.name, fault.step, params)
 
@@ -367,7 +513,7 @@ class _Injector:
         self.handle.events.append(FaultEvent(fault, step, self._cache_step(), what))
 
     def _apply_order(self, k: int) -> None:
-        todo = [f for f in self.faults if f.step == k and f.name in ("swap", "skip", "repeat")
+        todo = [f for f in self.faults if f.step == k and _base(f.name) in ("swap", "skip", "repeat")
                 and id(f) not in self._fired]
         if not todo:
             return
@@ -378,7 +524,7 @@ class _Injector:
                 other = f.params["other"]
                 order = [other if i == layer else layer if i == other else i for i in order]
                 what = f"layers {layer} and {other} run in each other's place"
-            elif f.name == "skip":
+            elif _base(f.name) == "skip":
                 order = [i for i in order if i != layer]
                 what = f"layer {layer} not run"
             else:
@@ -401,7 +547,7 @@ class _Injector:
         def hook(_module: nn.Module, _args: Any) -> None:
             if self._step != fault.step or id(fault) in self._fired:
                 return
-            if fault.name == "retry":
+            if _base(fault.name) == "retry":
                 self._fire(fault, self._step, f"raised InjectedFault before layer {layer} "
                                               f"(layers before it ran); the step is retried")
                 raise InjectedFault(f"injected fault {fault}: step {self._step} failed before "
@@ -438,7 +584,7 @@ class _Injector:
             attributor.make_transparent(type(self)._set, type(self)._forward_set)
         try:
             for f in self.faults:
-                if f.name in ("retry", "clear"):
+                if _base(f.name) in ("retry", "clear"):
                     module = self.modules[f.params["layer"]]
                     self._hooks.append(module.register_forward_pre_hook(self._make_hook(f),
                                                                         prepend=True))
@@ -474,7 +620,8 @@ class _Injector:
 
 @contextlib.contextmanager
 def inject(faults: Fault | str | Sequence[Fault | str], layers: nn.ModuleList | nn.Sequential,
-           cache: Any = None, *, model: nn.Module | None = None) -> Iterator[FaultHandle]:
+           cache: Any = None, *, model: nn.Module | None = None,
+           rank: int | None = None) -> Iterator[FaultHandle]:
     """Inject ``faults`` (a ``Fault``, a spec string, or several) into the decode loop(s) run
     inside the block.
 
@@ -487,18 +634,141 @@ def inject(faults: Fault | str | Sequence[Fault | str], layers: nn.ModuleList | 
     ``state_ids`` sets are seen by wrapping ``cache.set`` on the instance; ``retry``/``clear``
     use forward pre-hooks on the chosen layer; ``retry`` also wraps ``model.forward`` so the
     step is re-run with the same ``state_ids`` after ``InjectedFault``. All undone on exit.
+
+    ``rank``: this process's global rank in a multi-rank run. ``rank-skip``/``rank-retry`` act
+    (as ``skip``/``retry``) only where ``rank`` is their ``rank=``; the hook faults
+    (``rank-diverge``/``rank-stall``/``rank-exit``) are left to ``rank_hooks``. Any rank fault
+    with ``rank=None`` is a ``ValueError``.
     """
+    resolved = _as_faults(faults, "inject()")
+    if rank is None:
+        for f in resolved:
+            if f.name in RANK_FAULTS:
+                raise ValueError(f"fault {f}: rank faults need a multi-rank run, e.g. cachescope "
+                                 f"run --nproc 2 --fault {f}")
+    else:
+        _check_rank_arg(rank, "inject()")
     if cache is None:
         from ._cache import get_cache
         cache = get_cache()
-    items = [faults] if isinstance(faults, (Fault, str)) else list(faults)
-    resolved = [parse_fault(f) if isinstance(f, str) else f for f in items]
-    for f in resolved:
-        if not isinstance(f, Fault):
-            raise TypeError(f"inject() takes Fault objects or spec strings, got {type(f).__name__}")
-    injector = _Injector(resolved, layers, cache, model)
+    injector = _Injector(resolved, layers, cache, model, rank)
     handle = injector.__enter__()
     try:
         yield handle
     finally:
         injector.__exit__()
+
+
+# ---------------------------------------------------------------------------- rank faults
+
+def check_ranks(faults: Fault | str | Sequence[Fault | str], world_size: int) -> None:
+    """Raise ``ValueError`` when a rank fault names a rank outside a world of ``world_size`` ranks.
+
+    The caller checks this once it knows the world size (``rank=`` itself is checked >= 0 when the
+    fault is built); the faults of ``FAULTS`` are not concerned.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"check_ranks(): world_size must be an int >= 1, got {world_size!r}")
+    for f in _as_faults(faults, "check_ranks()"):
+        r = f.rank
+        if r is not None and r >= world_size:
+            raise ValueError(f"fault {f}: rank={r} is out of range for a world of {world_size} "
+                             f"rank(s) (valid: 0..{world_size - 1}); pick a lower rank or launch "
+                             "more (--nproc)")
+
+
+class RankHooks:
+    """Decoder hooks that carry out this rank's ``rank-diverge``, ``rank-stall`` and ``rank-exit``
+    faults (``ParallelDecoder(hooks=...)``); made by ``rank_hooks``.
+
+    ``faults``: the hook faults that act on this rank (each fires at most once); ``events``: what
+    was done, at which step (``FaultEvent.cache_step`` is None: the hooks do not see the cache).
+    ``close()`` (also on leaving a ``with`` block) wakes a stall that is sleeping and makes later
+    stalls return at once. Use one ``RankHooks`` per generation, like one ``inject`` block.
+    """
+
+    def __init__(self, faults: Sequence[Fault], *, rank: int, vocab_size: int) -> None:
+        self.rank = rank
+        self.vocab_size = vocab_size
+        self.faults = tuple(f for f in faults if f.name in _HOOK_FAULTS and f.params["rank"] == rank)
+        self.events: list[FaultEvent] = []
+        self._fired: set[int] = set()
+        self._closed = threading.Event()
+
+    def _due(self, name: str, step: int) -> list[Fault]:
+        return [f for f in self.faults if f.name == name and f.step == step
+                and id(f) not in self._fired]
+
+    def _fire(self, fault: Fault, step: int, what: str) -> None:
+        self._fired.add(id(fault))
+        self.events.append(FaultEvent(fault, step, None, what))
+
+    def before_step(self, step: int) -> bool:
+        """Called before the step sets ``state_ids``: sleeps for a ``rank-stall`` of this step;
+        returns False for a ``rank-exit`` of this step (the rank ends its generation now)."""
+        for f in self._due("rank-stall", step):
+            asked = f.params["seconds"]
+            t0 = time.monotonic()
+            cut = self._closed.wait(asked)
+            slept = time.monotonic() - t0
+            self._fire(f, step, f"rank {self.rank} stopped for {slept:.2f} s before step {step} "
+                                f"(before its state_ids set)"
+                                + (f"; cut short by close() ({asked:g} s asked)" if cut else ""))
+        exits = self._due("rank-exit", step)
+        for f in exits:
+            self._fire(f, step, f"rank {self.rank} ended its generation before step {step}; its "
+                                "peers wait for it")
+        return not exits
+
+    def token(self, step: int, token: int) -> int:
+        """Called after the step's token was broadcast: the token this rank continues with
+        (another id for a ``rank-diverge`` of this step, ``token`` otherwise)."""
+        out = int(token)
+        for f in self._due("rank-diverge", step):
+            new = (out + 1) % self.vocab_size
+            self._fire(f, step, f"rank {self.rank} continues with token {new} instead of {out} "
+                                f"(its peers' token) after step {step}")
+            out = new
+        return out
+
+    @property
+    def fired(self) -> bool:
+        """Whether every fault of ``faults`` fired."""
+        return not self.not_fired()
+
+    def not_fired(self) -> list[Fault]:
+        """The faults of ``faults`` that did nothing (their step never came)."""
+        return [f for f in self.faults if id(f) not in self._fired]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        """Wake a sleeping ``rank-stall`` now; later stalls do not sleep. Safe from any thread."""
+        self._closed.set()
+
+    def __enter__(self) -> RankHooks:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"RankHooks(rank={self.rank}, faults={[str(f) for f in self.faults]}, "
+                f"events={len(self.events)})")
+
+
+def rank_hooks(faults: Fault | str | Sequence[Fault | str], *, rank: int,
+               vocab_size: int) -> RankHooks:
+    """The decoder hooks of this ``rank`` for ``faults`` (a ``Fault``, a spec string, or several):
+    ``rank-diverge``/``rank-stall``/``rank-exit`` whose ``rank=`` is ``rank``; other faults are
+    ``inject``'s business and ignored here. ``vocab_size``: the model's, for the other token id
+    that ``rank-diverge`` picks (``(token + 1) % vocab_size``).
+    """
+    resolved = _as_faults(faults, "rank_hooks()")
+    _check_rank_arg(rank, "rank_hooks()")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"rank_hooks(): vocab_size must be an int >= 2 (rank-diverge picks "
+                         f"another token id), got {vocab_size!r}")
+    return RankHooks(resolved, rank=rank, vocab_size=vocab_size)
