@@ -9,6 +9,9 @@ when it recorded one, for the exemplar).
 ``REGISTRY`` is cachescope's own ``CollectorRegistry`` (the default for ``InstrumentedCache``), not
 ``prometheus_client.REGISTRY``: serve it with ``start_metrics_server(port)``, or pass
 ``registry=prometheus_client.REGISTRY`` to the cache to join the application's global registry.
+
+Multi-rank runs give each rank's cache ``const_labels=rank_labels(rank, tp_rank, pp_rank)``: the
+bounded labels ``rank``, ``tp_rank``, ``pp_rank`` then sit on every series of that process.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from prometheus_client.samples import Exemplar, Sample
 from ._records import KINDS, OPS
 
 __all__ = ["REGISTRY", "MetricsSink", "MetricsServerError", "export", "start_metrics_server",
-           "STEP_BUCKETS"]
+           "STEP_BUCKETS", "RANK_LABELS", "rank_labels"]
 
 log = logging.getLogger("cachescope")
 
@@ -49,6 +52,20 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED = frozenset({"cache", "op", "family", "kind", "state", "sink", "le", "quantile"})
 _MAX_LABEL_VALUE = 256
 _KINDS = tuple(KINDS)
+
+#: The constant labels of a multi-rank run's caches (docs/metrics.md), in this order.
+RANK_LABELS = ("rank", "tp_rank", "pp_rank")
+
+
+def rank_labels(rank: int, tp_rank: int = 0, pp_rank: int = 0) -> dict[str, str]:
+    """``const_labels`` for the cache of one rank: ``{'rank': '3', 'tp_rank': '1', 'pp_rank':
+    '1'}``. Bounded (at most the world size of values each), so fine as labels. The same dict
+    labels the rank's target in the Prometheus file_sd file the launcher writes."""
+    values = (rank, tp_rank, pp_rank)
+    for name, value in zip(RANK_LABELS, values):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return {name: str(value) for name, value in zip(RANK_LABELS, values)}
 
 
 class MetricsServerError(OSError):
@@ -213,7 +230,8 @@ class _CacheCollector:
                 "cachescope_queues", "Number of queues by state (live: holds items; empty).",
                 labels=base + ("family", "state")),
             "violations": CounterMetricFamily(
-                "cachescope_violations", "Pop-order violations by kind.",
+                "cachescope_violations",
+                "Violations by kind (pop order, and rank_* found by comparing ranks).",
                 labels=base + ("family", "kind")),
             "steps": CounterMetricFamily(
                 "cachescope_decode_steps", "Decode steps completed.", labels=base),

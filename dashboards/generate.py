@@ -31,7 +31,10 @@ SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 #: Label filters. Every cachescope selector carries BASE; metrics with a `family` label carry FAM.
-BASE = 'job=~"$job", instance=~"$instance", cache=~"$cache"'
+#: `rank` is a constant label of multi-rank runs (docs/metrics.md); its All value `.*` also
+#: matches the series of single-process runs, which have no rank label.
+SCOPE = 'job=~"$job", instance=~"$instance", cache=~"$cache"'
+BASE = SCOPE + ', rank=~"$rank"'
 FAM = BASE + ', family=~"$family"'
 
 
@@ -102,6 +105,30 @@ Q_OPS_RATE = (
 Q_VIOLATIONS_BY_KIND = f"sum by (cache, family, kind) ({VIOL}) > 0"
 Q_VIOLATIONS_NEW = f"sum by (cache, family, kind) (increase({VIOL}[$__rate_interval]))"
 Q_VIOLATIONS_TABLE = f"sum by (job, instance, cache, family, kind) ({VIOL}) > 0"
+
+# Ranks (multi-rank runs: every series carries the rank's constant labels rank/tp_rank/pp_rank).
+Q_TOKENS_PER_S_BY_RANK = (
+    "sum by (cache, rank) (rate("
+    + sel("cachescope_decode_tokens_total", family=False)
+    + "[$__rate_interval]))"
+)
+Q_STEP_P95_BY_RANK = (
+    "histogram_quantile(0.95, sum by (cache, rank, le) (rate("
+    + sel("cachescope_decode_step_duration_seconds_bucket", family=False)
+    + "[$__rate_interval])))"
+)
+STEPS = sel("cachescope_decode_steps_total", family=False)
+#: Decode steps between the rank furthest ahead and the one furthest behind, per run (job and
+#: cache). Ranks of one run take every step together; each rank is scraped at its own offset
+#: within the scrape interval, so a healthy run shows up to (step rate x scrape interval).
+Q_STEP_SKEW = f"max by (job, cache) ({STEPS}) - min by (job, cache) ({STEPS})"
+Q_VIOLATIONS_BY_RANK = f"sum by (cache, rank) ({VIOL})"
+#: The kinds found by comparing ranks (cachescope.distributed), by the rank that found them.
+Q_RANK_VIOLATIONS = (
+    "sum by (cache, rank, kind) ("
+    + sel("cachescope_violations_total", 'kind=~"rank_.*"')
+    + ")"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,12 +469,76 @@ def layout() -> list[tuple[str, list[tuple[dict, tuple[int, int, int, int]]]]]:
             (0, 8, 24, 8),
         ),
     ]
+    ranks = [
+        (
+            timeseries(
+                "Tokens / s by rank",
+                "Tokens produced per second by each rank of a multi-rank run (series without a "
+                "rank label: single-process runs). Ranks decode in lockstep: one rank at 0 while "
+                "the others are not means it stopped; all at 0 means they wait on each other.",
+                "short",
+                [(Q_TOKENS_PER_S_BY_RANK, "{{cache}} rank {{rank}}")],
+            ),
+            (0, 0, 8, 8),
+        ),
+        (
+            timeseries(
+                "Decode step latency p95 by rank",
+                "p95 wall time per decode step on each rank. Every rank waits for the slowest "
+                "at each step's collectives, so a rank whose own latency is lower is waiting "
+                "for another: the highest line is the straggler's pipeline stage or shard.",
+                "s",
+                [(Q_STEP_P95_BY_RANK, "{{cache}} rank {{rank}} p95")],
+            ),
+            (8, 0, 8, 8),
+        ),
+        (
+            timeseries(
+                "Decode step skew across ranks",
+                "Decode steps between the rank furthest ahead and the one furthest behind, per "
+                "job and cache (max - min of cachescope_decode_steps_total). Each rank is scraped "
+                "at its own offset within the scrape interval, so a healthy run shows up to "
+                "(steps/s x scrape interval); growth means a rank fell behind (alert "
+                "CachescopeRankStepSkew). Only meaningful for the ranks of one run: processes "
+                "sharing a job and cache name are compared too.",
+                "short",
+                [(Q_STEP_SKEW, "{{job}} {{cache}}")],
+            ),
+            (16, 0, 8, 8),
+        ),
+        (
+            timeseries(
+                "Violations by rank (cumulative)",
+                "Violations of every kind counted by each rank since it started (the rank "
+                "whose cache counted them; a cross-rank report names the rank it concerns).",
+                "short",
+                [(Q_VIOLATIONS_BY_RANK, "{{cache}} rank {{rank}}")],
+                stepped=True,
+            ),
+            (0, 8, 12, 8),
+        ),
+        (
+            timeseries(
+                "Cross-rank violations (cumulative)",
+                "rank_divergence (ranks that decode the same sequence disagree on a step: ops, "
+                "kv lengths, state ids or input tokens) and rank_stalled (a rank has not reached "
+                "a step its peers are past), by the rank that found them (alert "
+                "CachescopeRankViolation). Exported from 0, so a flat 0 line means the ranks "
+                "agreed.",
+                "short",
+                [(Q_RANK_VIOLATIONS, "{{cache}} rank {{rank}} {{kind}}")],
+                stepped=True,
+            ),
+            (12, 8, 12, 8),
+        ),
+    ]
     return [
         ("Overview", overview),
         ("Queues", queues),
         ("Memory", memory),
         ("Operations", operations),
         ("Violations", violations),
+        ("Ranks", ranks),
     ]
 
 
@@ -502,7 +593,7 @@ def query_var(name: str, label: str, query: str, *, multi: bool, include_all: bo
 
 
 def templating() -> dict:
-    """The datasource, job, instance, cache and family variables (in dependency order)."""
+    """The datasource, job, instance, cache, family and rank variables (in dependency order)."""
     return {
         "list": [
             {
@@ -543,7 +634,14 @@ def templating() -> dict:
             query_var(
                 "family",
                 "Family",
-                "label_values(cachescope_ops_total{" + BASE + "}, family)",
+                "label_values(cachescope_ops_total{" + SCOPE + "}, family)",
+                multi=True,
+                include_all=True,
+            ),
+            query_var(
+                "rank",
+                "Rank",
+                "label_values(cachescope_ops_total{" + SCOPE + "}, rank)",
                 multi=True,
                 include_all=True,
             ),

@@ -203,16 +203,22 @@ def start_prometheus(
     job: str = "cachescope",
     rule_files: list[str | Path] | None = None,
     ready_timeout: float = 60,
+    config: dict[str, Any] | None = None,
 ) -> PromHandle:
     """Start Prometheus on a free loopback port scraping ``targets``; wait until it is ready.
 
-    Config, TSDB and log live under ``tmp_path/prometheus``. Use the handle as a context
-    manager (or call ``close()``) to stop it.
+    ``config``: a whole Prometheus config (e.g. from ``shipped_config``) to use instead of the
+    one built from ``targets``/``job``/``rule_files``. Config, TSDB and log live under
+    ``tmp_path/prometheus``. Use the handle as a context manager (or call ``close()``) to stop it.
     """
     binary = require_binary("prometheus", PROMETHEUS)
     workdir = Path(tmp_path) / "prometheus"
     (workdir / "data").mkdir(parents=True, exist_ok=True)
-    config = write_config(workdir / "prometheus.yml", targets, scrape_interval, job, rule_files)
+    if config is None:
+        config = write_config(workdir / "prometheus.yml", targets, scrape_interval, job, rule_files)
+    else:
+        (workdir / "prometheus.yml").write_text(json.dumps(config, indent=2))
+        config = workdir / "prometheus.yml"
     log_path = workdir / "prometheus.log"
     last_error = ""
     for _attempt in range(3):  # the free port may be taken between probe and bind
@@ -290,6 +296,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_JSON = ROOT / "dashboards" / "grafana" / "cachescope.json"
 GENERATOR = ROOT / "dashboards" / "generate.py"
 RULES_FILE = ROOT / "dashboards" / "prometheus" / "rules" / "cachescope.rules.yml"
+PROMETHEUS_YML = ROOT / "dashboards" / "prometheus" / "prometheus.yml"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
 _METRIC_TOKEN = re.compile(r"cachescope_[a-z_]+")
@@ -373,6 +380,34 @@ def rule_exprs(path: Path = RULES_FILE) -> list[tuple[str, str]]:
     ]
 
 
+def shipped_config(
+    targets_files: str | Path, scrape_interval: str = "1s", static: bool = False
+) -> dict[str, Any]:
+    """dashboards/prometheus/prometheus.yml as a dict, made runnable from a temporary directory.
+
+    Its file_sd job (``cachescope-ranks``) reads ``targets_files`` (an absolute path or glob,
+    e.g. the file ``cachescope._filesd.write_targets`` wrote) instead of ``targets/*.json``;
+    rule files become absolute; every interval becomes ``scrape_interval``. The static job
+    (``127.0.0.1:9464``) is left out unless ``static``. Needs PyYAML.
+    """
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed")
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    config["global"]["scrape_interval"] = scrape_interval
+    config["global"]["evaluation_interval"] = scrape_interval
+    config["rule_files"] = [str(PROMETHEUS_YML.parent / r) for r in config["rule_files"]]
+    jobs = []
+    for job in config["scrape_configs"]:
+        if "static_configs" in job and not static:
+            continue
+        job["scrape_interval"] = job["scrape_timeout"] = scrape_interval
+        for sd in job.get("file_sd_configs", []):
+            sd["files"] = [str(targets_files)]
+            sd["refresh_interval"] = "1s"
+        jobs.append(job)
+    config["scrape_configs"] = jobs
+    return config
+
+
 #: Values the integration tests give Grafana's variables when running panel queries directly.
 GRAFANA_SUBSTITUTIONS = {
     "datasource": "prometheus",
@@ -380,6 +415,7 @@ GRAFANA_SUBSTITUTIONS = {
     "instance": ".*",
     "cache": ".*",
     "family": ".*",
+    "rank": ".*",
     "__rate_interval": "15s",
     "__interval": "5s",
     "__range": "5m",

@@ -28,8 +28,10 @@ from _prom import (
 )
 
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
-ROWS = ["Overview", "Queues", "Memory", "Operations", "Violations"]
-FILTER_LABELS = {"job": "$job", "instance": "$instance", "cache": "$cache"}
+ROWS = ["Overview", "Queues", "Memory", "Operations", "Violations", "Ranks"]
+FILTER_LABELS = {"job": "$job", "instance": "$instance", "cache": "$cache", "rank": "$rank"}
+#: Constant labels of multi-rank runs (docs/metrics.md, cachescope.metrics.RANK_LABELS).
+RANK_LABELS = {"rank", "tp_rank", "pp_rank"}
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +127,12 @@ def test_dashboard_identity(dashboard: dict) -> None:
 
 
 def test_template_variables(dashboard: dict) -> None:
-    """datasource, job, instance, cache and family variables exist and are wired correctly."""
+    """datasource, job, instance, cache, family and rank variables exist and are wired correctly."""
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables)[:5] == ["datasource", "job", "instance", "cache", "family"]
+    assert list(variables) == ["datasource", "job", "instance", "cache", "family", "rank"]
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
-    for name in ("job", "instance", "cache", "family"):
+    for name in ("job", "instance", "cache", "family", "rank"):
         v = variables[name]
         assert v["type"] == "query", name
         assert v["datasource"] == DATASOURCE_REF, name
@@ -141,12 +143,13 @@ def test_template_variables(dashboard: dict) -> None:
         )
         if v["includeAll"]:
             assert v["allValue"] == ".*", name
-    for name in ("cache", "family"):
+    for name in ("cache", "family", "rank"):
         assert variables[name]["multi"] and variables[name]["includeAll"], name
     # each variable narrows by the ones before it
     assert 'job=~"$job"' in variables["instance"]["query"]["query"]
     assert 'instance=~"$instance"' in variables["cache"]["query"]["query"]
     assert 'cache=~"$cache"' in variables["family"]["query"]["query"]
+    assert 'cache=~"$cache"' in variables["rank"]["query"]["query"]
 
 
 # -- panels ----------------------------------------------------------------------------------
@@ -304,9 +307,28 @@ def test_every_query_filters_on_the_variables(dashboard: dict, contract: dict) -
             else:
                 assert "family" not in matchers, f"{where}: metric has no family label"
             for label in matchers:
-                assert label in contract[name]["labels"] | {"job", "instance", "le"}, (
+                assert label in contract[name]["labels"] | {"job", "instance", "le"} | RANK_LABELS, (
                     f"{where} filters on unknown label {label}"
                 )
+
+
+def test_rank_panels(dashboard: dict) -> None:
+    """The Ranks row has per-rank tokens/s and violations, the step skew and cross-rank violations."""
+    panels = dashboard["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Ranks")
+    ranks = [p for p in panels[start + 1 :] if p["type"] != "row"]
+    exprs = {p["title"]: p["targets"][0]["expr"] for p in ranks}
+    assert any(e.startswith("sum by (cache, rank) (rate(cachescope_decode_tokens_total{")
+               for e in exprs.values()), exprs
+    assert any(e.startswith("sum by (cache, rank) (cachescope_violations_total{")
+               for e in exprs.values()), exprs
+    skew = [e for e in exprs.values() if "cachescope_decode_steps_total" in e]
+    assert len(skew) == 1 and re.fullmatch(
+        r"max by \(job, cache\) \((cachescope_decode_steps_total\{[^}]*\})\) - "
+        r"min by \(job, cache\) \(\1\)", skew[0]), skew
+    cross = [e for e in exprs.values() if 'kind=~"rank_.*"' in e]
+    assert len(cross) == 1 and cross[0].startswith("sum by (cache, rank, kind) ("), cross
+    assert any("by (cache, rank, le)" in e for e in exprs.values()), "step latency by rank"
 
 
 def test_queries_use_only_known_variables(dashboard: dict) -> None:

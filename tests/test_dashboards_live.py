@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from cachescope import KINDS
 from _prom import (
     GRAFANA_SUBSTITUTIONS,
     RULES_FILE,
@@ -99,14 +100,17 @@ def exposition(cache: str, started: float, violations: int) -> str:
             (f'cachescope_queues{{{fam},state="empty"}}', (steps - 1) * layers),
         ],
     )
+    # like the exporter: every kind of a queue family from 0 (rank_* included)
     metric(
         "cachescope_violations_total",
         "counter",
         [
-            (f'cachescope_violations_total{{{fam},kind="owner_mismatch"}}', violations),
-        ]
-        if violations
-        else [],
+            (
+                f'cachescope_violations_total{{{fam},kind="{kind}"}}',
+                violations if kind == "owner_mismatch" else 0,
+            )
+            for kind in KINDS
+        ],
     )
     metric(
         "cachescope_decode_steps_total",
@@ -150,14 +154,15 @@ def test_every_panel_query_returns_data(stack) -> None:
 
 
 def test_variable_queries_return_values(stack) -> None:
-    """The job, instance, cache and family variables list the scraped values."""
+    """The job, instance, cache and family variables list the scraped values (no rank labels)."""
     prom, instances = stack
     values = [label_values(prom, q) for q in variable_queries(load_dashboard())]
-    job, instance, cache, family = values
+    job, instance, cache, family, rank = values
     assert job == ["cachescope"]
     assert sorted(instance) == sorted(instances.values())
     assert cache == ["clean", "faulty"]
     assert family == ["attn_kv", "state_ids"]
+    assert rank == []
 
 
 def test_violation_panels_show_the_faulty_cache_only(stack) -> None:

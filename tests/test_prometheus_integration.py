@@ -206,9 +206,10 @@ def test_every_panel_query_returns_data(stack) -> None:
 def test_variable_queries_list_both_runs(stack) -> None:
     """The job/instance/cache/family variables list values, and instance lists both runs."""
     prom, runs = stack
-    job, instance, cache, family = (
+    job, instance, cache, family, rank = (
         label_values(prom, q) for q in variable_queries(load_dashboard())
     )
+    assert rank == []  # single-process runs have no rank label
     assert job == ["cachescope"]
     assert sorted(instance) == sorted(run.instance for run in runs.values())
     assert cache and family

@@ -5,6 +5,7 @@ Skipped locally when promtool is missing; a failure when the CI environment vari
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -25,6 +26,8 @@ ALERTS = {
     "CachescopeEmptyQueuesPilingUp",
     "CachescopeTelemetryErrors",
     "CachescopeTargetDown",
+    "CachescopeRankViolation",
+    "CachescopeRankStepSkew",
 }
 
 
@@ -90,6 +93,30 @@ def test_every_alert_is_labelled_annotated_and_unit_tested() -> None:
         ]
         assert any(case.get("exp_alerts") for case in cases), f"{name}: no firing case"
         assert any(not case.get("exp_alerts") for case in cases), f"{name}: no silent case"
+
+
+def test_config_reads_rank_targets_from_file_sd() -> None:
+    """Job cachescope-ranks reads targets/*.json beside prometheus.yml and keeps the ranks' labels."""
+    config = _load_yaml(CONFIG)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "cachescope-ranks"]
+    assert job["scrape_interval"] == "5s"
+    assert job["honor_labels"] is True  # the exposition's rank labels equal the target's
+    (sd,) = job["file_sd_configs"]
+    assert sd["files"] == ["targets/*.json"]
+    assert (PROM_DIR / "targets").is_dir()
+    assert "static_configs" not in job
+    # the static job's 127.0.0.1:9464 is not scraped twice
+    (drop,) = job["relabel_configs"]
+    assert drop["action"] == "drop" and drop["source_labels"] == ["__address__"]
+    assert re.fullmatch(drop["regex"], "127.0.0.1:9464")
+    assert not re.fullmatch(drop["regex"], "127.0.0.1:9465")
+
+
+def test_rank_rules_exclude_each_other() -> None:
+    """Cross-rank kinds alert as CachescopeRankViolation only, pop-order kinds as the other."""
+    rules = {r["alert"]: r["expr"] for g in _load_yaml(RULES)["groups"] for r in g["rules"]}
+    assert rules["CachescopePopOrderViolation"].count('kind!~"rank_.*"') == 3
+    assert rules["CachescopeRankViolation"].count('kind=~"rank_.*"') == 3
 
 
 def test_config_scrapes_the_cachescope_exporter() -> None:
