@@ -335,7 +335,20 @@ def _store_from_env(timeout: float) -> Any:
 
 class RankCheck:
     """What ``attach`` returns: a sink on the rank's cache plus a watcher thread. See the module
-    docstring; ``detach()`` stops both."""
+    docstring; ``detach()`` stops both.
+
+    The main thread's share (sink methods) is one ``ops_since`` read at the end of a checked step
+    and a few tuples; the watcher builds the fingerprints and talks to the store in batches, a
+    few round trips per ``poll`` seconds whatever the step rate:
+
+    * one ``multi_set``: this rank's new fingerprints and its heartbeat (generation, step, op
+      count, last op, the last step it published, whether it ended its generation);
+    * one ``check`` + ``multi_get`` of every rank's heartbeat;
+    * one ``multi_get`` of the fingerprints of the steps every rank has published.
+
+    Fingerprints sit in a bounded ring of keys (``fp/{generation % 2}/{step % KEEP_STEPS}/{rank}``)
+    and carry their own step, so a long run keeps the store's size flat.
+    """
 
     def __init__(self, cache: Any, *, rank: int, world_size: int, tp: int, pp: int,
                  store: Any, stall_timeout: float, every: int,
@@ -363,9 +376,10 @@ class RankCheck:
         except Exception:
             wstore = store
         self._wstore = dist.PrefixStore(prefix, wstore)
+        self._hb_keys = [f"hb/{r}" for r in range(world_size)]
         self.violations: list[Violation] = []
         self._lock = threading.Lock()
-        self._outbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -376,17 +390,16 @@ class RankCheck:
         self._step = -1
         self._ended = False
         self._error: str | None = None
-        self._seq0 = 0
+        self._step_seq0 = 0
         self._sampled = False
         self._inputs: str | None = None
         # watcher state
+        self._published = (0, -1)                        # (generation, step) last published
         self._pending: dict[tuple[int, int], float] = {}
         self._diverged: set[tuple[int, int]] = set()     # (generation, rank) already reported
-        self._behind: dict[int, tuple[Any, float]] = {}
+        self._changed: dict[int, tuple[Any, float]] = {}  # rank -> (progress state, since)
         self._stalled: set[tuple[int, Any]] = set()
-        self._hb_sent: Any = None
-        self._hb_time = 0.0
-        self._published_steps: collections.deque[tuple[int, int]] = collections.deque()
+        self._stuck_reported: set[Any] = set()
         self._failed_once = False
         cache.add_sink(self)
         self._thread = threading.Thread(target=self._run, name=f"cachescope-rankcheck-{rank}",
@@ -399,7 +412,6 @@ class RankCheck:
         self._step = -1
         self._ended = False
         self._error = None
-        self._wake.set()
 
     def on_generation_end(self, cache: Any, info: Any) -> None:
         err = info.get("error") if isinstance(info, dict) else None
@@ -414,11 +426,9 @@ class RankCheck:
     def on_step_start(self, cache: Any, step: Any) -> None:
         index = step.index
         self._step = index
+        self._step_seq0 = cache.seq - 1          # the boundary op (the state_ids set) included
         self._sampled = index % self.every == 0
-        if self._sampled:
-            self._seq0 = cache.seq - 1           # the boundary op (the state_ids set) included
-            self._inputs = None
-        self._wake.set()
+        self._inputs = None
 
     def note_inputs(self, ids: Iterable[int]) -> None:
         """The token ids fed to the current step (call after the step's ``state_ids`` set).
@@ -430,7 +440,7 @@ class RankCheck:
         if not self._sampled or step.index != self._step:
             return
         self._sampled = False
-        _first, records = cache.ops_since(self._seq0)
+        _first, records = cache.ops_since(self._step_seq0)
         lengths: list[int | None] | None = None
         pushed = [r.queue for r in records if r.op == "push"]
         if pushed:
@@ -441,32 +451,31 @@ class RankCheck:
             values: dict[str, list[Any]] = {}
             for q, n in taken.items():
                 items = cache.get_quiet(q)
-                values[q] = list(items[-n:]) if type(items) is list and len(items) >= n else []
-            pos = {q: 0 for q in taken}
+                values[q] = items[-n:] if type(items) is list and len(items) >= n else []
+            pos = dict.fromkeys(taken, 0)
+            length = self._length
             for q in pushed:
                 items = values[q]
                 i = pos[q]
                 pos[q] = i + 1
-                lengths.append(self._length(items[i]) if i < len(items) else None)
-        fp = step_fingerprint(records, step=step.index, state_ids=(step.prev, step.next),
-                              inputs_digest=self._inputs, kv_lengths=lengths,
-                              state_key=self._state_key, rank=self.rank,
-                              generation=self.generation)
+                lengths.append(length(items[i]) if i < len(items) else None)
         self._idle.clear()
-        self._outbox.append(fp)
-        self._wake.set()
+        self._outbox.append((self.generation, step.index, (step.prev, step.next), self._inputs,
+                             records, lengths))
 
     # ------------------------------------------------------------------ public
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every published step was compared with the peers' (or ``timeout``);
-        returns whether everything was compared."""
+        """Publish what is waiting and wait until every published step was compared with the
+        peers' (or ``timeout`` passed); returns whether everything was compared."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             self._wake.set()
-            if self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic()))) \
-                    and not self._outbox and not self._pending:
+            left = deadline - time.monotonic()
+            if self._idle.wait(max(0.0, min(0.05, left))) and not self._outbox \
+                    and not self._pending:
                 return True
-        return not self._outbox and not self._pending
+            if left <= 0:
+                return not self._outbox and not self._pending
 
     def detach(self) -> None:
         """Stop the watcher and take the sink off the cache (idempotent)."""
@@ -497,10 +506,10 @@ class RankCheck:
             self._wake.wait(self._poll)
             self._wake.clear()
             try:
-                self._publish()
-                self._compare()
-                self._heartbeat()
-                self._watch_progress()
+                beats = self._exchange()
+                if beats is not None:
+                    self._compare(beats)
+                    self._watch_progress(beats)
             except Exception:
                 if not self._failed_once:
                     self._failed_once = True
@@ -510,42 +519,75 @@ class RankCheck:
             if not self._outbox and not self._pending:
                 self._idle.set()
 
-    def _fp_key(self, gen: int, step: int, rank: int) -> str:
-        return f"fp/{gen}/{step}/{rank}"
+    @staticmethod
+    def _fp_key(gen: int, step: int, rank: int) -> str:
+        return f"fp/{gen % 2}/{step % KEEP_STEPS}/{rank}"
 
-    def _publish(self) -> None:
-        store = self._wstore
+    def _exchange(self) -> dict[int, dict[str, Any] | None] | None:
+        """Publish new fingerprints and this rank's heartbeat; read every rank's heartbeat."""
+        keys: list[str] = []
+        values: list[str] = []
         while self._outbox:
-            fp = self._outbox[0]
-            g, s = fp["g"], fp["s"]
-            store.set(self._fp_key(g, s, self.rank), json.dumps(fp, separators=(",", ":")))
-            self._outbox.popleft()
+            g, s, ids, inputs, records, lengths = self._outbox.popleft()
+            fp = step_fingerprint(records, step=s, state_ids=ids, inputs_digest=inputs,
+                                  kv_lengths=lengths, state_key=self._state_key, rank=self.rank,
+                                  generation=g)
+            keys.append(self._fp_key(g, s, self.rank))
+            values.append(json.dumps(fp, separators=(",", ":")))
             self._pending[(g, s)] = time.monotonic()
-            self._published_steps.append((g, s))
-            while len(self._published_steps) > KEEP_STEPS:
-                og, os_ = self._published_steps.popleft()
-                try:
-                    store.delete_key(self._fp_key(og, os_, self.rank))
-                except Exception:
-                    pass
+            self._published = (g, s)
+        cache = self._cache_ref()
+        seq, last = 0, None
+        if cache is not None:
+            seq = cache.seq
+            try:
+                _f, recs = cache.ops_since(seq - 1)
+                if recs:
+                    r = recs[-1]
+                    last = [r.op, r.queue, r.owner, r.site, r.step]
+            except Exception:
+                last = None
+        hb = {"g": self.generation, "s": self._step, "ended": self._ended, "err": self._error,
+              "seq": seq, "last": last, "pub": list(self._published), "t": time.time()}
+        keys.append(self._hb_keys[self.rank])
+        values.append(json.dumps(hb, separators=(",", ":")))
+        store = self._wstore
+        store.multi_set(keys, values)
+        if store.check(self._hb_keys):
+            raw = store.multi_get(self._hb_keys)
+            return {r: json.loads(bytes(b).decode("utf-8")) for r, b in enumerate(raw)}
+        beats: dict[int, dict[str, Any] | None] = {}
+        for r, key in enumerate(self._hb_keys):
+            beats[r] = json.loads(bytes(store.get(key)).decode("utf-8")) \
+                if store.check([key]) else None
+        return beats
 
-    def _compare(self) -> None:
+    def _compare(self, beats: dict[int, dict[str, Any] | None]) -> None:
         if not self._pending:
             return
-        store = self._wstore
+        pubs = [tuple(b["pub"]) if b is not None else (0, -1) for b in beats.values()]
+        ready = sorted(k for k in self._pending if all(p >= k for p in pubs))
         now = time.monotonic()
-        for (g, s), since in sorted(self._pending.items()):
-            keys = [self._fp_key(g, s, r) for r in range(self.world_size)]
-            if not store.check(keys):
-                # Peers that never publish this step are the progress watch's business.
-                if now - since > max(self.stall_timeout * 2, 5.0):
-                    del self._pending[(g, s)]
-                continue
+        for k, since in list(self._pending.items()):
+            if k not in ready and now - since > max(self.stall_timeout * 2, 5.0):
+                del self._pending[k]        # a peer never published it: the progress watch's
+        if not ready:
+            return
+        store = self._wstore
+        keys = [self._fp_key(g, s, r) for g, s in ready for r in range(self.world_size)]
+        if not store.check(keys):
+            return                          # a rank skipped a step it passed: wait or time out
+        raw = store.multi_get(keys)
+        n = self.world_size
+        for i, (g, s) in enumerate(ready):
             del self._pending[(g, s)]
-            if (g, self.rank) in self._diverged:
+            fps = {}
+            for r in range(n):
+                fp = json.loads(bytes(raw[i * n + r]).decode("utf-8"))
+                if fp.get("g") == g and fp.get("s") == s:
+                    fps[r] = fp              # else the slot holds another step: not comparable
+            if (g, self.rank) in self._diverged or len(fps) < 2:
                 continue
-            raw = store.multi_get(keys)
-            fps = {r: json.loads(bytes(b).decode("utf-8")) for r, b in enumerate(raw)}
             for v in compare_step(fps, tp=self.tp, pp=self.pp):
                 if v.rank != self.rank:
                     continue
@@ -553,71 +595,100 @@ class RankCheck:
                 v.detail = f"generation {g}: {v.detail}"
                 self._record(v)
 
-    def _heartbeat(self) -> None:
-        state = (self.generation, self._step, self._ended)
+    def _watch_progress(self, beats: dict[int, dict[str, Any] | None]) -> None:
         now = time.monotonic()
-        if state == self._hb_sent and now - self._hb_time < max(1.0, self.stall_timeout / 4):
-            return
-        cache = self._cache_ref()
-        last = None
-        if cache is not None:
-            try:
-                _f, recs = cache.ops_since(cache.seq - 1)
-                if recs:
-                    r = recs[-1]
-                    last = [r.op, r.queue, r.owner, r.site, r.step]
-            except Exception:
-                last = None
-        hb = {"g": state[0], "s": state[1], "ended": state[2], "err": self._error, "last": last,
-              "t": time.time()}
-        self._wstore.set(f"hb/{self.rank}", json.dumps(hb, separators=(",", ":")))
-        self._hb_sent, self._hb_time = state, now
-
-    def _progress(self) -> dict[int, dict[str, Any] | None]:
-        store = self._wstore
-        out: dict[int, dict[str, Any] | None] = {}
-        for r in range(self.world_size):
-            key = f"hb/{r}"
-            if store.check([key]):
-                out[r] = json.loads(bytes(store.get(key)).decode("utf-8"))
-            else:
-                out[r] = None
-        return out
-
-    def _watch_progress(self) -> None:
-        beats = self._progress()
-        running = [(b["g"], b["s"]) for b in beats.values() if b is not None and not b.get("ended")]
+        states = {}
+        for r, b in beats.items():
+            state = (b["g"], b["s"], bool(b.get("ended")), b.get("seq")) if b is not None else None
+            states[r] = state
+            seen = self._changed.get(r)
+            if seen is None or seen[0] != state:
+                self._changed[r] = (state, now)
+        running = [(st[0], st[1]) for st in states.values() if st is not None and not st[2]]
         if not running:
             return                      # nobody waits for anybody
         lead = max(running)
-        now = time.monotonic()
+        behind_any = False
         for r, b in beats.items():
-            pos = (b["g"], b["s"]) if b is not None else (0, -1)
-            ended = b is not None and bool(b.get("ended"))
+            st = states[r]
+            pos = (st[0], st[1]) if st is not None else (0, -1)
+            ended = st is not None and st[2]
             if ended and pos[0] == lead[0]:
                 # Ended this generation while peers still run it: they will wait for it in
                 # their next collective. At once when they are past its last step.
                 waiting = [p for p in running if p[0] == pos[0]]
                 if not waiting:
-                    self._behind.pop(r, None)
                     continue
                 past = max(waiting) > pos
             elif pos < lead and lead[1] >= 0:
                 past = False
             else:
-                self._behind.pop(r, None)
                 continue
-            seen = self._behind.get(r)
-            state = (pos, ended)
-            if seen is None or seen[0] != state:
-                self._behind[r] = seen = (state, now)
-            if not past and now - seen[1] < self.stall_timeout:
+            behind_any = True
+            since = self._changed[r][1]
+            if not past and now - since < self.stall_timeout:
                 continue
-            if (r, state) in self._stalled:
+            key = (r, st)
+            if key in self._stalled:
                 continue
-            self._stalled.add((r, state))
-            self._record(self._stall_violation(r, b, pos, lead, ended, past, now - seen[1]),
+            self._stalled.add(key)
+            self._record(self._stall_violation(r, b, pos, lead, ended, past, now - since),
                          stall=True)
+        if not behind_any and lead[1] >= 0:
+            self._watch_stuck(beats, states, lead, now)
+
+    def _watch_stuck(self, beats: dict[int, dict[str, Any] | None], states: dict[int, Any],
+                     lead: tuple[int, int], now: float) -> None:
+        """Every rank in the same step, none has made a cache op for ``stall_timeout``: they are
+        blocked together (a collective that does not match across ranks). Compare what each
+        did in the unfinished step."""
+        if any(st is None or st[2] or (st[0], st[1]) != lead for st in states.values()):
+            return
+        quiet = min(now - self._changed[r][1] for r in states)
+        if quiet < self.stall_timeout:
+            return
+        episode = tuple(sorted(states.items()))
+        if episode in self._stuck_reported:
+            return
+        store = self._wstore
+        mine = states[self.rank]
+        part_key = f"part/{self.rank}"
+        cache = self._cache_ref()
+        if cache is None:
+            return
+        _f, records = cache.ops_since(self._step_seq0)
+        fp = step_fingerprint(records, step=lead[1], state_ids=None, rank=self.rank,
+                              generation=lead[0])
+        fp["seq"] = mine[3]
+        store.set(part_key, json.dumps(fp, separators=(",", ":")))
+        keys = [f"part/{r}" for r in range(self.world_size)]
+        if not store.check(keys):
+            return
+        parts = {r: json.loads(bytes(b).decode("utf-8")) for r, b in enumerate(store.multi_get(keys))}
+        if any(parts[r].get("seq") != states[r][3] or parts[r].get("s") != lead[1] for r in parts):
+            return                      # a peer's part is from another episode: next poll
+        self._stuck_reported.add(episode)
+        for p in parts.values():
+            p["ids"] = "?"              # the boundary's value is not in a partial step
+        for v in compare_step(parts, tp=self.tp, pp=self.pp):
+            if v.rank == self.rank and (lead[0], self.rank) not in self._diverged:
+                self._diverged.add((lead[0], self.rank))
+                v.detail = (f"generation {lead[0]}: step {lead[1]} never completed (every rank "
+                            f"is blocked in it): {v.detail}")
+                self._record(v)
+        last = (beats.get(self.rank) or {}).get("last")
+        where = f"; its last cache op: {last[0]} {last[1]!r} by {last[2]}" if last else ""
+        self._record(Violation(
+            kind="rank_stalled", queue=str(last[1]) if last else "<progress>",
+            family=strip_ids(str(last[1])) if last else "<progress>", step=lead[1],
+            consumer=last[2] if last else None, producer=None,
+            consumer_site=last[3] if last else None,
+            detail=(f"no rank made a cache op for {quiet:.1f} s: all {self.world_size} ranks are "
+                    f"blocked in step {lead[1]} of generation {lead[0]} (rank {self.rank}{where})"),
+            hint=("the ranks wait in collectives that do not match: one rank ran a different "
+                  "number of layers or collectives in this step (see rank_divergence, if "
+                  "reported), or a collective outside the cache is stuck"),
+            rank=self.rank), stall=True)
 
     def _stall_violation(self, r: int, b: dict[str, Any] | None, pos: tuple[int, int],
                          lead: tuple[int, int], ended_early: bool, past: bool,

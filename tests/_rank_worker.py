@@ -50,7 +50,14 @@ def main() -> int:
         stalls.append(v.summary())
         _write(out, rank, cache, check, tokens, error="stalled", stalls=stalls)
         done["ended"] = True
-        os._exit(0)   # the main thread is blocked in a collective: end the run here
+        # The main thread is blocked in a collective: end the run here, once every rank wrote
+        # (exiting earlier would break the peers' collective before their watchers report).
+        deadline = time.monotonic() + stall_timeout * 3
+        world = dist.get_world_size()
+        while time.monotonic() < deadline and not all(
+                os.path.exists(os.path.join(out, f"rank{r}.json")) for r in range(world)):
+            time.sleep(0.05)
+        os._exit(0)
 
     check = csd.attach(cache, tp=dist.get_world_size() // pp, pp=pp, stall_timeout=stall_timeout,
                        every=every, on_stall=on_stall)
@@ -84,6 +91,7 @@ def main() -> int:
                 cache.end_step(tokens=1)
         except Exception as exc:   # a faulted rank's loop may fail (pop_empty): report, go on
             error = f"{type(exc).__name__}: {exc}"
+            print(f"rank {rank}: the loop raised {error}", file=sys.stderr, flush=True)
     check.flush(timeout=stall_timeout + 5)
     if scenario == "exit" and rank == bad_rank:
         time.sleep(stall_timeout * 3)     # stay alive: the peers must report us, not crash on us

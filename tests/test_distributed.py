@@ -177,6 +177,8 @@ def _launch(tmp_path: Path, nproc: int, *scenario: str, env: dict | None = None,
                             text=True, start_new_session=True)
     try:
         text, _ = proc.communicate(timeout=timeout)
+        if os.environ.get("RANKCHECK_SHOW"):
+            print(text)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
