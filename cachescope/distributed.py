@@ -247,7 +247,7 @@ def _divergence(rank: int, peer: int, fp: Mapping[str, Any], ref: Mapping[str, A
                 f"{ref.get('n')})")
         hint = _ops_hint(rank, peer, fp, ref, step)
     if not strict:
-        what += f"; no majority among the ranks compared, so each side is reported"
+        what += "; no majority among the ranks compared, so each side is reported"
     side = [f"Rank {rank}'s step {step} (state_ids {fp.get('ids')}, {fp.get('n')} cache ops, "
             f"inputs {fp.get('in') or '?'}):"]
     side += format_fingerprint(fp, mark) or ["      (no cache ops)"]

@@ -13,7 +13,7 @@ from cachescope import _cache
 from cachescope._cache import Cache
 from cachescope.neox.model import NeoXModel
 
-__all__ = ["Decoder", "generate", "logits_for"]
+__all__ = ["Decoder", "generate", "logits_for", "pick_token"]
 
 _MISSING = object()
 
@@ -32,7 +32,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pick_token(logits: Tensor, temperature: float, top_k: int | None,
+def pick_token(logits: Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> int:
     """Greedy for temperature 0, else temperature/top-k sampling. ``logits``: (vocab,)."""
     if temperature == 0.0:
@@ -154,7 +154,7 @@ class Decoder:
             step_input = self.prompt + tokens
         x = torch.tensor([step_input], dtype=torch.long, device=self._device)  # (1, T)
         logits = self.model(x)[0, -1]  # (vocab,)
-        token = _pick_token(logits, self.temperature, self.top_k, self._generator)
+        token = pick_token(logits, self.temperature, self.top_k, self._generator)
         tokens.append(token)
         if self._end_step is not None:
             self._end_step(tokens=1)

@@ -121,7 +121,7 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # y: (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C); a head subset under TP
         return self.dense(y)  # (B, T, C)
 
 

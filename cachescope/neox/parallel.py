@@ -35,14 +35,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cachescope._cache import Cache
 from cachescope.neox.config import NeoXConfig
-from cachescope.neox.generate import Decoder, _pick_token
+from cachescope.neox.generate import Decoder, pick_token
 from cachescope.neox.hf import load_hf_checkpoint
-from cachescope.neox.model import MLP, Attention, NeoXModel, TransformerLayer, apply_rotary
+from cachescope.neox.model import MLP, Attention, NeoXModel, TransformerLayer
 
 __all__ = ["ParallelLayout", "ParallelNeoX", "ParallelDecoder", "ParallelWatchHandle",
            "parallel_generate"]
@@ -201,56 +200,6 @@ class ParallelAttention(Attention):
         self.qkv = nn.Linear(config.hidden_size, 3 * width)
         self.dense = nn.Linear(width, config.hidden_size, bias=False)
         self.dense_bias = nn.Parameter(torch.empty(config.hidden_size))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Attention.forward with the head width of this rank, not the model's, in the last
-        # reshape; the cache calls are the same, in the same order.
-        assert x.dim() == 3, f"Attention expects (B, T, C), got shape {tuple(x.shape)}"
-        B, T, _ = x.shape
-        cache = self._current_cache()
-
-        qkv = self.qkv(x)  # (B, T, 3 * n_local * head_dim)
-        qkv = qkv.view(B, T, self.n_heads, 3 * self.head_dim)  # (B, T, n_local, 3*head_dim)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, T, n_local, head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_local, T, head_dim)
-
-        use_cache = bool(cache.get("use_cache", False))
-        k_past: Tensor | None = None
-        v_past: Tensor | None = None
-        next_state = None
-        if use_cache:
-            state_ids = cache.get("state_ids")
-            assert state_ids is not None, "cache has use_cache=True but no 'state_ids' (prev, next) set"
-            prev_state, next_state = state_ids
-            if prev_state is not None:
-                k_past, v_past = cache.pop(f"attn_kv_{prev_state}")  # (B, n_local, T_past, head_dim)
-
-        past = 0 if k_past is None else k_past.shape[2]
-        assert past + T <= self.max_positions, (
-            f"sequence length {past + T} exceeds max_position_embeddings={self.max_positions}"
-        )
-        q = apply_rotary(q, past, self.rotary_dim, self.rotary_base)
-        k = apply_rotary(k, past, self.rotary_dim, self.rotary_base)
-
-        if k_past is not None:
-            assert v_past is not None and k_past.shape[:2] == (B, self.n_heads), (
-                f"popped past k of shape {tuple(k_past.shape)} does not fit batch {B} x {self.n_heads} heads"
-            )
-            k = torch.cat([k_past, k], dim=2)  # (B, n_local, T_past + T, head_dim)
-            v = torch.cat([v_past, v], dim=2)
-        if use_cache:
-            cache.push(f"attn_kv_{next_state}", (k, v))
-
-        S = k.shape[2]
-        if T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_local*head_dim)
-        return self.dense(y)  # (B, T, C): this rank's share of the output projection
 
 
 class ParallelMLP(MLP):
@@ -552,7 +501,7 @@ class ParallelDecoder(Decoder):
         if logits is not None:
             self.logits = logits[0, -1]  # (vocab,)
             if layout.tp_rank == 0:
-                picked = _pick_token(self.logits, self.temperature, self.top_k, self._generator)
+                picked = pick_token(self.logits, self.temperature, self.top_k, self._generator)
         if layout.world_size > 1:
             box = torch.tensor([picked], dtype=torch.long, device=self._device)
             dist.broadcast(box, src=layout.token_src)
