@@ -177,19 +177,26 @@ def _owners(fp: Mapping[str, Any]) -> list[str]:
 
 
 def _ops_hint(rank: int, peer: int, mine: Mapping[str, Any], theirs: Mapping[str, Any],
-              step: int) -> str:
+              step: int, strict: bool = True) -> str:
     a, b = _owners(mine), _owners(theirs)
     missing = [o for o in dict.fromkeys(b) if a.count(o) < b.count(o)]
     extra = [o for o in dict.fromkeys(a) if a.count(o) > b.count(o)]
-    if missing and not extra:
-        return (f"rank {rank} skipped {', '.join(map(str, missing[:3]))} at step {step}: rank "
-                f"{peer} ran it. A layer that runs on some TP ranks only also desynchronises the "
-                "collectives; check what skips layers on that rank")
-    if extra and not missing:
+    names = ", ".join(map(str, (missing or extra)[:3]))
+    if (missing and not extra) or (extra and not missing):
+        few, many = (rank, peer) if missing else (peer, rank)
+        if not strict:
+            return (f"rank {many} ran {names} more often than rank {few} at step {step}: rank "
+                    f"{few} skipped it or rank {many} repeated or retried it (two ranks: no "
+                    "majority to tell which). Layers that run on some TP ranks only also "
+                    "desynchronise the collectives")
+        if missing:
+            return (f"rank {rank} skipped {names} at step {step}: rank {peer} ran it. A layer that "
+                    "runs on some TP ranks only also desynchronises the collectives; check what "
+                    "skips layers on that rank")
         how = "ran again" if mine.get("n", 0) > theirs.get("n", 0) else "ran"
-        return (f"rank {rank} {how} {', '.join(map(str, extra[:3]))} more often than rank {peer} "
-                f"at step {step} (a retried or repeated layer): its cache now holds entries its "
-                "peers do not; make a retried step re-run on every rank or on none")
+        return (f"rank {rank} {how} {names} more often than rank {peer} at step {step} (a retried "
+                "or repeated layer): its cache now holds entries its peers do not; make a retried "
+                "step re-run on every rank or on none")
     if sorted(a) == sorted(b):
         return (f"rank {rank} ran its layers in another order than rank {peer} at step {step}; TP "
                 "peers must run the same layers in the same order")
@@ -245,7 +252,7 @@ def _divergence(rank: int, peer: int, fp: Mapping[str, Any], ref: Mapping[str, A
         what = (f"rank {rank} and rank {peer} disagree at op {i + 1} of step {step}: rank {rank} "
                 f"made {show(a)}, rank {peer} made {show(b)} (ops in the step: {fp.get('n')} vs "
                 f"{ref.get('n')})")
-        hint = _ops_hint(rank, peer, fp, ref, step)
+        hint = _ops_hint(rank, peer, fp, ref, step, strict)
     if not strict:
         what += "; no majority among the ranks compared, so each side is reported"
     side = [f"Rank {rank}'s step {step} (state_ids {fp.get('ids')}, {fp.get('n')} cache ops, "

@@ -251,3 +251,12 @@ def test_sampling_every_k_steps(tmp_path):
     res = _launch(tmp_path, 2, "diverge", "2", "1", env={"RANKCHECK_EVERY": "2"})
     # step 3 (the first with other inputs) is not checked; step 4 is
     assert ("rank_divergence", 4, 1) in _kinds(res[1])
+
+
+def test_two_ranks_with_different_layers_get_one_symmetric_hint():
+    fps = {0: _fp(LAYERS), 1: _fp([LAYERS[0], LAYERS[2]], rank=1)}
+    vs = csd.compare_step(fps, tp=2)
+    assert sorted(v.rank for v in vs) == [0, 1]
+    for v in vs:
+        assert ("rank 0 ran layers.1.attention more often than rank 1 at step 3: rank 1 skipped "
+                "it or rank 0 repeated or retried it") in v.hint
