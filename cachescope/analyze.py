@@ -10,6 +10,11 @@ printed them. Only times differ.
 
 On top of the live output, the analysis prints which owner popped which owner's item in every
 step (a consumers x steps table), and collects per-step series that ``cachescope.plots`` draws.
+
+The recordings of a multi-rank run (one file per rank, ``run.rank{r}.jsonl.gz``) are analyzed
+together with ``analyze_ranks(paths)`` (``cachescope analyze run.rank*.jsonl.gz``): each file is
+replayed as above, then the ranks are aligned step by step and compared the way the live
+cross-rank checker (``cachescope.distributed``) compares them; see ``cachescope._ranks``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from ._families import default_family
+from ._ranks import RankAnalysis, RankFile, RankSetError, analyze_ranks, rank_layout, replay_ranks
+from ._records import RANK_KINDS, Violation
 from ._replay import ReplayCache
 from ._values import Measure
+from .distributed import step_fingerprint
 from .record import FORMAT, VERSION
 
-__all__ = ["AnalysisResult", "RecordFormatError", "analyze_file", "decode_value", "main_analyze",
-           "read_record", "replay"]
+__all__ = ["AnalysisResult", "RankAnalysis", "RankFile", "RankSetError", "RecordFormatError",
+           "analyze_file", "analyze_ranks", "decode_value", "main_analyze", "read_record", "replay",
+           "replay_ranks"]
 
 _STDOUT: Any = object()
 _PROGRESS_EVERY = 1024        # lines between progress checks
@@ -333,10 +342,111 @@ class _Collector:
                 series.append((index, fs.depth, fs.logical, fs.storage))
 
 
-class _Replayer:
-    """Feeds recorded lines to a fresh ``ReplayCache``."""
+def _kv_length(m: Any) -> int | None:
+    """``cachescope.distributed.kv_length`` of a recorded push: ``shape[-2]`` of the value's first
+    tensor, from its summary (the tensors themselves were never recorded)."""
+    summary = getattr(m, "summary", None)
+    if not summary:
+        return None
+    shape = summary[0][0]
+    if len(shape) < 2 or type(shape[-2]) is not int:
+        return None
+    return shape[-2]
 
-    def __init__(self, header: dict[str, Any]) -> None:
+
+class _StepPrints:
+    """A sink on the replaying cache of one rank's recording: each step's fingerprint
+    (``cachescope.distributed.step_fingerprint``), built from the replayed op records the way the
+    live ``RankCheck`` builds it from the live ones: the ops from the step's boundary to its
+    end, the kv lengths of the pushed values, the digest of its inputs when it was recorded."""
+
+    def __init__(self, state_key: Any, rank: int | None) -> None:
+        self.state_key = str(state_key)
+        self.rank = rank
+        self.generation = 0
+        self.fps: dict[tuple[int, int], dict[str, Any]] = {}
+        self.last_op: dict[int, Any] = {}          # generation -> its last op record
+        self.ends: dict[int, str | None] = {}      # generation -> error that ended it (None: clean)
+        self.local: dict[tuple[int, int], list[str]] = {}   # (generation, step) -> violation kinds
+        self.inputs_seen = 0
+        self._records: list[Any] | None = None
+        self._step: Any = None
+        self._last: Any = None
+        self._inputs: str | None = None
+
+    def on_op(self, cache: Any, rec: Any) -> None:
+        self._last = rec
+        self.last_op[self.generation] = rec
+        if self._records is not None:
+            self._records.append(rec)
+
+    def on_violation(self, cache: Any, v: Any) -> None:
+        self.local.setdefault((self.generation, v.step), []).append(v.kind)
+
+    def on_step_start(self, cache: Any, step: Any) -> None:
+        last = self._last   # the boundary (the state_ids set) belongs to the step it opens
+        self._records = [last] if last is not None and last.seq == cache.seq else []
+        self._step = step
+        self._inputs = None
+
+    def note_inputs(self, index: Any, digest: Any) -> None:
+        step = self._step
+        if step is not None and step.index == index and self._records is not None \
+                and type(digest) is str:
+            self._inputs = digest
+            self.inputs_seen += 1
+
+    def on_step_end(self, cache: Any, step: Any) -> None:
+        if self._records is None or self._step is None or step.index != self._step.index:
+            return
+        records, self._records = self._records, None
+        lengths = [_kv_length(r.value) for r in records if r.op == "push"]
+        fp = step_fingerprint(records, step=step.index, state_ids=(step.prev, step.next),
+                              inputs_digest=self._inputs, kv_lengths=lengths,
+                              state_key=self.state_key, rank=self.rank,
+                              generation=self.generation)
+        fp.pop("t", None)
+        self.fps[(self.generation, step.index)] = fp
+
+
+_VIOLATION_TEXT = ("queue", "family", "consumer", "producer", "consumer_site", "producer_site",
+                   "value", "hint", "detail", "cache", "peer_side")
+_VIOLATION_INT = ("seq", "producer_step", "producer_seq", "depth", "position", "rank", "peer")
+
+
+def recorded_violation(d: dict[str, Any]) -> Violation:
+    """A ``Violation`` from a recorded ``violation`` line (no op timeline: it was not recorded).
+    Raises ``KeyError`` / ``TypeError`` / ``ValueError`` for a malformed line."""
+    kw: dict[str, Any] = {}
+    for k in _VIOLATION_TEXT:
+        x = d.get(k)
+        if x is not None:
+            kw[k] = x if type(x) is str else str(x)
+    for k in _VIOLATION_INT:
+        x = d.get(k)
+        if x is not None:
+            if type(x) is not int:
+                raise TypeError(f"{k} must be an int, got {_short(x)}")
+            kw[k] = x
+    kind = d["kind"]
+    if type(kind) is not str:
+        raise TypeError(f"kind must be a str, got {_short(kind)}")
+    step = d.get("step")
+    if type(step) is not int:
+        raise TypeError(f"step must be an int, got {_short(step)}")
+    queue = kw.pop("queue", "?")
+    return Violation(kind=kind, queue=queue, family=kw.pop("family", queue), step=step,
+                     consumer=kw.pop("consumer", None), producer=kw.pop("producer", None), **kw)
+
+
+class _Replayer:
+    """Feeds recorded lines to a fresh ``ReplayCache``.
+
+    ``ranks``: the file is one rank's recording analyzed with the other ranks' files: build the
+    step fingerprints and keep the recorded cross-rank violations apart (``rank_violations``)
+    instead of carrying them into the cache (they are re-derived from all the files)."""
+
+    def __init__(self, header: dict[str, Any], ranks: bool = False) -> None:
         self.header = header
         self.families: dict[str, str] = {}
         families = self.families
@@ -348,6 +458,13 @@ class _Replayer:
             family=lambda name: families.get(name) or default_family(name))
         self.collector = _Collector()
         cache.add_sink(self.collector)
+        self.layout = rank_layout(header)
+        self.prints: _StepPrints | None = None
+        if ranks:
+            self.prints = _StepPrints(cache.state_key,
+                                      None if self.layout is None else self.layout.rank)
+            cache.add_sink(self.prints)
+        self.rank_violations: list[Violation] = []   # recorded live by the cross-rank checker
         self.notes: list[str] = []
         self.diverged: str | None = None
         self.divergences = 0
@@ -368,7 +485,8 @@ class _Replayer:
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "op": self._op, "step": self._step, "mark": self._mark, "violation": self._violation,
             "generation_start": self._generation_start, "generation_end": self._generation_end,
-            "alias": self._alias, "stats": self._stats, "header": self._header}
+            "alias": self._alias, "stats": self._stats, "header": self._header,
+            "inputs": self._inputs}
 
     # -- bookkeeping
     def _sync(self, seq: Any, what: str) -> None:
@@ -464,12 +582,26 @@ class _Replayer:
 
     def _violation(self, d: dict[str, Any]) -> None:
         self.logged_violations += 1
+        if d.get("kind") in RANK_KINDS:
+            # Found by comparing ranks, not by this file's ops: the replay cannot re-derive it.
+            v = recorded_violation(d)
+            self.rank_violations.append(v)
+            if self.prints is None:
+                self.cache.add_violation(v)   # carried through, as the live cache kept it
+
+    def _inputs(self, d: dict[str, Any]) -> None:
+        if self.prints is not None:
+            self.prints.note_inputs(d.get("step"), d.get("digest"))
 
     def _generation_start(self, d: dict[str, Any]) -> None:
         self.generations += 1
+        if self.prints is not None:
+            self.prints.generation = self.generations
 
     def _generation_end(self, d: dict[str, Any]) -> None:
         error = d.get("error")
+        if self.prints is not None:
+            self.prints.ends[self.prints.generation] = None if error is None else str(error)
         self.cache.finish_generation(None if error is None else ReplayedError(error))
         seq = d.get("seq")
         if type(seq) is int and seq != self.cache.seq:
@@ -497,6 +629,18 @@ class _Replayer:
                 f"{k} x{n}" for k, n in sorted(self.unknown.items())))
         if self.bad_lines > 1:
             self.notes.append(f"{self.bad_lines} unreadable lines skipped in all")
+        if self.layout is not None:
+            rank = self.layout.rank   # the cache's own violations concern this rank, as live
+            for v in self.cache.violations:
+                if v.rank is None:
+                    v.rank = rank
+        if self.rank_violations and self.prints is None:
+            n = len(self.rank_violations)
+            self.notes.append(
+                f"{n} cross-rank violation(s) ({', '.join(sorted({v.kind for v in self.rank_violations}))})"
+                " recorded live are shown as recorded: one rank's file cannot re-check them; "
+                "analyze every rank's file together (cachescope analyze run.rank*.jsonl.gz) to "
+                "compare the ranks again")
 
 
 _PLAIN = object()   # stands in for a plain (non-list, non-state) value that was set
@@ -523,6 +667,17 @@ class AnalysisResult:
     marks: list[tuple[int, int, str, str]]
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Multi-rank replays (``replay(..., ranks=True)``): (generation, step) -> the step's
+    #: fingerprint (``cachescope.distributed.step_fingerprint``); empty otherwise.
+    fingerprints: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    #: Cross-rank violations (``rank_divergence``, ``rank_stalled``) recorded live in this file.
+    recorded_cross_rank: list[Violation] = field(default_factory=list)
+
+    @property
+    def layout(self) -> Any:
+        """The recording's place in a multi-rank run (``cachescope._ranks.RankLayout``: rank,
+        tp_rank, pp_rank, tp, pp, world_size), None for a single-process recording."""
+        return rank_layout(self.header)
 
     @property
     def violations(self) -> list[Any]:
@@ -539,7 +694,9 @@ class AnalysisResult:
     def title(self) -> str:
         h = self.header
         steps = len(self.steps) or self.cache.stats.steps
-        return (f"cachescope analyze: {self.path} (cache {h.get('cache')!r}, recorded "
+        layout = self.layout
+        where = "" if layout is None else f"{layout.describe()}, "
+        return (f"cachescope analyze: {self.path} ({where}cache {h.get('cache')!r}, recorded "
                 f"{h.get('created')}, cachescope {h.get('cachescope_version')}; {self.ops} ops, "
                 f"{steps} steps)")
 
@@ -616,13 +773,19 @@ def _cell(consumer: Any, pops: list[tuple[Any, str | None]] | None, labels: dict
 
 
 # ---------------------------------------------------------------------------------------- API
-def replay(path: str | os.PathLike[str], progress: bool | Callable[[float], None] = False) -> AnalysisResult:
-    """Read and replay a record without printing anything."""
+def replay(path: str | os.PathLike[str], progress: bool | Callable[[float], None] = False, *,
+           ranks: bool = False) -> AnalysisResult:
+    """Read and replay a record without printing anything.
+
+    ``ranks``: the file is one rank's recording, to be compared with the other ranks' files
+    (``replay_ranks``): also build each step's fingerprint (``result.fingerprints``), and keep
+    the cross-rank violations recorded live apart (``result.recorded_cross_rank``) instead of
+    adding them to the replayed cache. Without it they are added to the cache as recorded."""
     path = Path(path)
     started = time.perf_counter()
     report_progress = _progress_printer(path) if progress is True else (progress or None)
     header, lines = read_record(path, report_progress)  # type: ignore[arg-type]
-    r = _Replayer(header)
+    r = _Replayer(header, ranks=ranks)
     feed = r.feed
     try:
         for n, d in lines:
@@ -641,7 +804,17 @@ def replay(path: str | os.PathLike[str], progress: bool | Callable[[float], None
         generations=r.generations, logged_violations=r.logged_violations, notes=r.notes,
         consumers=list(c.consumers), cells=c.cells, ops_by_step=c.ops_by_step, steps=r.steps,
         series=c.series, marks=c.marks, seconds=time.perf_counter() - started,
-        extra={"marks_dropped": c.marks_dropped, "bad_lines": r.bad_lines})
+        extra=_extra(r), fingerprints=r.prints.fps if r.prints is not None else {},
+        recorded_cross_rank=r.rank_violations)
+
+
+def _extra(r: _Replayer) -> dict[str, Any]:
+    extra: dict[str, Any] = {"marks_dropped": r.collector.marks_dropped, "bad_lines": r.bad_lines}
+    p = r.prints
+    if p is not None:
+        extra.update(last_op=p.last_op, generation_ends=p.ends, local_by_step=p.local,
+                     inputs_seen=p.inputs_seen)
+    return extra
 
 
 def _progress_printer(path: Path) -> Callable[[float], None]:
@@ -676,19 +849,25 @@ def analyze_file(path: str | os.PathLike[str], out: IO[str] | None = _STDOUT, pr
 def main_analyze(args: Any) -> int:
     """``cachescope analyze`` entry point. ``args`` (an argparse Namespace) fields:
 
-    - ``file``: path of the record (``.jsonl`` or ``.jsonl.gz``).
+    - ``file``: path of the record (``.jsonl`` or ``.jsonl.gz``), or a list of paths: one is
+      analyzed as above; several are the per-rank recordings of one multi-rank run
+      (``analyze_ranks``).
     - ``out``: where to write the text; None or ``'-'`` for stdout.
     - ``progress``: show a percentage on stderr while reading.
     - ``quiet``: print only the violation reports (one line when there are none): no title,
       run summary or owner table.
 
-    Returns 0 when the run had no violations, 1 when it had, 2 when the file could not be read
-    (the reason goes to stderr).
+    Returns 0 when the run had no violations, 1 when it had, 2 when a file could not be read or
+    the files are not the ranks of one run (the reason goes to stderr).
     """
     path = getattr(args, "file", None)
-    if not path:
+    paths = [p for p in path] if isinstance(path, (list, tuple)) else ([path] if path else [])
+    if not paths:
         sys.stderr.write("cachescope analyze: no record file given\n")
         return 2
+    if len(paths) > 1:
+        return _main_ranks(args, paths)
+    path = paths[0]
     dest = getattr(args, "out", None)
     progress = bool(getattr(args, "progress", False))
     quiet = bool(getattr(args, "quiet", False))
@@ -706,3 +885,25 @@ def main_analyze(args: Any) -> int:
         sys.stderr.write(f"cachescope analyze: cannot read {path}: {exc}\n")
         return 2
     return 1 if result.cache.violations or result.cache.stats.violations_dropped else 0
+
+
+def _main_ranks(args: Any, paths: list[Any]) -> int:
+    dest = getattr(args, "out", None)
+    progress = bool(getattr(args, "progress", False))
+    quiet = bool(getattr(args, "quiet", False))
+    try:
+        if dest in (None, "-"):
+            result = analyze_ranks(paths, out=sys.stdout, progress=progress, quiet=quiet)
+        else:
+            result = replay_ranks(paths, progress=progress)   # nothing written for bad files
+            with open(dest, "w", encoding="utf-8") as f:
+                f.write(result.text(quiet=quiet))
+            sys.stderr.write(f"cachescope analyze: wrote {dest}\n")
+    except (RankSetError, RecordFormatError) as exc:
+        sys.stderr.write(f"cachescope analyze: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"cachescope analyze: cannot read {exc.filename or 'a recording'}: "
+                         f"{exc.strerror or exc}\n")
+        return 2
+    return 1 if result.violations or result.dropped() else 0

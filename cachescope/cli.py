@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="replay a recording through the checker",
                              description="Replay a recording made with 'cachescope run --record "
                                          "FILE' and report what the checker finds.")
-    analyze.add_argument("file", metavar="FILE", help="recording (.jsonl or .jsonl.gz)")
+    analyze.add_argument("file", metavar="FILE", nargs="+",
+                         help="recording (.jsonl or .jsonl.gz); several: the per-rank recordings "
+                              "of one multi-rank run (run.rank*.jsonl.gz), compared step by step")
     analyze.add_argument("--quiet", action="store_true", help="print only violations")
     analyze.add_argument("--out", metavar="FILE", default=None,
                          help="write the analysis to FILE instead of stdout ('-': stdout)")
@@ -176,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="draw pictures of a recording",
                             description="Draw queue depth, bytes and violation pictures of a "
                                         "recording into a directory.")
-    report.add_argument("file", metavar="FILE", help="recording (.jsonl or .jsonl.gz)")
+    report.add_argument("file", metavar="FILE", nargs="+",
+                        help="recording (.jsonl or .jsonl.gz); several: the per-rank recordings "
+                             "of one multi-rank run, drawn side by side")
     report.add_argument("--out", metavar="DIR", default=None,
                         help="output directory, created if needed (default: FILE's name + "
                              "'-report', next to it)")
@@ -226,12 +230,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_delegate(ns: argparse.Namespace, module: str, func: str) -> int:
-    """``analyze`` / ``report``: check the file, then hand over to the module that does the work."""
-    path = ns.file
-    if not os.path.exists(path):
-        raise UsageError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a directory; expected a recording file")
+    """``analyze`` / ``report``: check the file(s), then hand over to the module that does the
+    work (one file as a str, several as a list: the per-rank recordings of one run)."""
+    paths = list(ns.file) if isinstance(ns.file, (list, tuple)) else [ns.file]
+    for path in paths:
+        if not os.path.exists(path):
+            raise UsageError(f"no such file: {path}")
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a directory; expected a recording file")
+    if len(set(map(os.path.abspath, paths))) < len(paths):
+        raise UsageError(f"a recording is given twice: {' '.join(paths)}")
+    ns.file = paths[0] if len(paths) == 1 else paths
+    path = paths[0] if len(paths) == 1 else f"{len(paths)} recordings"
     import importlib
     try:
         mod = importlib.import_module(f"cachescope.{module}")

@@ -11,6 +11,16 @@ pyplot, no global backend switch, nothing imported until ``write_report`` runs):
 - ``index.html``: one self-contained page (PNGs embedded), summary table, violation reports.
 
 Long runs are aggregated into step bins so every picture stays readable.
+
+The per-rank recordings of one multi-rank run (``write_rank_report(paths, out_dir)``,
+``cachescope report run.rank*.jsonl.gz``) are replayed and compared by
+``cachescope.analyze.replay_ranks`` and drawn side by side, one row per rank:
+
+- ``ranks_queues.png``: queue depth per family over steps;
+- ``ranks_ops.png``: ops per step, stacked by op;
+- ``ranks_steps.png``: ranks x steps: agreeing, a rank's own violation, rank_divergence,
+  rank_stalled, not recorded;
+- ``index.html``: the per-rank table, the pictures, the cross-rank and per-rank reports.
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._values import format_bytes
-from .analyze import AnalysisResult, RecordFormatError, replay
+from .analyze import (AnalysisResult, RankAnalysis, RankSetError, RecordFormatError, replay,
+                      replay_ranks)
 
-__all__ = ["write_report", "main_report", "draw", "PNG_NAMES"]
+__all__ = ["write_report", "write_rank_report", "main_report", "draw", "draw_ranks", "PNG_NAMES",
+           "RANK_PNG_NAMES"]
 
 PNG_NAMES = ("queues.png", "ops.png", "violations.png", "owners.png")
+RANK_PNG_NAMES = ("ranks_queues.png", "ranks_ops.png", "ranks_steps.png")
 
 _OPS = ("push", "pop", "set", "get", "clear", "clear_all")
 _OP_COLORS = {"push": "#1f77b4", "pop": "#ff7f0e", "set": "#2ca02c", "get": "#bbbbbb",
@@ -361,6 +374,228 @@ def _short_label(producer: Any, col_of: dict[Any, int]) -> str:
     return "?" if producer is None else _short(producer)[-10:]
 
 
+# ------------------------------------------------------------------------------------- ranks
+_MAX_RANK_ROWS = 16      # ranks drawn one row each (the rest are left out, and the title says so)
+_MAX_STEP_COLS = 200     # steps drawn as columns of the ranks x steps grid before binning
+# ranks x steps cell states, in increasing severity (a binned cell shows the worst of its steps)
+_R_NONE, _R_OK, _R_LOCAL, _R_DIVERGED, _R_STALLED = 0, 1, 2, 3, 4
+_RANK_COLORS = ("#eeeeee", "#66bb6a", "#ffa726", "#e53935", "#8e24aa")
+_RANK_LABELS = ("not recorded", "recorded, agrees with its peers", "a violation of the rank's own",
+                "rank_divergence (first step found)", "rank_stalled (stopped before this step)")
+
+
+def _rank_rows(analysis: RankAnalysis) -> tuple[list[Any], str]:
+    rows = analysis.ranks[:_MAX_RANK_ROWS]
+    left = len(analysis.ranks) - len(rows)
+    return rows, (f"; the first {len(rows)} ranks drawn, {left} left out" if left else "")
+
+
+def _rank_label(f: Any) -> str:
+    return f"rank {f.rank}\ntp {f.tp_rank} pp {f.pp_rank}"
+
+
+def _rank_axes(rows: list[Any], per_row: float) -> tuple[Any, list[Any]]:
+    """A figure with one row of axes per rank, sharing the step axis."""
+    fig = _figure(11, min(40.0, 1.2 + per_row * len(rows)))
+    axes = fig.subplots(len(rows), 1, sharex=True, squeeze=False)[:, 0]
+    return fig, list(axes)
+
+
+def _ranks_queues_png(analysis: RankAnalysis, path: Path) -> Path:
+    rows, cut = _rank_rows(analysis)
+    fig, axes = _rank_axes(rows, 1.7)
+    peaks: dict[str, int] = {}
+    for f in rows:
+        for family, pts in f.result.series.items():
+            peaks[family] = max(peaks.get(family, 0), max((p[1] for p in pts), default=0))
+    families = sorted(peaks, key=lambda fam: (-peaks[fam], fam))[:_MAX_FAMILIES]
+    color = {fam: _FAMILY_COLORS[i % len(_FAMILY_COLORS)] for i, fam in enumerate(families)}
+    top = max(1, max(peaks.values(), default=1))
+    for ax, f in zip(axes, rows):
+        drawn = False
+        for family in families:
+            pts = f.result.series.get(family)
+            if not pts:
+                continue
+            x, y = _downsample([p[0] for p in pts], [p[1] for p in pts])
+            ax.plot(x, y, color=color[family], lw=1.5, label=family, drawstyle="steps-mid")
+            drawn = True
+        if not drawn:
+            _empty(ax, "no queue ops recorded")
+        ax.set_ylim(0, top * 1.1)
+        ax.set_ylabel(_rank_label(f), rotation=0, ha="right", va="center", fontsize=9)
+        ax.grid(alpha=0.3)
+    if families:
+        axes[0].legend(title="family", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    axes[-1].set_xlabel("decode step")
+    _integer_x(axes[-1])
+    fig.suptitle(f"Items held in queues at the end of each step, per rank (world "
+                 f"{analysis.world_size}: tp {analysis.tp} x pp {analysis.pp}{cut})", fontsize=13)
+    return _save(fig, path)
+
+
+def _ranks_ops_png(analysis: RankAnalysis, path: Path) -> Path:
+    rows, cut = _rank_rows(analysis)
+    fig, axes = _rank_axes(rows, 1.5)
+    counts_by_rank = []
+    for f in rows:
+        counts = {s: dict(c) for s, c in f.result.ops_by_step.items()}
+        for index, info in f.result.steps.items():
+            if info.get("gets"):
+                counts.setdefault(index, {})["get"] = int(info["gets"])
+        counts_by_rank.append(counts)
+    steps = [s for c in counts_by_rank for s in c]
+    ops = [op for op in _OPS if any(op in v for c in counts_by_rank for v in c.values())]
+    if not steps:
+        for ax in axes:
+            _empty(ax, "no ops recorded")
+        fig.suptitle(f"Cache ops per step, per rank{cut}", fontsize=13)
+        return _save(fig, path)
+    lo, hi = min(steps), max(steps)
+    w = _bin_width(hi - lo + 1, _MAX_BARS)
+    starts = list(range(lo, hi + 1, w))
+    top = 1.0
+    for ax, f, counts in zip(axes, rows, counts_by_rank):
+        bottom = [0.0] * len(starts)
+        for op in ops:
+            ys = [sum(counts.get(s, {}).get(op, 0) for s in range(s0, min(s0 + w, hi + 1)))
+                  / min(w, hi + 1 - s0) for s0 in starts]
+            ax.bar(starts, ys, bottom=bottom, width=0.85 * w, align="edge" if w > 1 else "center",
+                   color=_OP_COLORS[op], label=op)
+            bottom = [b + y for b, y in zip(bottom, ys)]
+        top = max(top, max(bottom))
+        ax.set_ylabel(_rank_label(f), rotation=0, ha="right", va="center", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes:
+        ax.set_ylim(0, top * 1.1)
+    axes[0].legend(title="op", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    axes[-1].set_xlabel("decode step" + (f" (bins of {w}: mean ops per step)" if w > 1 else ""))
+    _integer_x(axes[-1])
+    fig.suptitle(f"Cache ops per step, by op, per rank{cut}", fontsize=13)
+    return _save(fig, path)
+
+
+def _ranks_steps_png(analysis: RankAnalysis, path: Path) -> Path:
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    rows, cut = _rank_rows(analysis)
+    keys = sorted({k for f in analysis.ranks for k in f.result.fingerprints})
+    cross = analysis.all_cross_rank
+    title = (f"Ranks step by step (world {analysis.world_size}: tp {analysis.tp} x pp "
+             f"{analysis.pp}; {len(cross)} cross-rank violation(s){cut})")
+    if not keys:
+        fig = _figure(9, 3)
+        _empty(fig.subplots(), "no steps recorded")
+        fig.suptitle(title, fontsize=13)
+        return _save(fig, path)
+    lo = min(s for _g, s in keys)
+    hi = max([s for _g, s in keys] + [v.step for v in cross if isinstance(v.step, int)])
+    w = _bin_width(hi - lo + 1, _MAX_STEP_COLS)
+    cols = math.ceil((hi - lo + 1) / w)
+    row_of = {f.rank: i for i, f in enumerate(rows)}
+    grid = [[_R_NONE] * cols for _ in rows]
+
+    def mark(rank: Any, step: Any, state: int) -> None:
+        if rank in row_of and isinstance(step, int) and lo <= step <= hi:
+            r, c = row_of[rank], (step - lo) // w
+            grid[r][c] = max(grid[r][c], state)
+
+    for f in rows:
+        for _g, s in f.result.fingerprints:
+            mark(f.rank, s, _R_OK)
+        for step, _seq, _kind, _queue in f.result.marks:
+            mark(f.rank, step, _R_LOCAL)
+    for v in cross:
+        mark(v.rank, v.step, _R_STALLED if v.kind == "rank_stalled" else _R_DIVERGED)
+    fig = _figure(min(18.0, max(9.0, 3.5 + 0.12 * cols)), min(14.0, 2.4 + 0.45 * len(rows)))
+    ax = fig.subplots()
+    cmap = ListedColormap(_RANK_COLORS)
+    norm = BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5, 4.5], cmap.N)
+    ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(rows)), [f"rank {f.rank} (tp {f.tp_rank}, pp {f.pp_rank})"
+                                     for f in rows], fontsize=9)
+    every = max(1, math.ceil(cols / 30))
+    ticks = list(range(0, cols, every))
+    ax.set_xticks(ticks, [f"{lo + c * w}" if w == 1 else
+                          f"{lo + c * w}-{min(hi, lo + c * w + w - 1)}" for c in ticks],
+                  fontsize=8, rotation=0 if w == 1 else 60)
+    ax.set_xlabel("decode step" + (f" (bins of {w} steps: worst cell shown)" if w > 1 else ""))
+    if cols <= 80:
+        ax.set_xticks([x - 0.5 for x in range(cols + 1)], minor=True)
+        ax.set_yticks([y - 0.5 for y in range(len(rows) + 1)], minor=True)
+        ax.grid(which="minor", color="white", lw=1.0)
+        ax.tick_params(which="minor", length=0)
+    firsts: dict[int, int] = {}
+    for g, s in keys:
+        firsts[g] = min(firsts.get(g, s), s)
+    for s in sorted(firsts.values())[1:]:   # generation boundaries
+        ax.axvline((s - lo) / w - 0.5, color="#333333", lw=1.5, ls="--")
+    if cols <= 80 and len(rows) <= 40:
+        for v in cross:
+            if v.rank in row_of and isinstance(v.step, int) and lo <= v.step <= hi:
+                letter = "S" if v.kind == "rank_stalled" else "D"
+                ax.text((v.step - lo) // w, row_of[v.rank], letter, ha="center", va="center",
+                        fontsize=9, color="white", fontweight="bold")
+    handles = [Patch(facecolor=c, edgecolor="#999999", label=label)
+               for c, label in zip(_RANK_COLORS, _RANK_LABELS)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
+    ax.set_title("D: rank_divergence, S: rank_stalled; dashed line: a new generation",
+                 fontsize=9, loc="left")
+    fig.suptitle(title, fontsize=13)
+    return _save(fig, path)
+
+
+def _rank_index(analysis: RankAnalysis, pngs: Sequence[Path], path: Path) -> Path:
+    """The self-contained page of a multi-rank report: table, pictures, reports."""
+    import base64
+    import html
+
+    def e(x: Any) -> str:
+        return html.escape("" if x is None else str(x), quote=True)
+
+    n = len(analysis.violations)
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>cachescope report: {len(analysis.ranks)} ranks</title>",
+             "<style>body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em}"
+             "table{border-collapse:collapse}th,td{border:1px solid #ddd;padding:.25em .6em;"
+             "text-align:left}pre{background:#f8f8f8;border:1px solid #e5e5e5;padding:.8em;"
+             "overflow-x:auto;font-size:12px}img{max-width:100%}.note{background:#fff8e1;"
+             "padding:.5em}.bad{color:#c62828;font-weight:bold}.ok{color:#2e7d32;"
+             "font-weight:bold}</style></head><body>",
+             f"<h1>{e(analysis.title())}</h1>",
+             f'<p class="bad">{n} violation(s)</p>' if n else '<p class="ok">No violations.</p>']
+    parts += [f'<p class="note">{e(note)}</p>' for note in analysis.notes]
+    parts.append("<h2>Ranks</h2><table><tr>" + "".join(
+        f"<th>{h}</th>" for h in ("rank", "tp_rank", "pp_rank", "steps", "tokens", "ops",
+                                  "violations", "recording")) + "</tr>")
+    for f in analysis.ranks:
+        kinds = ", ".join(f"{k}={c}" for k, c in sorted(analysis.by_kind(f.rank).items()))
+        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in (
+            f.rank, f.tp_rank, f.pp_rank, f.steps, f.tokens, f.ops, kinds or "none",
+            f.path)) + "</tr>")
+    parts.append("</table><h2>Pictures</h2>")
+    for p in pngs:
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        parts.append(f'<figure><img alt="{e(p.name)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{e(p.name)}</figcaption></figure>")
+    parts.append(f"<h2>{e(analysis.cross_rank_header())}</h2>")
+    parts += [f"<pre>{e(v.report())}</pre>" for v in analysis.all_cross_rank]
+    for f in analysis.ranks:
+        parts.append(f"<h2>Rank {f.rank}: {len(f.violations)} violation(s) of its own</h2>")
+        parts += [f'<p class="note">{e(note)}</p>' for note in f.result.notes]
+        parts += [f"<pre>{e(v.report())}</pre>" for v in f.violations[:_MAX_RANK_REPORTS]]
+        if len(f.violations) > _MAX_RANK_REPORTS:
+            parts.append(f"<p>{len(f.violations) - _MAX_RANK_REPORTS} more: run <code>cachescope "
+                         f"analyze {e(f.path)}</code>.</p>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+_MAX_RANK_REPORTS = 50   # a rank's own reports written in full on the page
+
+
 # ------------------------------------------------------------------------------------- API
 def draw(result: AnalysisResult, out_dir: str | os.PathLike[str]) -> list[Path]:
     """Write the PNGs and index.html for an ``AnalysisResult`` into ``out_dir``."""
@@ -371,6 +606,29 @@ def draw(result: AnalysisResult, out_dir: str | os.PathLike[str]) -> list[Path]:
     pngs = [_queues_png(result, out / PNG_NAMES[0]), _ops_png(result, out / PNG_NAMES[1]),
             _violations_png(result, out / PNG_NAMES[2]), _grid_png(result, out / PNG_NAMES[3])]
     return pngs + [_html.write_index(result, pngs, out / "index.html")]
+
+
+def draw_ranks(analysis: RankAnalysis, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write the side-by-side rank PNGs and index.html for a ``RankAnalysis`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = [_ranks_queues_png(analysis, out / RANK_PNG_NAMES[0]),
+            _ranks_ops_png(analysis, out / RANK_PNG_NAMES[1]),
+            _ranks_steps_png(analysis, out / RANK_PNG_NAMES[2])]
+    return pngs + [_rank_index(analysis, pngs, out / "index.html")]
+
+
+def write_rank_report(log_paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str],
+                      *, progress: bool = False) -> list[Path]:
+    """Replay and compare the per-rank recordings of one run (``replay_ranks``) and write
+    ``ranks_queues.png``, ``ranks_ops.png``, ``ranks_steps.png`` and ``index.html`` into
+    ``out_dir``. Raises ``RankSetError`` when the files are not the ranks of one run,
+    ``RecordFormatError`` for an unreadable file, ``ImportError`` without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the cli extra
+        raise ImportError("cachescope report needs matplotlib: pip install 'cachescope[cli]'") from exc
+    return draw_ranks(replay_ranks(log_paths, progress=progress), out_dir)
 
 
 def write_report(log_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
@@ -386,20 +644,26 @@ def write_report(log_path: str | os.PathLike[str], out_dir: str | os.PathLike[st
     return draw(replay(log_path, progress=progress), out_dir)
 
 
-def _default_out(path: str) -> Path:
+def _default_out(path: str, ranks: bool = False) -> Path:
     p = Path(path)
     name = p.name
     for suffix in (".gz", ".jsonl", ".json", ".log"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
+    if ranks:   # run.rank0.jsonl.gz -> run-report
+        head, dot, tail = name.rpartition(".rank")
+        if dot and tail.isdigit():
+            name = head
     return p.with_name(f"{name or 'cachescope'}-report")
 
 
 def main_report(args: Any) -> int:
     """``cachescope report`` entry point. ``args`` (an argparse Namespace) fields:
 
-    - ``file``: path of the record (``.jsonl`` or ``.jsonl.gz``).
-    - ``out``: output directory (created); None for ``<file name>-report`` next to the file.
+    - ``file``: path of the record (``.jsonl`` or ``.jsonl.gz``), or a list of paths: several
+      are the per-rank recordings of one run, drawn side by side (``write_rank_report``).
+    - ``out``: output directory (created); None for ``<file name>-report`` next to the file
+      (for rank files ``run.rank0.jsonl.gz``: ``run-report``).
     - ``progress``: show a percentage on stderr while reading.
     - ``quiet``: do not list the files written.
 
@@ -407,13 +671,19 @@ def main_report(args: Any) -> int:
     could not be written (the reason goes to stderr).
     """
     path = getattr(args, "file", None)
-    if not path:
+    paths = [p for p in path] if isinstance(path, (list, tuple)) else ([path] if path else [])
+    if not paths:
         sys.stderr.write("cachescope report: no record file given\n")
         return 2
-    out = getattr(args, "out", None) or _default_out(str(path))
+    several = len(paths) > 1
+    out = getattr(args, "out", None) or _default_out(str(paths[0]), ranks=several)
+    progress = bool(getattr(args, "progress", False))
     try:
-        written = write_report(path, out, progress=bool(getattr(args, "progress", False)))
-    except RecordFormatError as exc:
+        if several:
+            written = write_rank_report(paths, out, progress=progress)
+        else:
+            written = write_report(paths[0], out, progress=progress)
+    except (RecordFormatError, RankSetError) as exc:
         sys.stderr.write(f"cachescope report: {exc}\n")
         return 2
     except ImportError as exc:

@@ -14,6 +14,12 @@ Lines are buffered (``buffer_ops`` lines) and written at flush points (a full bu
 of a generation, ``flush()``, ``close()``). Writing never breaks the decode loop: the first
 write error is logged once, recording stops, and later lines are dropped (counted in
 ``lines_dropped``). Paths ending in ``.gz`` are gzip-compressed.
+
+In a multi-rank run each rank records its own cache to its own file (``run.rank{r}.jsonl.gz``,
+``run_info`` with ``rank``, ``tp_rank``, ``pp_rank``, ``tp``, ``pp``, ``world_size``); the header
+also gets a ``dist`` block when ``torch.distributed`` is initialised. ``note_inputs(ids)`` adds a
+keyed digest of the step's input token ids (never the ids), so ``cachescope analyze`` of all the
+ranks' files can compare the ranks' inputs as the live cross-rank checker does.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -30,10 +37,11 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
-__all__ = ["FORMAT", "VERSION", "Recorder", "record", "record_to", "encode_value"]
+__all__ = ["FORMAT", "VERSION", "Recorder", "record", "record_to", "encode_value", "inputs_digest"]
 
 log = logging.getLogger("cachescope")
 
@@ -91,6 +99,39 @@ def _host() -> dict[str, Any]:
     return info
 
 
+def _dist() -> dict[str, Any] | None:
+    """This process's place in an initialised ``torch.distributed`` world, else None. Never
+    imports torch (only reads a ``torch.distributed`` the process already imported)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
+        return None
+    try:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        info: dict[str, Any] = {"rank": int(dist.get_rank()),
+                                "world_size": int(dist.get_world_size())}
+        info["backend"] = str(dist.get_backend())
+    except Exception:
+        return None
+    env = os.environ
+    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    info["master"] = f"{addr}:{port}" if addr and port else None
+    info["run_id"] = env.get("TORCHELASTIC_RUN_ID")
+    local = env.get("LOCAL_RANK")
+    info["local_rank"] = int(local) if local and local.isdigit() else None
+    return info
+
+
+def inputs_digest(ids: Iterable[int], key: bytes) -> str:
+    """The digest ``note_inputs`` writes: BLAKE2b-64 of the ids as int64s, keyed with ``key``
+    (without the key, a digest of a few token ids could be inverted by trying every token)."""
+    try:
+        data = array("q", ids).tobytes()
+    except (TypeError, OverflowError, ValueError):
+        data = repr(list(ids)).encode("utf-8", "replace")
+    return hashlib.blake2b(data, digest_size=8, key=key).hexdigest()
+
+
 def _is_binary(f: Any) -> bool:
     if isinstance(f, io.TextIOBase):
         return False
@@ -108,7 +149,11 @@ class Recorder:
     ``path_or_file``: a path (``.gz`` for gzip; the file is created or truncated now, so a bad
     path fails here, before the decode loop) or an open file object (text or binary; flushed
     but not closed by ``close()``). ``run_info``: JSON-able facts about the run, written to the
-    header (model, prompt length, ...). ``buffer_ops``: lines held in memory between writes.
+    header (model, prompt length, ...; a rank of a multi-rank run: ``rank``, ``tp_rank``,
+    ``pp_rank``, ``tp``, ``pp``, ``world_size``). ``buffer_ops``: lines held in memory between
+    writes. ``inputs_key``: the secret (bytes or str, up to 64 bytes, the same on every rank of a
+    run, never written) that keys ``note_inputs`` digests; without it ``note_inputs`` writes
+    nothing.
 
     Attach with ``recorder.attach(cache)`` (writes the header with the cache's exact state) or
     ``cache.add_sink(recorder)`` (the header is written at the first event). ``close()``
@@ -119,8 +164,15 @@ class Recorder:
     needs_values = True
 
     def __init__(self, path_or_file: str | os.PathLike[str] | IO[Any], *,
-                 run_info: dict[str, Any] | None = None, buffer_ops: int = 1024) -> None:
+                 run_info: dict[str, Any] | None = None, buffer_ops: int = 1024,
+                 inputs_key: bytes | str | None = None) -> None:
         self.run_info = dict(run_info or {})
+        key = inputs_key.encode("utf-8") if isinstance(inputs_key, str) else inputs_key
+        if key is not None and not (isinstance(key, bytes) and 0 < len(key) <= 64):
+            size = f" of {len(key)} bytes" if isinstance(key, bytes) else ""
+            raise ValueError(f"inputs_key must be 1 to 64 bytes or a str (one secret shared by "
+                             f"every rank of the run), got {type(inputs_key).__name__}{size}")
+        self._inputs_key = key
         self.buffer_ops = max(1, int(buffer_ops))
         self.path: Path | None = None
         self.failed: BaseException | None = None   # the write error that stopped recording
@@ -265,6 +317,9 @@ class Recorder:
             "start_seq": int(start_seq or 0),
             "start_step": getattr(cache, "step", -1),
         }
+        dist = _dist()
+        if dist is not None:
+            header["dist"] = dist
         self._add(_dumps(header))
         aliases = getattr(attributor, "aliases", None)
         if aliases:
@@ -377,7 +432,29 @@ class Recorder:
         with self._lock:
             if self._cache is not cache and not self._first(cache, v.seq - 1):
                 return
-            self._add(_dumps({"type": "violation", **v.to_dict()}))
+            d = {"type": "violation", **v.to_dict()}
+            side = getattr(v, "peer_side", "")
+            if side:
+                d["peer_side"] = side    # the other rank's side of a cross-rank violation
+            self._add(_dumps(d))
+
+    def note_inputs(self, ids: Iterable[int]) -> bool:
+        """Write a keyed digest of the token ids fed to the current step (call after the step's
+        ``state_ids`` set, like ``RankCheck.note_inputs``). Returns False (and writes nothing)
+        without an ``inputs_key``, before the first event, or once closed."""
+        key = self._inputs_key
+        if key is None:
+            return False
+        digest = inputs_digest(ids, key)
+        with self._lock:
+            cache = self._cache
+            if cache is None or not self._header or self.closed:
+                return False
+            step = getattr(cache, "current_step", None)
+            index = step.index if step is not None else getattr(cache, "step", -1)
+            self._add(_dumps({"type": "inputs", "step": index, "seq": getattr(cache, "seq", None),
+                              "digest": digest}))
+        return True
 
     def on_step_start(self, cache: Any, step: Any) -> None:
         with self._lock:
@@ -458,11 +535,12 @@ def record(cache: Any, path: str | os.PathLike[str] | IO[Any], *, buffer_ops: in
 
 
 def record_to(path: str | os.PathLike[str] | IO[Any], cache: Any = None, *,
-              run_info: dict[str, Any] | None = None, buffer_ops: int = 1024) -> Recorder:
+              run_info: dict[str, Any] | None = None, buffer_ops: int = 1024,
+              inputs_key: bytes | str | None = None) -> Recorder:
     """Start recording ``cache`` (default: the installed one) to ``path``; returns the attached
     ``Recorder``. Call ``close()`` when the loop is done, or use it as a context manager."""
     cache = _resolve(cache)
-    recorder = Recorder(path, run_info=run_info, buffer_ops=buffer_ops)
+    recorder = Recorder(path, run_info=run_info, buffer_ops=buffer_ops, inputs_key=inputs_key)
     try:
         return recorder.attach(cache)
     except BaseException:
