@@ -20,6 +20,8 @@ Sections (``--sections``, default all, run in this order; code in ``benchmarks/b
   loop      the reference model's KV cache vs no-cache recompute
   hf        cachescope ``generate`` vs Hugging Face ``generate`` on the same weights
   memory    RSS and Prometheus series over a long run; no tensor kept alive (weakrefs)
+  ranks     the cross-rank checker (``cachescope.distributed``) on a TP=2 decode: two gloo ranks
+            started by torch's launcher, plain / default / checked caches in lockstep and ABBA
 
 ``--quick`` runs every section at toy sizes (the smoke test; seconds, not minutes). ``--check``
 exits 1 when a target FAILs (the verdicts are printed and written either way).
@@ -42,7 +44,8 @@ for _p in (str(ROOT / "benchmarks"), str(ROOT)):
 
 import torch  # noqa: E402
 
-from benchkit import costs, hf, memory, ops, recompute, reference, upstream  # noqa: E402
+from benchkit import (costs, distributed, hf, memory, ops, recompute, reference,  # noqa: E402
+                      upstream)
 from benchkit.common import PERF, Context, loadavg, log, machine  # noqa: E402
 from benchkit.report import write_markdown  # noqa: E402
 from benchkit.targets import summary_line, verdicts  # noqa: E402
@@ -57,6 +60,7 @@ SECTIONS: dict[str, tuple[Callable[[Context], Any], Callable[[Any, Callable[[str
     "loop": (recompute.run, recompute.render),
     "hf": (hf.run, hf.render),
     "memory": (memory.run, memory.render),
+    "ranks": (distributed.run, distributed.render),
 }
 
 

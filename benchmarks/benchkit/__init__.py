@@ -9,6 +9,8 @@
 - ``recompute``  section ``loop``: KV cache vs recompute
 - ``hf``         section ``hf``: cachescope ``generate`` vs Hugging Face ``generate``
 - ``memory``     section ``memory``: RSS and series over a long run, the weakref check
+- ``distributed`` section ``ranks``: the cross-rank checker on a TP=2 decode (two ranks started
+                 by torch's launcher running ``_rank_bench_worker.py``)
 - ``targets``    the goals and their verdicts
 - ``report``     RESULTS.md
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import ci_note, fmt_ci
+from .common import ci_note, fmt_ci, pct
 
 #: (goal, labml preset, mode, limit as a fraction of the plain cache's time)
 DECODE_GOALS = (
@@ -14,6 +14,14 @@ DECODE_GOALS = (
     ("default-mode overhead, upstream labml `pythia-70m` shapes (vocab 50304, hidden 512, "
      "6 layers, 8 heads), whole decode", "pythia-70m", "default", 0.01),
     ("every step traced, upstream labml `pythia-70m` shapes", "pythia-70m", "trace-all", 0.02),
+)
+#: (goal, preset, arm, limit as a fraction of the ``default`` arm's time): the cross-rank
+#: checker's own cost (issue #19), section ``ranks``
+RANK_GOALS = (
+    ("cross-rank checker overhead, TP=2 pythia-70m, CPU gloo (rankcheck vs default)",
+     "pythia-70m", "rankcheck", 0.01),
+    ("cross-rank checker overhead, every=8, TP=2 pythia-70m, CPU gloo (rankcheck-every-8 vs "
+     "default; informational)", "pythia-70m", "rankcheck-every-8", 0.01),
 )
 #: the GC goal, "0 collections per 500 tokens caused by the instrumentation": default mode's
 #: collections minus the plain arm's, per 500 tokens of whole decodes, round to 0
@@ -56,6 +64,27 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{g['net_allocs_per_token']:+.2f} (default) vs {p['net_allocs_per_token']:+.2f} "
             f"(plain); lockstep: {lock['mode']['per_500']:.2f} (default) vs "
             f"{lock['plain']['per_500']:.2f} (plain B) per 500 tokens")
+    ranks = {d["preset"]: d for d in (res.get("ranks") or {}).get("presets", [])}
+    for name, preset, arm, limit in RANK_GOALS:
+        d = ranks.get(preset)
+        if d is None:
+            add(name, f"<= {limit:.0%}", "not run", None,
+                f"run `--sections ranks` with preset {preset}")
+            continue
+        ls, wh, x = d["lockstep"]["arms"], d["whole"]["arms"], d["watcher"][arm]
+        solo = d["solo"]["arms"]
+        o = ls[arm]["vs_default_charged"]
+        note = (f"lockstep, the watcher thread's CPU time charged to the arm (judged); "
+                f"{ci_note(o, limit)}; lockstep steps only {fmt_ci(ls[arm]['vs_default'])}; "
+                f"whole decodes ABBA {fmt_ci(wh[arm]['vs_default'])}; vs plain (lockstep) "
+                f"{fmt_ci(ls[arm]['vs_plain'])}; A/A controls: lockstep "
+                f"{fmt_ci(ls['plain-aa']['vs_plain'])}, whole {fmt_ci(wh['plain-aa']['vs_plain'])}; "
+                f"rank 1 (charged) {fmt_ci(ls[arm]['other_rank_vs_default_charged'])}; watcher "
+                f"thread {x['us_per_token']:.0f} us CPU per token "
+                f"({pct(x['share_of_default_token'])} of a default token), end-of-run flush "
+                f"{x['flush_ms_whole']:.1f} ms; GC collections per 500 tokens (solo decodes) "
+                f"{solo[arm]['per_500']:.2f} vs default {solo['default']['per_500']:.2f}")
+        add(name, f"<= {limit:.0%}", fmt_ci(o), o["median"] <= limit, note)
     mem = res.get("memory")
     if mem:
         for mode, run_ in mem["runs"].items():
