@@ -71,6 +71,16 @@ def _port_arg(text: str) -> int:
     return value
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _ratio_arg(text: str) -> float:
     try:
         value = float(text)
@@ -162,6 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--record", metavar="FILE",
                    help="record every cache op to a JSON-lines file (.gz to compress) for "
                         "'cachescope analyze' / 'report'")
+
+    g = run.add_argument_group(
+        "multi-rank (torch.distributed)",
+        "Decode with a tensor/pipeline-parallel model on N ranks, each with its own checked cache, "
+        "plus a cross-rank check. '--nproc N' launches the ranks on this machine with torch's "
+        "launcher (python -m torch.distributed.run); under torchrun, 'cachescope run --tp T --pp P' "
+        "is one rank. Per rank: metrics on --metrics-port + local rank, --record FILE -> "
+        "FILE's name + '.rank{r}'.")
+    g.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="launch N ranks on this machine (default layout: --tp N --pp 1)")
+    g.add_argument("--tp", type=_positive_int, metavar="T",
+                   help="tensor-parallel ranks per pipeline stage (must divide the heads)")
+    g.add_argument("--pp", type=_positive_int, metavar="P", help="pipeline stages (default: 1)")
+    g.add_argument("--rank-check-every", type=_positive_int, default=1, metavar="K",
+                   help="compare the ranks' fingerprints every K steps (default: 1)")
+    g.add_argument("--stall-timeout", type=_seconds_arg, default=10.0, metavar="SECONDS",
+                   help="a rank behind its peers this long is reported as rank_stalled and the "
+                        "run ends (default: 10)")
+    g.add_argument("--targets-file", metavar="PATH", default=None,
+                   help="with --metrics-port: write a Prometheus file_sd file listing every "
+                        "rank's /metrics (written with --serve, or whenever this is given; "
+                        "default: ./cachescope-targets.json)")
 
     analyze = sub.add_parser("analyze", help="replay a recording through the checker",
                              description="Replay a recording made with 'cachescope run --record "
@@ -387,6 +419,10 @@ def _url_host(addr: str) -> str:
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
+    from . import _multirank
+    if _multirank.wanted(ns):   # --nproc/--tp/--pp, or a rank started by torchrun
+        return _multirank.run(ns)
+
     import cachescope
     from .faults import inject
     from .neox import generate
