@@ -8,11 +8,15 @@ Fixtures (function scope):
 * ``cachescope_factory`` -- ``factory(**options) -> CacheProbe``: more isolated caches, not
   installed; closed at teardown.
 * ``cachescope_options`` -- ``InstrumentedCache`` options for both; override it in a conftest.
+* ``cachescope_ranks`` -- ``run(fn, nproc=2, **options) -> RankResults``:
+  ``cachescope.testing.run_ranks`` (``fn`` on real gloo ranks, each with its own cache and the
+  cross-rank checker); each rank's cache takes ``cachescope_options`` and the marker's options.
 
 Strict mode (``--cachescope-strict``, ini ``cachescope_strict = true``, or per test
 ``@pytest.mark.cachescope(strict=True)``): a test fails when an ``InstrumentedCache`` created
-during it (or the one installed when it started) recorded a violation the test did not declare
-with ``probe.expect_violations(...)``. The failure message holds the violation reports. Without
+during it (or the one installed when it started), or a rank of a ``cachescope_ranks`` /
+``run_ranks`` call, recorded a violation the test did not declare (``probe.expect_violations(...)``;
+for ranks ``results.assert_violation(...)``). The failure message holds the violation reports. Without
 strict mode, a failing test still gets its violation reports in a "cachescope" report section.
 
 """
@@ -30,9 +34,9 @@ if "cachescope.testing" not in sys.modules:  # else it is too late, and pytest w
     pytest.register_assert_rewrite("cachescope.testing")
 
 if TYPE_CHECKING:
-    from cachescope.testing import CacheProbe, _CacheTracker
+    from cachescope.testing import CacheProbe, RankResults, _CacheTracker
 
-__all__ = ["cachescope", "cachescope_factory", "cachescope_options"]
+__all__ = ["cachescope", "cachescope_factory", "cachescope_options", "cachescope_ranks"]
 
 _MARKER = "cachescope"
 _NAME_LIMIT = 64
@@ -68,7 +72,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "cachescope(strict=None, **cache_options): cachescope settings for this test. "
         "strict=True/False fails (or not) the test on any unexpected cache violation, whatever "
         "--cachescope-strict says; other keywords are InstrumentedCache options for the "
-        "cachescope and cachescope_factory fixtures (e.g. timeline_size=1024).")
+        "cachescope, cachescope_factory and cachescope_ranks fixtures (e.g. timeline_size=1024).")
 
 
 def _global_strict(config: pytest.Config) -> bool:
@@ -108,15 +112,21 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 # --------------------------------------------------------------------------- strict mode
 def _failure_text(item: pytest.Item, violations: list[Any], when: str) -> str:
-    from cachescope.testing import _kinds, format_violations
+    from cachescope.testing import RankViolation, _kinds, format_violations
+    from cachescope._testing_dist import _meaning
     caches = ", ".join(dict.fromkeys(repr(v.cache) for v in violations))
+    ranks = any(isinstance(v, RankViolation) for v in violations)
+    declare = "wrap that code in `with cachescope.expect_violations(...)`"
+    if ranks:
+        declare += " (ranks of run_ranks: `results.assert_violation(kind, rank=..., step=...)`)"
+    meaning = (_meaning(violations) if ranks else
+               "Each one means a layer read another layer's keys/values (or found nothing to read).")
     return (
         f"cachescope strict mode: {len(violations)} unexpected cache violation(s) {when} "
         f"{item.name} (cache {caches}: {_kinds(violations)}).\n"
-        "Each one means a layer read another layer's keys/values (or found nothing to read). Fix "
-        "the decode loop; if the test provokes violations on purpose, wrap that code in "
-        "`with cachescope.expect_violations(...)` or mark the test "
-        "@pytest.mark.cachescope(strict=False).\n\n" + format_violations(violations))
+        f"{meaning} Fix the decode loop; if the test provokes violations on purpose, {declare} "
+        "or mark the test @pytest.mark.cachescope(strict=False).\n\n"
+        + format_violations(violations))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -211,3 +221,24 @@ def cachescope(cachescope_factory: Callable[..., "CacheProbe"]) -> Iterator["Cac
         yield probe
     finally:
         probe.uninstall()
+
+
+@pytest.fixture
+def cachescope_ranks(request: pytest.FixtureRequest,
+                     cachescope_options: dict[str, Any]) -> Callable[..., "RankResults"]:
+    """``run(fn, nproc=2, **options) -> RankResults``: ``cachescope.testing.run_ranks(fn, nproc,
+    **options)`` (``fn(ctx, *args)`` on ``nproc`` real gloo ranks, each with its own cache and
+    the cross-rank checker). Each rank's cache takes ``cachescope_options``, the marker's options
+    and ``cache_options=``, and is named ``{test name}-rank{r}``. In strict mode the test fails on
+    any violation a rank recorded that ``results.assert_violation(...)`` did not match."""
+    from cachescope.testing import run_ranks
+
+    base = dict(cachescope_options)
+    base.update({k: v for k, v in _marker_kwargs(request.node).items() if k != "strict"})
+    base.setdefault("name", request.node.name[:_NAME_LIMIT])
+
+    def run(fn: Callable[..., Any], nproc: int = 2, **options: Any) -> "RankResults":
+        cache_options = {**base, **(options.pop("cache_options", None) or {})}
+        return run_ranks(fn, nproc, cache_options=cache_options, **options)
+
+    return run

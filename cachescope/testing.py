@@ -11,6 +11,12 @@
 Each probe owns its cache, a private Prometheus ``CollectorRegistry`` (never the global one) and,
 when ``opentelemetry-sdk`` is installed, a private ``TracerProvider`` with an in-memory exporter.
 The pytest plugin (``cachescope.pytest_plugin``) wraps the same probe in fixtures.
+
+Multi-rank (TP/PP) code runs on real gloo ranks, each with its own probe and the cross-rank
+checker, through ``run_ranks``::
+
+    results = run_ranks(decode, nproc=3)      # decode(ctx): a module-level function
+    results.assert_no_violations()
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from . import _install, _instrumented
 from ._instrumented import InstrumentedCache
 from ._owners import WatchHandle, watch
 from ._records import OPS, OpRecord
+from ._testing_dist import (RankContext, RankFailed, RankResults, RanksTimedOut, RankViolation,
+                            run_ranks)
 from ._values import format_bytes
 
-__all__ = ["CacheProbe", "Op", "capture", "format_violations", "DEFAULT_MAX_OPS"]
+__all__ = ["CacheProbe", "Op", "capture", "format_violations", "DEFAULT_MAX_OPS", "run_ranks",
+           "RankContext", "RankResults", "RankViolation", "RankFailed", "RanksTimedOut"]
 
 #: Ops a probe keeps in ``probe.ops`` (the cache's own timeline is a short ring buffer).
 DEFAULT_MAX_OPS = 200_000
@@ -70,15 +79,17 @@ class _OpLog:
 
 # --------------------------------------------------------------------------- caches a test creates
 class _Tracked:
-    """A cache seen by a tracker. Holds the cache's violation list, never the cache itself (a
-    test's caches must stay collectable: exporters and tests rely on weak references)."""
+    """A cache (or the ``RankResults`` of ``run_ranks``) seen by a tracker. Holds its violation
+    list, never the cache itself (a test's caches must stay collectable: exporters and tests rely
+    on weak references)."""
 
     __slots__ = ("ref", "violations", "checked")
 
-    def __init__(self, cache: InstrumentedCache) -> None:
-        self.ref = weakref.ref(cache)
-        self.violations = cache.violations
-        self.checked = len(cache.violations)   # violations before this index were seen already
+    def __init__(self, source: Any, checked: int | None = None) -> None:
+        self.ref = weakref.ref(source)
+        self.violations = source.violations
+        # violations before this index were seen already
+        self.checked = len(source.violations) if checked is None else checked
 
 
 class _CacheTracker:
@@ -113,6 +124,10 @@ class _CacheTracker:
             self._prune_at = max(1024, 2 * len(tracked))
         tracked.append(_Tracked(cache))
 
+    def add_results(self, results: Any) -> None:
+        """The ``RankResults`` of a ``run_ranks`` call: every violation its ranks recorded is new."""
+        self._tracked.append(_Tracked(results, checked=0))
+
     def expect(self, violations: Iterable[Any]) -> None:
         for v in violations:
             self._expected[id(v)] = v
@@ -138,6 +153,13 @@ def _cache_created(cache: InstrumentedCache) -> None:
 
 
 _instrumented.on_create(_cache_created)
+
+
+def _results_created(results: Any) -> None:
+    """``run_ranks`` returned: the innermost tracker (the pytest plugin's, per test) sees the
+    ranks' violations like those of a cache the test created."""
+    if _trackers:
+        _trackers[-1].add_results(results)
 
 
 # --------------------------------------------------------------------------- formatting
