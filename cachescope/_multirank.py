@@ -239,6 +239,7 @@ def _fault_msg(exc: BaseException) -> str:
 
 
 def _check_device(ns: argparse.Namespace, n: int) -> None:
+    """cpu, or cuda with one GPU per rank on this machine (``n``: ranks here)."""
     import torch
     name = ns.device
     try:
@@ -256,8 +257,9 @@ def _check_device(ns: argparse.Namespace, n: int) -> None:
         raise _usage(f"--device {name}: CUDA is not available (torch {torch.__version__}"
                      f"{' has no CUDA support' if torch.version.cuda is None else ' sees no GPU'})")
     if torch.cuda.device_count() < n:
-        raise _usage(f"--device cuda: {n} ranks need {n} GPUs on this machine (one per rank), "
-                     f"torch sees {torch.cuda.device_count()}; lower --nproc")
+        raise _usage(f"--device cuda: {n} ranks on this machine need {n} GPUs (one per rank, "
+                     f"cuda:LOCAL_RANK), torch sees {torch.cuda.device_count()}; start fewer ranks "
+                     "here")
 
 
 def _port_free(addr: str, port: int) -> OSError | None:
@@ -345,7 +347,8 @@ def check_run_args(ns: argparse.Namespace, n: int, tp: int, pp: int) -> tuple[An
     from . import cli
     config, desc = model_config(ns)
     check_layout(config, tp, pp)
-    _check_device(ns, n)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "") if in_rank_env() else ""
+    _check_device(ns, int(local) if local.isdigit() else n)   # GPUs needed on this machine
     cli._prompt(ns, config)   # token ids in range, prompt + new tokens within the positions
     _check_faults(ns, config, n, tp, pp)
     return config, desc
