@@ -56,6 +56,8 @@ log = logging.getLogger("cachescope")
 MAX_FP_OPS = 128
 #: Steps a rank keeps its fingerprints in the store before deleting them.
 KEEP_STEPS = 256
+#: Seconds (at least) a rank may take to reach its first step before it counts as stalled.
+STARTUP_GRACE = 30.0
 _CHECKED_OPS = frozenset(("push", "pop", "clear", "clear_all"))
 _attach_count: dict[Any, int] = {}
 
@@ -633,7 +635,11 @@ class RankCheck:
                 continue
             behind_any = True
             since = self._changed[r][1]
-            if not past and now - since < self.stall_timeout:
+            # Before its first step a rank may still be loading its shard: set-up times differ
+            # more than step times do, so it gets longer before it counts as stalled.
+            limit = self.stall_timeout if pos[1] >= 0 or pos[0] > 1 else \
+                max(3 * self.stall_timeout, STARTUP_GRACE)
+            if not past and now - since < limit:
                 continue
             key = (r, st)
             if key in self._stalled:

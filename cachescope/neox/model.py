@@ -166,7 +166,10 @@ class NeoXModel(nn.Module):
         self.config = config
         # Build on the meta device: skips torch's default init, which we would overwrite anyway.
         with torch.device("meta"):
-            self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+            # An explicit (meta) weight: Embedding's own init on meta imports torch's compile
+            # machinery, about a second per process (each rank of a multi-rank run pays it).
+            self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
             self.layers = nn.ModuleList([TransformerLayer(config, i) for i in range(config.num_layers)])
             self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -298,7 +298,9 @@ class ParallelNeoX(nn.Module):
         self.embed_out: nn.Linear | None = None
         with torch.device("meta"):
             if layout.is_first_stage:
-                self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+                self.embed_in = nn.Embedding(   # explicit weight: see NeoXModel.__init__
+                    config.vocab_size, config.hidden_size,
+                    _weight=torch.empty(config.vocab_size, config.hidden_size))
             self.layers = nn.ModuleList([ParallelLayer(config, g, layout) for g in self.layer_range])
             if layout.is_last_stage:
                 self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
