@@ -60,6 +60,7 @@ DEFAULT_TARGETS = "cachescope-targets.json"
 END_GRACE_S = 10.0
 SERVE_STOP_GRACE_S = 60.0
 KILL_WAIT_S = 5.0
+LOST_SETTLE_S = 1.5   # after a rank failure: how long to look for a rank that vanished
 _POLL_S = 0.05
 #: How often torch's launcher looks at its workers: slower than this process's poll, so a rank
 #: that dies is reported (one line) and the run stopped here before the launcher's banner.
@@ -349,7 +350,7 @@ def check_run_args(ns: argparse.Namespace, n: int, tp: int, pp: int) -> tuple[An
     check_layout(config, tp, pp)
     local = os.environ.get("LOCAL_WORLD_SIZE", "") if in_rank_env() else ""
     _check_device(ns, int(local) if local.isdigit() else n)   # GPUs needed on this machine
-    cli._prompt(ns, config)   # token ids in range, prompt + new tokens within the positions
+    cli.prompt_ids(ns, config)   # token ids in range, prompt + new tokens within the positions
     _check_faults(ns, config, n, tp, pp)
     return config, desc
 
@@ -472,18 +473,21 @@ class _Launch:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
         failed = self._failures()
+        if self.lost:
+            # A rank that vanished comes first: its peers' collectives fail because of it.
+            pid, rank = self.lost[0]
+            who = f"rank {rank} (pid {pid})" if rank is not None else f"a rank (pid {pid})"
+            after = (f" (then rank(s) {', '.join(str(r) for r, _ in failed)} failed: their "
+                     "collectives lost it)" if failed else "")
+            print(f"{PROG} run: {who} died before the run's result (killed, or crashed below "
+                  f"Python){after}; the run was stopped", file=sys.stderr)
+            return 1
         if failed:
             rank, msg = failed[0]
             others = (f" (and rank(s) {', '.join(str(r) for r, _ in failed[1:])})"
                       if failed[1:] else "")
             print(f"{PROG} run: rank {rank} failed{others}: {msg}; the run was stopped",
                   file=sys.stderr)
-            return 1
-        if self.lost:
-            pid, rank = self.lost[0]
-            who = f"rank {rank} (pid {pid})" if rank is not None else f"a rank (pid {pid})"
-            print(f"{PROG} run: {who} died before the run's result (killed, or crashed below "
-                  "Python); the run was stopped", file=sys.stderr)
             return 1
         print(f"{PROG} run: the ranks ended without a result (torch.distributed.run exit status "
               f"{launcher_rc}): a rank crashed or was killed; see the messages above",
@@ -531,6 +535,12 @@ class _Launch:
                 grace = SERVE_STOP_GRACE_S if self.serve else KILL_WAIT_S
                 deadline = now + grace if deadline is None else min(deadline, now + grace)
             if self._failures():
+                # A peer that died makes the others' collectives fail at once: give the watch
+                # a moment to see the dead rank, so the run names the cause, not the echo.
+                settle = time.monotonic() + LOST_SETTLE_S
+                while time.monotonic() < settle and not self._check_lost():
+                    self._track()
+                    time.sleep(_POLL_S)
                 return None
             done = os.path.exists(self.result_file)
             if not done and not self.signals and self._check_lost():

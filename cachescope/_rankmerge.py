@@ -23,7 +23,7 @@ _RANK_KINDS = ("rank_divergence", "rank_stalled")
 def rank_result(summary: dict[str, Any], *, rank: int, tp_rank: int, pp_rank: int,
                 local_rank: int, host: str, layers: Sequence[int], report: str,
                 stalled: str | None = None) -> dict[str, Any]:
-    """This rank's result: ``summary`` (``cli._summary`` of its cache) plus its identity.
+    """This rank's result: ``summary`` (``cli.run_summary`` of its cache) plus its identity.
 
     Violations are capped at ``MAX_VIOLATIONS_PER_RANK``; each gets ``rank`` (the rank it
     concerns: this one unless the checker said otherwise) and ``reported_by``; fault events get
@@ -190,8 +190,7 @@ def format_human(s: Mapping[str, Any], *, prog: str, quiet: bool, serve: bool,
             out.append(f"fault {f} did not fire (its step did not come, or it had nothing to act on)")
         ops = ", ".join(f"{k}={n}" for k, n in s["ops"].items() if n)
         by_kind = s["violations_by_kind"]
-        out.append(f"{prog} summary for cache '{s['cache']}' over {s['world_size']} ranks "
-                   f"(caches '{s['cache']}-rank0'..'{s['cache']}-rank{s['world_size'] - 1}')")
+        out.append(f"{prog} summary for cache '{s['cache']}' over {s['world_size']} ranks")
         out.append(f"  steps: {s['steps']}   tokens: {s['tokens']}   ops: {s['total_ops']} "
                    "(all ranks)")
         out.append(f"  ops by kind: {ops}")

@@ -1,8 +1,9 @@
 """One rank of a multi-rank ``cachescope run`` (started by torch's launcher: RANK/WORLD_SIZE set).
 
 Each rank: ``init_process_group`` (gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``), its
-``ParallelLayout`` and ``ParallelNeoX`` shard, its own ``InstrumentedCache`` (name
-``{--cache-name}-rank{r}``, constant labels rank/tp_rank/pp_rank), the cross-rank checker
+``ParallelLayout`` and ``ParallelNeoX`` shard, its own ``InstrumentedCache`` (named
+``--cache-name`` on every rank, so dashboards compare the ranks of one cache; the constant labels
+rank/tp_rank/pp_rank tell them apart), the cross-rank checker
 (``cachescope.distributed.attach``), its faults (``inject(..., rank=)`` + ``rank_hooks``), and
 ``parallel_generate``. Then it publishes its result to the process group's store
 (``cachescope/result/{rank}``); rank 0 waits for every rank's (bounded), prints the one merged
@@ -237,7 +238,7 @@ class _Rank:
         layout = ParallelLayout.from_env(self.tp, self.pp, device=device)
         self.model, self.model_desc = self._build_model(layout, device)
         from . import cli
-        self.prompt = cli._prompt(ns, self.model.config)
+        self.prompt = cli.prompt_ids(ns, self.model.config)
         self._warm_up()
         metrics_mod = self._metrics_module()
         self.provider = self._tracing_provider()
@@ -248,7 +249,7 @@ class _Rank:
             labels = metrics_mod.rank_labels(self.rank, self.tp_rank, self.pp_rank)
         try:
             self.cache = cachescope.InstrumentedCache(
-                name=f"{ns.cache_name}-rank{self.rank}", strict=ns.strict,
+                name=ns.cache_name, strict=ns.strict,
                 metrics=metrics_mod is not None, tracing=False, const_labels=labels)
         except ValueError as exc:
             raise _RankFailure(f"--cache-name: {exc}") from None
@@ -314,7 +315,7 @@ class _Rank:
         return _sdk.configure_tracing(ns.otlp_endpoint, ns.console_traces, ns.trace_sample)
 
     def _serve_metrics(self, metrics_mod: Any) -> int | None:
-        from .cli import PROG, _url_host
+        from .cli import PROG, url_host
         if metrics_mod is None:
             return None
         ns = self.ns
@@ -323,7 +324,7 @@ class _Rank:
             self.server, _thread, port = metrics_mod.start_metrics_server(want, ns.metrics_addr)
         except (metrics_mod.MetricsServerError, OSError, ValueError) as exc:
             raise _RankFailure(f"--metrics-port: {exc}") from None
-        print(f"{PROG}: serving metrics on http://{_url_host(ns.metrics_addr)}:{port}/metrics "
+        print(f"{PROG}: serving metrics on http://{url_host(ns.metrics_addr)}:{port}/metrics "
               f"(rank {self.rank}, tp_rank {self.tp_rank}, pp_rank {self.pp_rank})",
               file=sys.stderr, flush=True)
         return int(port)
@@ -395,11 +396,11 @@ class _Rank:
         from contextlib import nullcontext
 
         from ._records import PopOrderError
-        from .cli import _exc_text, _Progress
+        from .cli import exc_text, Progress
         from .faults import inject, rank_hooks
         from .neox.parallel import parallel_generate
         ns, model, cache = self.ns, self.model, self.cache
-        self.progress = _Progress(self.rank == 0 and ((sys.stderr.isatty() and not ns.quiet)
+        self.progress = Progress(self.rank == 0 and ((sys.stderr.isatty() and not ns.quiet)
                                                       or ns.progress), ns.max_new_tokens)
         self.t0 = time.perf_counter()
         while True:
@@ -426,7 +427,7 @@ class _Rank:
             except PopOrderError as exc:
                 self.error = f"stopped at the first violation (--strict): {exc.violation.summary()}"
             except Exception as exc:   # a rank's loop may fail (pop_empty, a peer gone): report
-                self.error = f"the decode loop raised {type(exc).__name__}: {_exc_text(exc)}"
+                self.error = f"the decode loop raised {type(exc).__name__}: {exc_text(exc)}"
             finally:
                 if root is not None:
                     root.end()
@@ -494,7 +495,7 @@ class _Rank:
         elapsed = self.elapsed if self.elapsed is not None else time.perf_counter() - self.t0
         if self.generations <= 1 and self.hooks is not None and not self.events:
             self.events = self._events()
-        summary = cli._summary(self.ns, self.model, self.model_desc, self.cache, self.prompt,
+        summary = cli.run_summary(self.ns, self.model, self.model_desc, self.cache, self.prompt,
                                self.generations, self.tokens_total, elapsed, self.events,
                                self.not_fired, self.error, self.last_tokens or self.tokens_now, 0)
         return _rankmerge.rank_result(

@@ -302,7 +302,7 @@ def _one_line(exc: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- run
 
-class _Progress:
+class Progress:
     """A single self-rewriting stderr line: step, tokens/s, violations."""
 
     def __init__(self, enabled: bool, total: int) -> None:
@@ -361,7 +361,7 @@ def _build_model(ns: argparse.Namespace, device: Any) -> tuple[Any, str]:
     return model, f"preset {ns.preset}"
 
 
-def _prompt(ns: argparse.Namespace, config: Any) -> list[int]:
+def prompt_ids(ns: argparse.Namespace, config: Any) -> list[int]:
     import torch
     if ns.prompt_ids is not None:
         bad = [i for i in ns.prompt_ids if i >= config.vocab_size]
@@ -414,7 +414,7 @@ def _signals(stop: threading.Event, enabled: bool) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _url_host(addr: str) -> str:
+def url_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
 
 
@@ -430,7 +430,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     device = _check_device(ns.device)
     model, model_desc = _build_model(ns, device)
     config = model.config
-    prompt = _prompt(ns, config)
+    prompt = prompt_ids(ns, config)
     _check_faults(ns, model)
 
     provider = None
@@ -471,7 +471,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
                     ns.metrics_port, ns.metrics_addr)
             except (metrics_mod.MetricsServerError, OSError, ValueError) as exc:
                 raise UsageError(f"--metrics-port: {exc}") from None
-            print(f"{PROG}: serving metrics on http://{_url_host(ns.metrics_addr)}:{port}/metrics",
+            print(f"{PROG}: serving metrics on http://{url_host(ns.metrics_addr)}:{port}/metrics",
                   file=sys.stderr, flush=True)
         if ns.record:
             try:
@@ -516,7 +516,7 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, pro
     from .neox import logits_for
     logits_for(model, prompt)   # warm-up on a throwaway cache, so tokens/s measures decoding
     stop = threading.Event()
-    progress = _Progress((sys.stderr.isatty() and not ns.quiet) or ns.progress, ns.max_new_tokens)
+    progress = Progress((sys.stderr.isatty() and not ns.quiet) or ns.progress, ns.max_new_tokens)
     events: list[Any] = []
     not_fired: list[str] = []
     error: str | None = None
@@ -559,7 +559,7 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, pro
             except (IndexError, KeyError, InjectedFault) as exc:
                 if not cache.violations and not isinstance(exc, InjectedFault):
                     raise
-                error = f"the decode loop raised {type(exc).__name__}: {_exc_text(exc)}"
+                error = f"the decode loop raised {type(exc).__name__}: {exc_text(exc)}"
             last_tokens = tokens or last_tokens
             if not ns.serve or stop.is_set():
                 break
@@ -568,7 +568,7 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, pro
 
     violations = list(cache.violations)
     exit_code = 1 if (violations or error) and not ns.serve else 0
-    summary = _summary(ns, model, model_desc, cache, prompt, generations, tokens_total, elapsed,
+    summary = run_summary(ns, model, model_desc, cache, prompt, generations, tokens_total, elapsed,
                        events, not_fired, error, last_tokens, exit_code)
     if ns.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -577,12 +577,12 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, pro
     return exit_code
 
 
-def _exc_text(exc: BaseException) -> str:
+def exc_text(exc: BaseException) -> str:
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _summary(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, prompt: list[int],
+def run_summary(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, prompt: list[int],
              generations: int, tokens: int, elapsed: float, events: list[Any],
              not_fired: list[str], error: str | None, last_tokens: list[int],
              exit_code: int) -> dict[str, Any]:
