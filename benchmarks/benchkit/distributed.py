@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import (ROOT, Context, fmt_ci, log, paired_diff, paired_overhead, pct, quantiles)
+from .common import (ROOT, Context, fmt_ci, loadavg, log, paired_diff, paired_overhead, pct,
+                     quantiles)
 
 WORKER = Path(__file__).resolve().parent / "_rank_bench_worker.py"
 TP = 2
@@ -62,9 +63,11 @@ def run(ctx: Context) -> dict[str, Any]:
         log(f"ranks {preset}: TP={TP} over 2 gloo ranks; lockstep {lock[1]} reps x 5 arms x "
             f"{lock[0]} tokens; whole decodes {whole[1]} reps x 5 arms x 2 (ABBA) x {whole[0]} "
             f"tokens; solo decodes of {solo} tokens")
+        load0 = loadavg()
         raw = launch({"preset": preset, "seed": ctx.seed, "lockstep": list(lock),
                       "whole": list(whole), "solo_tokens": solo})
         d = summarize(preset, raw)
+        d["loadavg_start"] = load0
         for arm, row in d["lockstep"]["arms"].items():
             vs = row.get("vs_default")
             log(f"  lockstep {arm:18s} {row['median_ms']:8.3f} ms/token"
@@ -237,7 +240,8 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
           "`broadcast`) is shared. Timings are rank 0's (the other rank's overhead is given "
           f"beside). Every arm generated the same tokens (first: {d['sample_tokens'][:8]}); "
           f"cross-rank and local violations recorded by the instrumented arms: {n_viol}. "
-          f"Load average after: {d['loadavg_end']}. Arms:")
+          f"Load average (1, 5, 15 min) before: {d.get('loadavg_start', 'n/a')}, after: "
+          f"{d['loadavg_end']}. Arms:")
         w("")
         for arm, text in ARM_TEXT.items():
             w(f"- `{arm}`: {text}")
@@ -337,4 +341,12 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
             w("Store calls of `rankcheck-counted`: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(counted["store_calls"].items()))
               + f" over {counted['store_s']:.1f} s ({counted['steps_per_s']:.1f} steps/s).")
+        found = [(r, arm, text) for r, arms in sorted(d["checker_violations"].items())
+                 for arm, texts in arms.items() for text in texts]
+        if found:
+            w("")
+            w("Cross-rank violations the checkers recorded (rank, arm: summary):")
+            w("")
+            for r, arm, text in found:
+                w(f"- rank {r}, `{arm}`: {text}")
         w("")
