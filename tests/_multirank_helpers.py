@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 240
+SERVING = re.compile(r"cachescope: serving metrics on http://127\.0\.0\.1:(\d+)/metrics "
+                     r"\(rank (\d+), tp_rank (\d+), pp_rank (\d+)\)")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -50,3 +55,33 @@ def _no_leftovers(marker: str) -> list[str]:
         time.sleep(0.1)
         left = _processes_with(marker)
     return left
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """End a launch that a failed assertion left running: two SIGINTs make cachescope stop every
+    rank (a SIGKILL of the parent alone would leave the launcher's processes to the kernel)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=60)
+
+
+def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
+    """stderr of ``proc`` up to the first line matching ``pattern``."""
+    assert proc.stderr is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sel.select(timeout=1):
+            line = proc.stderr.readline()
+            seen += line
+            if re.search(pattern, line):
+                return seen
+    raise AssertionError(f"no line matching {pattern!r}; stderr so far: {seen!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import selectors
 import signal
 import socket
 import subprocess
@@ -29,11 +28,10 @@ from cachescope import _multirank, _rankmerge
 from cachescope.cli import build_parser, main
 
 from _helpers import save_tiny_neox_checkpoint
-from _multirank_helpers import LAUNCH_TIMEOUT_S, _env, _launch, _no_leftovers
+from _multirank_helpers import (LAUNCH_TIMEOUT_S, SERVING, _env, _launch, _no_leftovers,
+                                _read_until, _stop)
 
 KILLER = Path(__file__).resolve().parent / "_multirank_site"
-SERVING = re.compile(r"cachescope: serving metrics on http://127\.0\.0\.1:(\d+)/metrics "
-                     r"\(rank (\d+), tp_rank (\d+), pp_rank (\d+)\)")
 PROMPT = "3,1,4,1,5"
 
 
@@ -112,36 +110,6 @@ def test_tp2_pp2_four_ranks(tp2pp2: subprocess.CompletedProcess[str],
     assert s["output_tokens"] == single
     assert all(r["status"] == "ok" and r["output_tokens"] == single for r in s["ranks"])
     assert s["violations"] == [] and s["exit_code"] == 0
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    """End a launch that a failed assertion left running: two SIGINTs make cachescope stop every
-    rank (a SIGKILL of the parent alone would leave the launcher's processes to the kernel)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate(timeout=60)
-
-
-def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
-    """stderr of ``proc`` up to the first line matching ``pattern``."""
-    assert proc.stderr is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stderr, selectors.EVENT_READ)
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if sel.select(timeout=1):
-            line = proc.stderr.readline()
-            seen += line
-            if re.search(pattern, line):
-                return seen
-    raise AssertionError(f"no line matching {pattern!r}; stderr so far: {seen!r}")
 
 
 def test_serve_per_rank_metrics_targets_file_and_sigterm(tmp_path: Path) -> None:
