@@ -115,7 +115,7 @@ _RANK_PARAM = (int, "the rank it acts on, 0..world size - 1")
 RANK_FAULTS: dict[str, FaultSpec] = {spec.name: spec for spec in (
     FaultSpec(
         "rank-skip", "on one rank only, one layer is not run for one step (like skip)",
-        ("leftover", "owner_mismatch", "pop_empty", "rank_divergence"),
+        ("owner_mismatch", "rank_divergence", "rank_stalled"),
         {"rank": _RANK_PARAM,
          "layer": (int, "the layer skipped, a position in that rank's own layer container "
                         "(default: its first layer that uses the cache)")},
@@ -126,20 +126,23 @@ RANK_FAULTS: dict[str, FaultSpec] = {spec.name: spec for spec in (
                    "the skipped layer's all_reduces are missing on the rank, so its collectives "
                    "no longer pair with its TP peers': on gloo the ranks block inside the step "
                    "(the rank in the token broadcast, its peers in the all_reduce), before the "
-                   "step's leftover is checked, and only its ops so far differ from its peers' "
-                   "(rank_divergence)"),
+                   "step's leftover is checked: the cross-rank checker sees every rank blocked "
+                   "in the step, compares the unfinished step's ops (rank_divergence on the "
+                   "rank, at the step) and reports rank_stalled on every rank; the rank's own "
+                   "owner_mismatch comes first"),
     FaultSpec(
         "rank-retry", "on one rank only, the step raises half-way and is retried with the same "
                       "state_ids (like retry)",
-        ("step_restarted", "owner_mismatch", "pop_empty", "rank_divergence"),
+        ("step_restarted", "owner_mismatch", "pop_empty", "rank_stalled"),
         {"rank": _RANK_PARAM,
          "layer": (int, "the layer that raises InjectedFault on the first attempt, a position in "
                         "that rank's own layer container (default: its second cache layer)")},
         required=("rank",),
         kinds_note="on the rank, the local kinds of retry (step_restarted, then owner_mismatch "
                    "and pop_empty, whose IndexError ends its loop; seen with tp=2 on gloo); the "
-                   "re-set state_ids puts the rank one step ahead of its peers, whose steps it "
-                   "no longer matches (rank_divergence), and its peers are left waiting for it"),
+                   "re-set state_ids counts as a step, so the retry is the rank's step S+1; its "
+                   "loop ends while its peers wait for it in the step: rank_stalled concerning "
+                   "the rank (its error named), reported by every rank"),
     FaultSpec(
         "rank-diverge", "one rank continues with another token than its peers after the step",
         ("rank_divergence",),

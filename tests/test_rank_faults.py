@@ -64,6 +64,7 @@ def test_rank_catalogue() -> None:
     assert RANK_FAULTS["rank-diverge"].expected_kinds == ("rank_divergence",)
     assert RANK_FAULTS["rank-exit"].expected_kinds == ("rank_stalled",)
     assert "rank_divergence" in RANK_FAULTS["rank-skip"].expected_kinds
+    assert "rank_stalled" in RANK_FAULTS["rank-retry"].expected_kinds
 
 
 def test_parse_rank_faults() -> None:
