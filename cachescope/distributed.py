@@ -48,7 +48,7 @@ from ._families import strip_ids
 from ._records import OpRecord, Violation
 
 __all__ = ["attach", "RankCheck", "step_fingerprint", "compare_step", "kv_length",
-           "inputs_digest", "format_fingerprint"]
+           "inputs_digest", "format_fingerprint", "fingerprint_ops"]
 
 log = logging.getLogger("cachescope")
 
@@ -59,7 +59,7 @@ KEEP_STEPS = 256
 #: Seconds (at least) a rank may take to reach its first step before it counts as stalled.
 STARTUP_GRACE = 30.0
 _CHECKED_OPS = frozenset(("push", "pop", "clear", "clear_all"))
-_attach_count: dict[Any, int] = {}
+_attaches = 0    # attaches in this process: every rank attaches in the same order
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -102,6 +102,18 @@ def _state(x: Any) -> str:
         return f"<{type(x).__name__}>"
 
 
+_FS, _RS = "\x1f", "\x1e"     # field and record separators of a fingerprint's op text
+
+
+def _text(x: Any) -> str:
+    if x is None:
+        return ""
+    t = x if type(x) is str else str(x)
+    if _FS in t or _RS in t:
+        t = t.replace(_FS, " ").replace(_RS, " ")
+    return t
+
+
 def step_fingerprint(records: Sequence[OpRecord], *, step: int, state_ids: Any = None,
                      inputs_digest: str | None = None,
                      kv_lengths: Sequence[int | None] | None = None,
@@ -111,43 +123,76 @@ def step_fingerprint(records: Sequence[OpRecord], *, step: int, state_ids: Any =
     per-rank recordings build it the same way).
 
     ``kv_lengths``: one entry per push in ``records`` (None where unknown); without it the pushed
-    bytes stand in for lengths. Returns a JSON-able dict: ``s`` step, ``g`` generation, ``ids``
-    state ids, ``n`` number of checked ops, ``d`` digest of the ordered (op, queue, owner, kv
-    length), ``kv`` the distinct kv lengths pushed, ``in`` the inputs digest, ``ops`` the first
-    ``MAX_FP_OPS`` checked ops as ``[op, queue, owner, site, kv]``.
+    bytes stand in for lengths. Returns a JSON-able dict of strings and ints (so a rank's
+    fingerprints and its peers' cost the cyclic GC next to nothing): ``s`` step, ``g``
+    generation, ``ids`` state ids, ``n`` number of checked ops, ``d`` digest of the ordered (op,
+    queue, owner, kv length), ``kv`` the distinct kv lengths pushed (comma-separated), ``in``
+    the inputs digest, ``ops`` / ``sites`` the first ``MAX_FP_OPS`` checked ops and their call
+    sites as text (``fingerprint_ops`` reads them back).
     """
-    ops: list[list[Any]] = []
+    keys: list[str] = []
+    sites: list[str] = []
+    kvs: set[str] = set()
     lengths = iter(kv_lengths) if kv_lengths is not None else None
     for rec in records:
         op = rec.op
         if op in _CHECKED_OPS:
-            kv: Any = None
+            kv = ""
             if op == "push":
-                kv = next(lengths, None) if lengths is not None else None
-                if kv is None and rec.logical_bytes:
+                n = next(lengths, None) if lengths is not None else None
+                if n is not None:
+                    kv = str(n)
+                elif rec.logical_bytes:
                     kv = f"{rec.logical_bytes}B"
-            ops.append([op, rec.queue, rec.owner, rec.site, kv])
+                if kv:
+                    kvs.add(kv)
         elif op == "set" and rec.queue == state_key:
-            ops.append(["set", rec.queue, rec.owner, rec.site, None])
-    h = hashlib.blake2b(digest_size=8)
-    for op, queue, owner, _site, kv in ops:
-        h.update(f"{op}\x1f{queue}\x1f{owner}\x1f{kv}\x1e".encode("utf-8", "replace"))
-    kvs = sorted({str(o[4]) for o in ops if o[0] == "push" and o[4] is not None})
-    return {"r": rank, "g": generation, "s": step, "ids": _state(state_ids), "n": len(ops),
-            "d": h.hexdigest(), "kv": kvs, "in": inputs_digest, "ops": ops[:MAX_FP_OPS],
-            "t": time.time()}
+            kv = ""
+        else:
+            continue
+        keys.append(f"{op}{_FS}{_text(rec.queue)}{_FS}{_text(rec.owner)}{_FS}{kv}")
+        sites.append(_text(rec.site))
+    text = _RS.join(keys)
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).hexdigest()
+    if len(keys) > MAX_FP_OPS:
+        text, sites = _RS.join(keys[:MAX_FP_OPS]), sites[:MAX_FP_OPS]
+    return {"r": rank, "g": generation, "s": step, "ids": _state(state_ids), "n": len(keys),
+            "d": digest, "kv": ",".join(sorted(kvs)), "in": inputs_digest, "ops": text,
+            "sites": _RS.join(sites), "t": time.time()}
+
+
+def fingerprint_ops(fp: Mapping[str, Any]) -> list[tuple[str, str, str | None, str | None, str | None]]:
+    """A fingerprint's ops as ``(op, queue, owner, site, kv)`` (None where empty)."""
+    text = fp.get("ops") or ""
+    if not isinstance(text, str) or not text:
+        return []
+    sites = (fp.get("sites") or "").split(_RS)
+    out = []
+    for i, entry in enumerate(text.split(_RS)):
+        op, queue, owner, kv = (entry.split(_FS) + ["", "", "", ""])[:4]
+        site = sites[i] if i < len(sites) else ""
+        out.append((op, queue, owner or None, site or None, kv or None))
+    return out
+
+
+def _kv_text(fp: Mapping[str, Any]) -> str:
+    kv = fp.get("kv")
+    if isinstance(kv, (list, tuple)):
+        kv = ",".join(map(str, kv))
+    return kv.replace(",", ", ") if kv else "-"
 
 
 def format_fingerprint(fp: Mapping[str, Any], mark: int | None = None) -> list[str]:
     """A fingerprint's ops as report lines (``mark``: index of the op to point at)."""
     lines = []
-    for i, (op, queue, owner, site, kv) in enumerate(fp.get("ops") or ()):
+    ops = fingerprint_ops(fp)
+    for i, (op, queue, owner, site, kv) in enumerate(ops):
         arrow = "  >" if i == mark else "   "
         kv_text = "" if kv is None else f" kv={kv}"
         lines.append(f"{arrow} {i + 1:>3} {op:<9} {str(queue)[:40]:<14} {owner or '-'}{kv_text}"
                      f"  at {site or '?'}")
-    if fp.get("n", 0) > len(fp.get("ops") or ()):
-        lines.append(f"      ... {fp['n'] - len(fp['ops'])} more op(s)")
+    if fp.get("n", 0) > len(ops):
+        lines.append(f"      ... {fp['n'] - len(ops)} more op(s)")
     return lines
 
 
@@ -175,7 +220,7 @@ def _first_diff(a: Sequence[Any], b: Sequence[Any]) -> int:
 
 
 def _owners(fp: Mapping[str, Any]) -> list[str]:
-    return [o[2] for o in fp.get("ops") or () if o[0] == "pop" or o[0] == "push"]
+    return [str(o[2]) for o in fingerprint_ops(fp) if o[0] == "pop" or o[0] == "push"]
 
 
 def _ops_hint(rank: int, peer: int, mine: Mapping[str, Any], theirs: Mapping[str, Any],
@@ -228,12 +273,12 @@ def _divergence(rank: int, peer: int, fp: Mapping[str, Any], ref: Mapping[str, A
                 "or restarted on one rank only (state_ids set again) shifts every later step. "
                 "Retry a failed step on every rank or on none")
     elif field == "kv":
-        what = (f"rank {rank}'s layers pushed kv length(s) {', '.join(fp.get('kv') or ['-'])} at "
-                f"step {step} where rank {peer}'s pushed {', '.join(ref.get('kv') or ['-'])}")
+        what = (f"rank {rank}'s layers pushed kv length(s) {_kv_text(fp)} at step {step} where "
+                f"rank {peer}'s pushed {_kv_text(ref)}")
         hint = (f"rank {rank}'s cache holds a different number of positions than rank {peer}'s: "
                 "a token was missed or added on one rank (sizing or batch differs between ranks?)")
     else:   # the ordered ops of TP peers
-        mine, theirs = fp.get("ops") or [], ref.get("ops") or []
+        mine, theirs = fingerprint_ops(fp), fingerprint_ops(ref)
         i = _first_diff(mine, theirs)
         mark = i
         a = mine[i] if i < len(mine) else None
@@ -347,8 +392,8 @@ class RankCheck:
     docstring; ``detach()`` stops both.
 
     The main thread's share (sink methods) is one ``ops_since`` read at the end of a checked step
-    and a few tuples; the watcher builds the fingerprints and talks to the store in batches, a
-    few round trips per ``poll`` seconds whatever the step rate:
+    and its fingerprint (a dict of strings: one object for the cyclic GC); the watcher talks to
+    the store in batches, a few round trips per ``poll`` seconds whatever the step rate:
 
     * one ``multi_set``: this rank's new fingerprints and its heartbeat (generation, step, op
       count, last op, the last step it published, whether it ended its generation);
@@ -373,9 +418,9 @@ class RankCheck:
         self._cache_ref = weakref.ref(cache)
         self.cache_name = getattr(cache, "name", "default")
         self._state_key = str(getattr(cache, "state_key", "state_ids"))
-        key = (id(store), rank)
-        n = _attach_count.get(key, 0)
-        _attach_count[key] = n + 1
+        global _attaches
+        n = _attaches
+        _attaches += 1
         prefix = f"cachescope/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/a{n}/"
         #: The store for the caller's own bookkeeping (e.g. publishing results); the watcher
         #: thread uses its own connection when the store can clone one.
@@ -388,7 +433,7 @@ class RankCheck:
         self._hb_keys = [f"hb/{r}" for r in range(world_size)]
         self.violations: list[Violation] = []
         self._lock = threading.Lock()
-        self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._outbox: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle = threading.Event()
@@ -468,9 +513,12 @@ class RankCheck:
                 i = pos[q]
                 pos[q] = i + 1
                 lengths.append(length(items[i]) if i < len(items) else None)
+        fp = step_fingerprint(records, step=step.index, state_ids=(step.prev, step.next),
+                              inputs_digest=self._inputs, kv_lengths=lengths,
+                              state_key=self._state_key, rank=self.rank,
+                              generation=self.generation)
         self._idle.clear()
-        self._outbox.append((self.generation, step.index, (step.prev, step.next), self._inputs,
-                             records, lengths))
+        self._outbox.append(fp)
 
     # ------------------------------------------------------------------ public
     def flush(self, timeout: float = 5.0) -> bool:
@@ -537,10 +585,8 @@ class RankCheck:
         keys: list[str] = []
         values: list[str] = []
         while self._outbox:
-            g, s, ids, inputs, records, lengths = self._outbox.popleft()
-            fp = step_fingerprint(records, step=s, state_ids=ids, inputs_digest=inputs,
-                                  kv_lengths=lengths, state_key=self._state_key, rank=self.rank,
-                                  generation=g)
+            fp = self._outbox.popleft()
+            g, s = fp["g"], fp["s"]
             keys.append(self._fp_key(g, s, self.rank))
             values.append(json.dumps(fp, separators=(",", ":")))
             self._pending[(g, s)] = time.monotonic()

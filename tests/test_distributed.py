@@ -49,7 +49,7 @@ LAYERS = ["layers.0.attention", "layers.1.attention", "layers.2.attention"]
 def test_identical_fingerprints_agree():
     fps = {r: _fp(LAYERS, rank=r) for r in range(4)}
     assert csd.compare_step(fps, tp=2, pp=2) == []
-    assert fps[0]["d"] == fps[1]["d"] and fps[0]["n"] == 7 and fps[0]["kv"] == ["7"]
+    assert fps[0]["d"] == fps[1]["d"] and fps[0]["n"] == 7 and fps[0]["kv"] == "7"
 
 
 def test_majority_blames_only_the_odd_rank_and_names_the_skipped_layer():
@@ -150,8 +150,8 @@ def test_a_single_rank_publishes_fingerprints_and_stays_clean(world_of_one):
         watch.remove()
         assert check.flush(timeout=5)
         fp = json.loads(check.store.get("fp/1/2/0"))
-    assert fp["s"] == 2 and fp["ids"] == "(1, 2)" and fp["kv"] == ["10"]
-    assert [o[0] for o in fp["ops"]][:3] == ["set", "pop", "push"]
+    assert fp["s"] == 2 and fp["ids"] == "(1, 2)" and fp["kv"] == "10"
+    assert [o[0] for o in csd.fingerprint_ops(fp)][:3] == ["set", "pop", "push"]
     assert check.violations == [] and cache.violations == []
     assert check not in cache.sinks
 
@@ -260,3 +260,27 @@ def test_two_ranks_with_different_layers_get_one_symmetric_hint():
     for v in vs:
         assert ("rank 0 ran layers.1.attention more often than rank 1 at step 3: rank 1 skipped "
                 "it or rank 0 repeated or retried it") in v.hint
+
+
+def test_fingerprints_are_strings_and_read_back():
+    recs = [_rec(1, "set", "state_ids", None), _rec(2, "pop", "q\x1fodd\x1ename", "a.b"),
+            _rec(3, "push", "attn_kv_3", None, 64)]
+    fp = csd.step_fingerprint(recs, step=1, state_ids=(0, 1), kv_lengths=[None])
+    # only str / int / None values: peers' fingerprints cost the cyclic GC one dict each
+    assert all(v is None or type(v) in (str, int, float) for v in fp.values())
+    assert csd.fingerprint_ops(fp) == [
+        ("set", "state_ids", None, "model.py:1", None),
+        ("pop", "q odd name", "a.b", "model.py:1", None),
+        ("push", "attn_kv_3", None, "model.py:1", "64B")]
+    assert fp["kv"] == "64B" and fp["n"] == 3
+
+
+def test_two_checkers_in_one_process_do_not_share_keys(world_of_one):
+    a = csd.attach(cachescope.InstrumentedCache(metrics=False, tracing=False), store=world_of_one)
+    b = csd.attach(cachescope.InstrumentedCache(metrics=False, tracing=False), store=world_of_one)
+    try:
+        a.store.set("probe", "1")
+        assert a.store.check(["probe"]) and not b.store.check(["probe"])
+    finally:
+        a.detach()
+        b.detach()
