@@ -438,7 +438,7 @@ class RankCheck:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
-        self._poll = poll if poll is not None else max(0.02, min(0.25, self.stall_timeout / 8))
+        self._poll = poll if poll is not None else max(0.02, min(0.5, self.stall_timeout / 8))
         # main-thread state (written by the sink methods; read by the watcher)
         self.generation = 0
         self._step = -1
