@@ -337,15 +337,7 @@ def compare_step(fps_by_rank: Mapping[int, Mapping[str, Any]], *, tp: int,
             values = {r: v for r, v in values.items() if v}   # stages without cache layers
             if len(values) < 2:
                 continue
-        if len(set(values.values())) <= 1:
-            continue
-        ref_value, strict = _majority(values)
-        ref_rank = min(r for r, v in values.items() if v == ref_value)
-        for r, v in values.items():
-            if (v != ref_value or not strict) and r not in blamed:
-                peer = ref_rank if r != ref_rank else min(x for x in values if values[x] != v)
-                out.append(_divergence(r, peer, fps_by_rank[r], fps_by_rank[peer], field, strict))
-                blamed.add(r)
+        _blame(values, fps_by_rank, field, blamed, out)
     # TP peers: the ordered ops.
     stages: dict[int, list[int]] = {}
     for r in ranks:
@@ -354,17 +346,23 @@ def compare_step(fps_by_rank: Mapping[int, Mapping[str, Any]], *, tp: int,
         members = [r for r in members if r not in blamed]   # their difference is explained
         if len(members) < 2:
             continue
-        values = {r: fps_by_rank[r].get("d") for r in members}
-        if len(set(values.values())) <= 1:
-            continue
-        ref_value, strict = _majority(values)
-        ref_rank = min(r for r, v in values.items() if v == ref_value)
-        for r, v in values.items():
-            if (v != ref_value or not strict) and r not in blamed:
-                peer = ref_rank if r != ref_rank else min(x for x in values if values[x] != v)
-                out.append(_divergence(r, peer, fps_by_rank[r], fps_by_rank[peer], "ops", strict))
-                blamed.add(r)
+        _blame({r: fps_by_rank[r].get("d") for r in members}, fps_by_rank, "ops", blamed, out)
     return out
+
+
+def _blame(values: Mapping[int, Any], fps_by_rank: Mapping[int, Mapping[str, Any]], field: str,
+           blamed: set[int], out: list[Violation]) -> None:
+    """A ``rank_divergence`` for each rank whose ``values`` entry is outside the majority (each
+    rank, when there is none), compared with a rank of the majority; at most one per rank."""
+    if len(set(values.values())) <= 1:
+        return
+    ref_value, strict = _majority(values)
+    ref_rank = min(r for r, v in values.items() if v == ref_value)
+    for r, v in values.items():
+        if (v != ref_value or not strict) and r not in blamed:
+            peer = ref_rank if r != ref_rank else min(x for x in values if values[x] != v)
+            out.append(_divergence(r, peer, fps_by_rank[r], fps_by_rank[peer], field, strict))
+            blamed.add(r)
 
 
 # ----------------------------------------------------------------------------- the live checker

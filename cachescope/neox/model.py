@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from cachescope import _cache
 from cachescope._cache import Cache
 from cachescope.neox.config import NeoXConfig
 
-__all__ = ["NeoXModel", "TransformerLayer", "Attention", "MLP", "apply_rotary"]
+__all__ = ["NeoXModel", "QueueCacheUser", "TransformerLayer", "Attention", "MLP", "apply_rotary"]
 
 
 def apply_rotary(x: Tensor, past: int, rotary_dim: int, base: float) -> Tensor:
@@ -153,7 +154,29 @@ class TransformerLayer(nn.Module):
         return x + self.attention(self.ln1(x)) + self.mlp(self.ln2(x))  # (B, T, C)
 
 
-class NeoXModel(nn.Module):
+class QueueCacheUser:
+    """For models whose ``Attention`` layers talk to a queue cache (``NeoXModel``, the parallel
+    ``ParallelNeoX``): find them, and point them at a cache for a ``with`` block."""
+
+    def attention_modules(self) -> list[Attention]:
+        """Every Attention module, found through ``modules()`` so wrapped layers are included."""
+        return [m for m in self.modules() if isinstance(m, Attention)]  # type: ignore[attr-defined]
+
+    @contextmanager
+    def using_cache(self, cache: Cache | None) -> Iterator[Any]:
+        """Point every attention layer at ``cache`` for the ``with`` block, then restore."""
+        attentions = self.attention_modules()
+        saved = [a.cache for a in attentions]
+        for a in attentions:
+            a.cache = cache
+        try:
+            yield self
+        finally:
+            for a, previous in zip(attentions, saved):
+                a.cache = previous
+
+
+class NeoXModel(QueueCacheUser, nn.Module):
     """GPT-NeoX decoder: token ids (B, T) -> next-token logits (B, T, vocab_size).
 
     Weights are random, drawn from a ``torch.Generator`` seeded with ``config.seed``, so the
@@ -192,23 +215,6 @@ class NeoXModel(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
-
-    def attention_modules(self) -> list[Attention]:
-        """Every Attention module, found through ``modules()`` so wrapped layers are included."""
-        return [m for m in self.modules() if isinstance(m, Attention)]
-
-    @contextmanager
-    def using_cache(self, cache: Cache | None) -> Iterator[NeoXModel]:
-        """Point every attention layer at ``cache`` for the ``with`` block, then restore."""
-        attentions = self.attention_modules()
-        saved = [a.cache for a in attentions]
-        for a in attentions:
-            a.cache = cache
-        try:
-            yield self
-        finally:
-            for a, previous in zip(attentions, saved):
-                a.cache = previous
 
     def forward(self, input_ids: Tensor) -> Tensor:
         assert input_ids.dim() == 2, f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}"

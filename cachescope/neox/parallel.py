@@ -26,10 +26,9 @@ GPUs (tensors live on the parameters' device).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +40,7 @@ from cachescope._cache import Cache
 from cachescope.neox.config import NeoXConfig
 from cachescope.neox.generate import Decoder, pick_token
 from cachescope.neox.hf import load_hf_checkpoint
-from cachescope.neox.model import MLP, Attention, NeoXModel, TransformerLayer
+from cachescope.neox.model import MLP, Attention, NeoXModel, QueueCacheUser, TransformerLayer
 
 __all__ = ["ParallelLayout", "ParallelNeoX", "ParallelDecoder", "ParallelWatchHandle",
            "parallel_generate"]
@@ -273,7 +272,7 @@ _LAYER_SHARDS: dict[str, tuple[str, str | None, str | None]] = {
 }
 
 
-class ParallelNeoX(nn.Module):
+class ParallelNeoX(QueueCacheUser, nn.Module):
     """This rank's part of a GPT-NeoX: its stage's layers, each holding its tensor shard.
 
     ``forward(input_ids)`` is collective (every rank of the world calls it with the same shape):
@@ -369,23 +368,6 @@ class ParallelNeoX(nn.Module):
         return cls.from_full(load_hf_checkpoint(path, dtype=dtype), layout, device=device)
 
     # -- cache and owners -----------------------------------------------------------------------
-
-    def attention_modules(self) -> list[Attention]:
-        """Every attention module of this rank, found through ``modules()``."""
-        return [m for m in self.modules() if isinstance(m, Attention)]
-
-    @contextlib.contextmanager
-    def using_cache(self, cache: Cache | None) -> Iterator[ParallelNeoX]:
-        """Point every local attention layer at ``cache`` for the ``with`` block, then restore."""
-        attentions = self.attention_modules()
-        saved = [a.cache for a in attentions]
-        for a in attentions:
-            a.cache = cache
-        try:
-            yield self
-        finally:
-            for a, previous in zip(attentions, saved):
-                a.cache = previous
 
     def watch(self, cache: Any = None) -> ParallelWatchHandle:
         """``cachescope.watch`` every local layer under its global name (``layers.{g}.``), so
