@@ -240,7 +240,6 @@ def _lockstep(model: ParallelNeoX, prompt: list[int], config: dict[str, Any],
     totals: dict[str, list[float]] = {a: [] for a in ARMS}
     steps: dict[str, list[list[float]]] = {a: [] for a in ARMS}
     flush_s: dict[str, list[float]] = {a: [] for a in checks}
-    rep_cpu: dict[str, list[float]] = {a: [] for a in checks}
     orders: list[list[str]] = []
     cpu0 = {a: f() for a, f in cpu.items()}
     t_start = PERF()
@@ -249,14 +248,12 @@ def _lockstep(model: ParallelNeoX, prompt: list[int], config: dict[str, Any],
         order = rounds[r * len(ARMS):(r + 1) * len(ARMS)]
         orders.append(order)
         gc.collect()
-        rep0 = {a: f() for a, f in cpu.items()}
         runs = [ParallelRun(model, prompt, tokens, caches[a], checks.get(a)) for a in order]
         got = lockstep(runs, tokens, watch, [f"ls:{a}" for a in order])
         for a, check in checks.items():
             t0 = PERF()
             _flush(check, a)
             flush_s[a].append(PERF() - t0)
-            rep_cpu[a].append(cpu[a]() - rep0[a])
         for i, a in enumerate(order):
             totals[a].append(got["totals"][i] / tokens)
             steps[a].append(got["steps"][i])
@@ -266,7 +263,6 @@ def _lockstep(model: ParallelNeoX, prompt: list[int], config: dict[str, Any],
     return {"tokens": tokens, "reps": reps, "elapsed_s": elapsed, "orders": orders,
             "seconds_per_token": totals, "step_s": steps, "flush_s": flush_s,
             "watcher_cpu_s": {a: f() - cpu0[a] for a, f in cpu.items()},
-            "watcher_cpu_rep_s": rep_cpu,
             "gc": {a: {"collections": watch.count(f"ls:{a}"),
                        "by_generation": watch.by_generation(f"ls:{a}")} for a in ARMS}}
 
@@ -274,11 +270,14 @@ def _lockstep(model: ParallelNeoX, prompt: list[int], config: dict[str, Any],
 def _whole(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], caches: dict[str, Any],
            checks: dict[str, Any], cpu: dict[str, Callable[[], float]]) -> dict[str, Any]:
     """Whole decodes, ABBA: per repetition the arms in a shuffled order and then reversed, one
-    decode per cell; a checked arm's ``flush()`` right after its cell, timed apart."""
+    decode per cell; a checked arm's ``flush()`` right after its cell, timed apart, and its
+    watcher thread's CPU time from the cell's start to the flush's end (its work for the cell's
+    steps, and its polling at the rate of a decode running alone)."""
     tokens, reps = config["whole"]
     rng = random.Random(config["seed"] + 1)
     times: dict[str, list[float]] = {a: [] for a in ARMS}
     flush_s: dict[str, list[float]] = {a: [] for a in checks}
+    cell_cpu: dict[str, list[float]] = {a: [] for a in checks}
     cpu0 = {a: f() for a, f in cpu.items()}
     t_start = PERF()
     for _ in range(reps):
@@ -286,6 +285,7 @@ def _whole(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], cache
         rng.shuffle(order)
         cell = dict.fromkeys(ARMS, 0.0)
         for a in order + order[::-1]:
+            c0 = cpu[a]() if a in cpu else 0.0
             t0 = PERF()
             out = _decode(model, prompt, tokens, caches[a], checks.get(a))
             cell[a] += PERF() - t0
@@ -293,13 +293,15 @@ def _whole(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], cache
                 t0 = PERF()
                 _flush(checks[a], a)
                 flush_s[a].append(PERF() - t0)
+                cell_cpu[a].append(cpu[a]() - c0)
             if len(out) != tokens:
                 raise AssertionError(f"whole: arm {a} produced {len(out)} of {tokens} tokens")
         for a in ARMS:
             times[a].append(cell[a] / (2 * tokens))
     elapsed = PERF() - t_start
     return {"tokens": tokens, "reps": reps, "elapsed_s": elapsed, "seconds_per_token": times,
-            "flush_s": flush_s, "watcher_cpu_s": {a: f() - cpu0[a] for a, f in cpu.items()}}
+            "flush_s": flush_s, "watcher_cpu_s": {a: f() - cpu0[a] for a, f in cpu.items()},
+            "watcher_cpu_cell_s": cell_cpu}
 
 
 def _solo(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], caches: dict[str, Any],

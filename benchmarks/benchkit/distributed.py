@@ -35,7 +35,7 @@ from .common import (ROOT, Context, fmt_ci, loadavg, log, paired_diff, paired_ov
 WORKER = Path(__file__).resolve().parent / "_rank_bench_worker.py"
 TP = 2
 #: (new tokens per decode, repetitions) per preset; ``quick`` under --quick
-LOCKSTEP_SIZES = {"tiny": (64, 12), "pythia-70m": (32, 16), "quick": (6, 2)}
+LOCKSTEP_SIZES = {"tiny": (64, 12), "pythia-70m": (32, 24), "quick": (6, 2)}
 WHOLE_SIZES = {"tiny": (64, 6), "pythia-70m": (48, 6), "quick": (6, 2)}
 #: new tokens of each solo decode
 SOLO_TOKENS = {"tiny": 500, "pythia-70m": 250, "quick": 12}
@@ -146,14 +146,21 @@ def _arms(per_token: dict[str, list[float]], steps: dict[str, list[list[float]]]
     return arms
 
 
-def _charged(ls: dict[str, Any]) -> dict[str, list[float]]:
-    """Lockstep seconds/token per repetition with each checked arm's watcher-thread CPU time of
-    the repetition added to it, as if all of it had delayed that arm's decode. (The watcher's work
-    slows whichever arm is stepping; in expectation every arm alike, order being shuffled, so
-    comparing the charged arm with ``default`` leaves the checker's whole cost.)"""
+def _watcher_s_per_token(wh: dict[str, Any]) -> dict[str, float]:
+    """Per checked arm, its watcher thread's CPU seconds per token in its own whole decodes
+    (median over the ABBA cells)."""
+    return {a: statistics.median(cpu) / wh["tokens"] for a, cpu in wh["watcher_cpu_cell_s"].items()}
+
+
+def _charged(ls: dict[str, Any], watcher: dict[str, float]) -> dict[str, list[float]]:
+    """Lockstep seconds/token per repetition, each checked arm's plus its watcher thread's CPU
+    seconds per token (``watcher``), as if all of it delayed the decode. In lockstep the watchers'
+    work slows whichever arm is stepping, every arm alike in expectation (the order is shuffled),
+    so the arm's own steps against ``default`` give the checker's cost on the decoding thread;
+    adding the watcher's CPU per token of a decode running alone gives its whole cost."""
     out = {a: list(xs) for a, xs in ls["seconds_per_token"].items()}
-    for a, cpu in ls["watcher_cpu_rep_s"].items():
-        out[a] = [x + c / ls["tokens"] for x, c in zip(out[a], cpu)]
+    for a, s in watcher.items():
+        out[a] = [x + s for x in out[a]]
     return out
 
 
@@ -164,9 +171,10 @@ def summarize(preset: str, raw: dict[int, dict[str, Any]]) -> dict[str, Any]:
     lock = {"tokens": ls["tokens"], "reps": ls["reps"], "elapsed_s": ls["elapsed_s"],
             "arms": _arms(ls["seconds_per_token"], ls["step_s"],
                           r1["lockstep"]["seconds_per_token"] if r1 else None)}
-    charged = _charged(ls)
-    charged1 = _charged(r1["lockstep"]) if r1 else None
-    for arm in ls["watcher_cpu_rep_s"]:
+    w_s = _watcher_s_per_token(wh)
+    charged = _charged(ls, w_s)
+    charged1 = _charged(r1["lockstep"], _watcher_s_per_token(r1["whole"])) if r1 else None
+    for arm in w_s:
         row = lock["arms"][arm]
         row["vs_default_charged"] = paired_overhead(charged["default"], charged[arm])
         if charged1 is not None:
@@ -178,8 +186,11 @@ def summarize(preset: str, raw: dict[int, dict[str, Any]]) -> dict[str, Any]:
     default_ms = lock["arms"]["default"]["median_ms"]
     watcher: dict[str, Any] = {}
     for arm, cpu_s in ls["watcher_cpu_s"].items():
-        us = cpu_s / tokens_ls * 1e6
-        watcher[arm] = {"lockstep_cpu_s": cpu_s, "us_per_token": us,
+        cells = [c / wh["tokens"] * 1e6 for c in wh["watcher_cpu_cell_s"][arm]]
+        q1, us, q3 = quantiles(cells)
+        watcher[arm] = {"us_per_token": us, "q1_us": q1, "q3_us": q3, "cells_us": cells,
+                        "lockstep_cpu_s": cpu_s,
+                        "lockstep_us_per_token": cpu_s / tokens_ls * 1e6,
                         "share_of_default_token": us / (default_ms * 1e3),
                         "core_fraction_lockstep": cpu_s / ls["elapsed_s"],
                         "core_fraction_whole": wh["watcher_cpu_s"][arm] / wh["elapsed_s"],
@@ -259,10 +270,11 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
           "tokens, token i of every arm back to back in an order shuffled per repetition (pointing "
           "the model at the arm's cache is not timed), `gc.collect()` before each repetition, the "
           "checkers' `flush()` after it (not timed; given below). Overhead = median of the "
-          "per-repetition ratios of seconds/token [95% bootstrap CI]. \"Watcher CPU charged\" "
-          "adds to a checked arm the CPU time its watcher thread used during the repetition, as "
-          "if all of it had delayed that arm (it slowed whichever arm was stepping, every arm "
-          "alike in expectation): the checker's whole cost, the judged figure. "
+          "per-repetition ratios of seconds/token [95% bootstrap CI]. The watchers' work slows "
+          "whichever arm is stepping, every arm alike in expectation, so a checked arm against "
+          "`default` is the checker's cost on the decoding thread; \"watcher CPU charged\" adds "
+          "its watcher thread's CPU time per token of a decode running alone (the watcher table) "
+          "as if all of it delayed the decode: the checker's whole cost, the judged figure. "
           f"Wall time {ls['elapsed_s']:.0f} s.")
         w("")
         w("| arm | median ms/token | IQR | vs default [95% CI] | vs default, watcher CPU charged "
@@ -298,17 +310,21 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
               f"{_vs(r, 'default')} | {_vs(r, 'plain')} | {' | '.join(cells)} |")
         w("")
         w("**Watcher thread** (CPU time of the thread `attach` started, "
-          "`time.pthread_getcpuclockid`): per token of its arm in lockstep, that time as a share "
-          "of a `default` token (what it would add if all of it delayed the decode: the two ranks "
-          "keep both cores busy), the share of one core it used over each phase (it also polls "
-          "while its arm is idle), and the median `flush()` at the end of a run (waiting for the "
-          "peer's last fingerprints; once per run, not per token).")
+          "`time.pthread_getcpuclockid`, user + system): per token of its arm's whole decodes "
+          "(from a cell's start to the end of the `flush()` after it: its work for the cell's "
+          "steps and its polling, every 0.25 s, at the rate of a decode running alone; median and "
+          "IQR over the cells), that time as a share of a `default` lockstep token (what it adds "
+          "if all of it delays the decode: the two ranks keep both cores busy), per token of its "
+          "arm in lockstep (higher: it polls all the while the other arms step), the share of one "
+          "core it used over each phase, and the median `flush()` at the end of a run (waiting "
+          "for the peer's last fingerprints; once per run, not per token).")
         w("")
-        w("| arm | watcher CPU us/token (lockstep) | share of a default token | core share, "
-          "lockstep / whole | flush ms, lockstep / whole |")
-        w("|---|---|---|---|---|")
+        w("| arm | watcher CPU us/token, own decodes (IQR) | share of a default token | us/token "
+          "in lockstep | core share, lockstep / whole | flush ms, lockstep / whole |")
+        w("|---|---|---|---|---|---|")
         for arm, x in d["watcher"].items():
-            w(f"| {arm} | {x['us_per_token']:.0f} | {pct(x['share_of_default_token'])} | "
+            w(f"| {arm} | {x['us_per_token']:.0f} ({x['q1_us']:.0f}-{x['q3_us']:.0f}) | "
+              f"{pct(x['share_of_default_token'])} | {x['lockstep_us_per_token']:.0f} | "
               f"{x['core_fraction_lockstep'] * 100:.2f}% / {x['core_fraction_whole'] * 100:.2f}% | "
               f"{x['flush_ms_lockstep']:.1f} / {x['flush_ms_whole']:.1f} |")
         w("")
