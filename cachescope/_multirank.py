@@ -328,18 +328,10 @@ def targets_path(ns: argparse.Namespace) -> str | None:
 
 
 def _check_tracing(ns: argparse.Namespace) -> None:
-    if not (ns.otlp_endpoint or ns.console_traces):
-        return
-    try:
-        from . import _sdk
-    except ImportError as exc:
-        raise _usage(f"tracing needs the OpenTelemetry SDK ({exc}): pip install "
-                     "'cachescope[cli]'") from None
-    try:
-        provider = _sdk.configure_tracing(ns.otlp_endpoint, ns.console_traces, ns.trace_sample)
-    except ValueError as exc:
-        raise _usage(f"--otlp-endpoint: {exc}") from None
+    from . import cli
+    provider = cli.tracer_provider(ns)    # UsageError for a missing SDK or a bad endpoint
     if provider is not None:
+        from . import _sdk
         _sdk.shutdown(provider)
 
 

@@ -414,6 +414,23 @@ def _signals(stop: threading.Event, enabled: bool) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def tracer_provider(ns: argparse.Namespace) -> Any:
+    """The OpenTelemetry SDK ``TracerProvider`` that ``--otlp-endpoint`` / ``--console-traces``
+    ask for (None without them; shut it down with ``_sdk.shutdown``). ``UsageError`` when the SDK
+    is missing or the endpoint is bad."""
+    if not (ns.otlp_endpoint or ns.console_traces):
+        return None
+    try:
+        from . import _sdk
+    except ImportError as exc:
+        raise UsageError(f"tracing needs the OpenTelemetry SDK ({exc}): pip install "
+                         "'cachescope[cli]'") from None
+    try:
+        return _sdk.configure_tracing(ns.otlp_endpoint, ns.console_traces, ns.trace_sample)
+    except ValueError as exc:
+        raise UsageError(f"--otlp-endpoint: {exc}") from None
+
+
 def url_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
 
@@ -433,17 +450,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     prompt = prompt_ids(ns, config)
     _check_faults(ns, model)
 
-    provider = None
-    if ns.otlp_endpoint or ns.console_traces:
-        try:
-            from . import _sdk
-        except ImportError as exc:
-            raise UsageError(f"tracing needs the OpenTelemetry SDK ({exc}): pip install "
-                             "'cachescope[cli]'") from None
-        try:
-            provider = _sdk.configure_tracing(ns.otlp_endpoint, ns.console_traces, ns.trace_sample)
-        except ValueError as exc:
-            raise UsageError(f"--otlp-endpoint: {exc}") from None
+    provider = tracer_provider(ns)
     metrics_mod = None
     if ns.metrics_port is not None:
         try:
