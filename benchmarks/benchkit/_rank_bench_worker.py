@@ -79,7 +79,7 @@ class CountingStore(dist.Store):
         super().__init__()
         self.inner = inner
         self.counts: Counter[str] = Counter() if counts is None else counts
-        self.clones: list[CountingStore] = []   # torch keeps only the C++ half alive
+        self.clones: list[CountingStore] = []   # torch keeps only the C++ half of a clone
 
     def set(self, key: str, value: Any) -> None:
         self.counts["set"] += 1
@@ -120,24 +120,18 @@ class CountingStore(dist.Store):
         return twin
 
 
-def store_client(prefix: str) -> Any:
-    """A new client of the launcher's store under ``prefix`` (each checker its own key space)."""
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                           is_master=False, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=60))
-    return dist.PrefixStore(prefix, client)
+def store_client() -> Any:
+    """A new client of the launcher's store (what ``attach`` connects to by default)."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=60))
 
 
-#: every store handed to ``attach``, kept alive for the run: ``attach`` numbers its key prefix per
-#: ``id(store)``, and a store freed after one ``attach`` could lend its id to the next store on
-#: one rank and not on the other, putting the ranks' checkers under different prefixes
-_STORES: list[Any] = []
-
-
-def attach(cache: Any, every: int, store: Any, tp: int, pp: int) -> tuple[Any, Callable[[], float]]:
-    """``cachescope.distributed.attach`` and a reader of its watcher thread's CPU seconds (the
+def attach(cache: Any, every: int, tp: int, pp: int,
+           store: Any = None) -> tuple[Any, Callable[[], float]]:
+    """``cachescope.distributed.attach`` (default: its own store connection, as users get it;
+    every rank attaches in the same order) and a reader of its watcher thread's CPU seconds (the
     thread ``attach`` started, found by difference)."""
-    _STORES.append(store)
     before = set(threading.enumerate())
     check = csd.attach(cache, tp=tp, pp=pp, every=every, store=store)
     started = [t for t in threading.enumerate() if t not in before]
@@ -170,8 +164,8 @@ def main() -> int:
     caches = {a: mk.make("default" if a in EVERY else a) for a in ARMS}
     checks: dict[str, Any] = {}
     cpu: dict[str, Callable[[], float]] = {}
-    for a, every in EVERY.items():   # the same order on every rank: the same store prefixes
-        checks[a], cpu[a] = attach(caches[a], every, store_client(f"bench/{a}/"), tp, pp)
+    for a, every in EVERY.items():
+        checks[a], cpu[a] = attach(caches[a], every, tp, pp)
     res: dict[str, Any] = {"rank": rank, "world_size": world, "tp": tp, "pp": pp,
                            "preset": config["preset"], "arms": list(ARMS), "every": EVERY,
                            "threads": torch.get_num_threads(), "gc_threshold": list(gc.get_threshold())}
@@ -316,9 +310,8 @@ def _solo(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], caches
         cache = caches[base]
         check, cpu, store = None, None, None
         if base in EVERY:
-            store = CountingStore(store_client(f"bench/solo-{a}/")) if a != base else \
-                store_client(f"bench/solo-{a}/")
-            check, cpu = attach(cache, EVERY[base], store, tp, pp)
+            store = CountingStore(store_client()) if a != base else None
+            check, cpu = attach(cache, EVERY[base], tp, pp, store)
         gc.collect()
         label = f"solo:{a}"
         cpu0 = cpu() if cpu else 0.0

@@ -258,11 +258,11 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
             w(f"- `{arm}`: {text}")
         w("")
         w("The checker's own cost is `rankcheck` vs `default` (the 1 % goal of issue #19); "
-          "`rankcheck` vs `plain` adds the instrumented core's cost. The checker's per-step work "
-          "on the decoding thread (an `ops_since` read and the kv lengths at the step's end) is "
-          "in every design; its watcher thread (fingerprints, JSON, store round trips every "
-          "0.25 s) runs beside the decode, so in lockstep its CPU time falls on whichever arm is "
-          "stepping: the lockstep table charges it to its own arm in a column of its own (the "
+          "`rankcheck` vs `plain` adds the instrumented core's cost. The checker's work on the "
+          "decoding thread (its sink at each step's end) is in every design; its watcher thread "
+          "(store round trips a few times a second, the comparison with the peer's "
+          "fingerprints) runs beside the decode, so in lockstep its CPU time falls on whichever "
+          "arm is stepping: the lockstep table charges it to its own arm in a column of its own (the "
           "judged figure), the whole decodes keep it mostly in the arm's own cells, and the "
           "watcher table gives it per token.")
         w("")
@@ -296,7 +296,7 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
         w(f"**Whole decodes, ABBA**: {wh['reps']} repetitions; in each, the arms in a shuffled "
           f"order and then reversed, one whole decode of {wh['tokens']} new tokens per cell "
           "(opening, steps, closing; the watcher's work lands in the arm's own cell, give or take "
-          "one 0.25 s poll), an arm's time the sum of its two cells; a checked arm's `flush()` "
+          "one poll), an arm's time the sum of its two cells; a checked arm's `flush()` "
           f"right after its cell, not timed. Wall time {wh['elapsed_s']:.0f} s.")
         w("")
         w("| arm | median ms/token | IQR | vs default [95% CI] | vs plain [95% CI] | extra us/token "
@@ -312,7 +312,7 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
         w("**Watcher thread** (CPU time of the thread `attach` started, "
           "`time.pthread_getcpuclockid`, user + system): per token of its arm's whole decodes "
           "(from a cell's start to the end of the `flush()` after it: its work for the cell's "
-          "steps and its polling, every 0.25 s, at the rate of a decode running alone; median and "
+          "steps and its polling, at the rate of a decode running alone; median and "
           "IQR over the cells), that time as a share of a `default` lockstep token (what it adds "
           "if all of it delays the decode: the two ranks keep both cores busy), per token of its "
           "arm in lockstep (higher: it polls all the while the other arms step), the share of one "
