@@ -216,3 +216,43 @@ def test_config_size_mismatch(saved: Path, tmp_path: Path) -> None:
     _edit_config(path, intermediate_size=100)
     with pytest.raises(CheckpointError, match=r"dense_h_to_4h\.(weight|bias) has shape"):
         load_hf_checkpoint(path)
+
+
+def test_a_pipeline_stage_reads_only_its_own_tensors(tmp_path, monkeypatch):
+    """ParallelNeoX.from_hf_checkpoint on the last of two pipeline stages: the tensors it reads
+    are its layer's and the readout's, never stage 0's; its weights equal the full model's.
+    (TP slicing of the same loader is tested on real ranks in test_parallel_model.)"""
+    import torch
+
+    from cachescope.neox import hf
+    from cachescope.neox.parallel import ParallelLayout, ParallelNeoX
+    from _helpers import save_tiny_neox_checkpoint
+
+    path = save_tiny_neox_checkpoint(tmp_path / "ckpt")      # 3 layers: stage 1 holds layer 2
+    read: list[str] = []
+    load = hf._Lazy.load
+    monkeypatch.setattr(hf._Lazy, "load", lambda self: (read.append(self.name), load(self))[1])
+    layout = ParallelLayout(tp=1, pp=2, rank=1)
+    shard = ParallelNeoX.from_hf_checkpoint(path, layout)
+    assert list(shard.layer_range) == [2]
+    assert read and all(n.startswith("gpt_neox.layers.2.") or n in (
+        "gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "embed_out.weight")
+        for n in read), read
+    assert len(read) == len(set(read))          # each tensor read once
+    full = hf.load_hf_checkpoint(path)
+    assert torch.equal(shard.layers[0].attention.qkv.weight, full.layers[2].attention.qkv.weight)
+    assert torch.equal(shard.layers[0].mlp.down.weight, full.layers[2].mlp.down.weight)
+    assert torch.equal(shard.embed_out.weight, full.embed_out.weight)
+    assert shard.embed_in is None
+
+
+def test_lazy_state_dict_checks_like_the_eager_one(tmp_path):
+    from cachescope.neox import hf
+    from _helpers import save_tiny_neox_checkpoint
+
+    path = save_tiny_neox_checkpoint(tmp_path / "ckpt")
+    config, eager = hf.hf_state_dict(path)
+    config2, lazy = hf.hf_state_dict(path, lazy=True)
+    assert config == config2 and sorted(eager) == sorted(lazy)
+    import torch
+    assert all(torch.equal(eager[k], lazy[k]) for k in eager)

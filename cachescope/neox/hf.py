@@ -20,7 +20,7 @@ from torch import Tensor
 from cachescope.neox.config import NeoXConfig
 from cachescope.neox.model import NeoXModel
 
-__all__ = ["CheckpointError", "load_hf_checkpoint", "config_from_hf", "hf_name_map"]
+__all__ = ["CheckpointError", "load_hf_checkpoint", "hf_state_dict", "config_from_hf", "hf_name_map"]
 
 # Tensors HF checkpoints may carry that are buffers, not weights (old GPT-NeoX code saved them).
 _IGNORED = re.compile(
@@ -241,21 +241,57 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _load_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
+
+class _Lazy:
+    """A tensor of a safetensors file, known by its header (shape, dtype) and read only when
+    ``load()`` is called: a rank that needs a few layers of a checkpoint reads those only."""
+
+    __slots__ = ("path", "name", "shape", "_dtype")
+
+    def __init__(self, path: Path, name: str, shape: list[int], dtype: str) -> None:
+        self.path, self.name, self.shape, self._dtype = path, name, torch.Size(shape), dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self._dtype in _FLOAT_DTYPES
+
+    def load(self) -> Tensor:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                return f.get_tensor(self.name)
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read tensor {self.name} of {self.path}: {e}") from e
+
+
+def _load_safetensors(path: Path, lazy: bool = False) -> dict[str, Any]:
     try:
+        if lazy:
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                out: dict[str, Any] = {}
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    out[name] = _Lazy(path, name, list(sl.get_shape()), str(sl.get_dtype()))
+                return out
+        from safetensors.torch import load_file
         return load_file(str(path), device="cpu")
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
-def _read_tensors(root: Path) -> dict[str, Tensor]:
+def _read_tensors(root: Path, lazy: bool = False) -> dict[str, Any]:
     single = root / "model.safetensors"
     index = root / "model.safetensors.index.json"
     legacy = root / "pytorch_model.bin"
     if single.is_file():
-        return _load_safetensors(single)
+        return _load_safetensors(single, lazy)
     if index.is_file():
         weight_map = _read_json(index, "a sharded-safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(
@@ -266,11 +302,14 @@ def _read_tensors(root: Path) -> dict[str, Tensor]:
             shard_path = root / shard
             if not shard_path.is_file():
                 raise CheckpointError(f"missing shard {shard} in {root}: listed in {index.name}")
-            tensors.update(_load_safetensors(shard_path))
+            tensors.update(_load_safetensors(shard_path, lazy))
         return tensors
     if legacy.is_file():
         try:
-            state = torch.load(legacy, map_location="cpu", weights_only=True)
+            try:   # mmap: storages are paged in only where they are read (a rank's slices)
+                state = torch.load(legacy, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:   # a legacy (pre-zipfile) file cannot be mapped
+                state = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"cannot read {legacy}: {e}") from e
         if not isinstance(state, dict):
@@ -282,9 +321,31 @@ def _read_tensors(root: Path) -> dict[str, Tensor]:
     )
 
 
-def load_hf_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu") -> NeoXModel:
-    """Build a ``NeoXModel`` from an HF GPT-NeoX checkpoint directory (in eval mode)."""
+class _LazyState(dict):
+    """``NeoXModel`` parameter name -> tensor, each read from its file (and converted) when it is
+    looked up; nothing is kept."""
+
+    def __init__(self, items: dict[str, Any], device: Any, dtype: torch.dtype) -> None:
+        super().__init__(items)
+        self._device, self._dtype = device, dtype
+
+    def __getitem__(self, name: str) -> Tensor:
+        t = super().__getitem__(name)
+        if isinstance(t, _Lazy):
+            t = t.load()
+        return t.to(device=self._device, dtype=self._dtype)
+
+
+def hf_state_dict(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu",
+                  lazy: bool = False) -> tuple[NeoXConfig, dict[str, Tensor]]:
+    """The config and the ``NeoXModel`` state dict of an HF GPT-NeoX checkpoint directory,
+    checked against each other (names, shapes, dtypes) from the files' headers.
+
+    With ``lazy``, tensors of safetensors files are read only when looked up (each lookup reads
+    the file again: look each up once), and ``pytorch_model.bin`` is memory-mapped: a rank of a
+    pipeline/tensor-parallel run reads its own layers only (``ParallelNeoX.from_hf_checkpoint``).
+    """
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist (expected config.json + weights)")
@@ -292,7 +353,7 @@ def load_hf_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype = tor
     hf_config = _read_json(root / "config.json", "the HF GPTNeoXConfig")
     config = config_from_hf(hf_config, source=source)
     fields = _Fields(hf_config, source)
-    tensors = _read_tensors(root)
+    tensors = _read_tensors(root, lazy)
 
     # Before anything loops over layers: the config cannot ask for more than the weights hold.
     held = {int(m.group(1)) for m in map(_LAYER.match, tensors) if m is not None}
@@ -340,7 +401,7 @@ def load_hf_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype = tor
         raise CheckpointError(f"{source} describes a model that cannot be built ({e}); correct "
                               "its sizes") from e
     expected_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    state: dict[str, Tensor] = {}
+    state: dict[str, Any] = {}
     for hf_name, ours in name_map.items():
         t = tensors[hf_name]
         if tuple(t.shape) != expected_shapes[ours]:
@@ -349,7 +410,18 @@ def load_hf_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype = tor
                 f"(from config.json)"
             )
         if not t.is_floating_point():
-            raise CheckpointError(f"tensor {hf_name} has dtype {t.dtype}; expected a floating-point tensor")
-        state[ours] = t.to(device=device, dtype=dtype)
+            shown = getattr(t, "dtype", None) or getattr(t, "_dtype", "?")
+            raise CheckpointError(f"tensor {hf_name} has dtype {shown}; expected a floating-point tensor")
+        state[ours] = t if lazy else t.to(device=device, dtype=dtype)
+    if lazy:
+        return config, _LazyState(state, device, dtype)
+    return config, state
+
+
+def load_hf_checkpoint(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu") -> NeoXModel:
+    """Build a ``NeoXModel`` from an HF GPT-NeoX checkpoint directory (in eval mode)."""
+    config, state = hf_state_dict(path, dtype=dtype, device=device)
+    model = NeoXModel(config, init_weights=False)  # parameters on the meta device
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

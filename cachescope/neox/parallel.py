@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from cachescope._cache import Cache
 from cachescope.neox.config import NeoXConfig
 from cachescope.neox.generate import Decoder, pick_token
-from cachescope.neox.hf import load_hf_checkpoint
+from cachescope.neox.hf import hf_state_dict
 from cachescope.neox.model import MLP, Attention, NeoXModel, QueueCacheUser, TransformerLayer
 
 __all__ = ["ParallelLayout", "ParallelNeoX", "ParallelDecoder", "ParallelWatchHandle",
@@ -362,10 +362,15 @@ class ParallelNeoX(QueueCacheUser, nn.Module):
     def from_hf_checkpoint(cls, path: str | os.PathLike[str], layout: ParallelLayout, *,
                            dtype: torch.dtype = torch.float32,
                            device: str | torch.device | None = None) -> ParallelNeoX:
-        """The shard of an HF GPT-NeoX checkpoint (``cachescope.neox.hf`` validates it). Loads
-        the whole checkpoint on the CPU, copies this rank's slices, and frees the rest (peak: one
-        full model per rank)."""
-        return cls.from_full(load_hf_checkpoint(path, dtype=dtype), layout, device=device)
+        """The shard of an HF GPT-NeoX checkpoint (``cachescope.neox.hf`` checks it whole, from
+        the files' headers). Reads only the tensors this rank holds a slice of, one at a time
+        (safetensors: each on its own; ``pytorch_model.bin``: memory-mapped), copying the slice
+        out: a pipeline stage never reads another stage's layers."""
+        config, state = hf_state_dict(path, dtype=dtype, lazy=True)
+        layout.check(config)
+        model = cls(config, layout)
+        model._load_full_state(state, device=torch.device(device or layout.device), dtype=dtype)
+        return model.eval()
 
     # -- cache and owners -----------------------------------------------------------------------
 
