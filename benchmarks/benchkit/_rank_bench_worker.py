@@ -47,28 +47,36 @@ EVERY = {"rankcheck": 1, "rankcheck-every-8": 8}
 
 
 class ParallelRun:
-    """A ``ParallelDecoder`` as a run of ``common.lockstep`` (collective: both ranks step it)."""
+    """A ``ParallelDecoder`` as a run of ``common.lockstep`` (collective: both ranks step it);
+    ``cpu_s`` sums this thread's CPU time in ``open``, ``step`` and ``close``."""
 
     def __init__(self, model: ParallelNeoX, prompt: list[int], tokens: int, cache: Any,
                  check: Any = None) -> None:
         self.model, self.cache = model, cache
         self.decoder = ParallelDecoder(model, prompt, tokens, cache=cache, rank_check=check)
         self.tokens = self.decoder.tokens
+        self.cpu_s = 0.0
 
     def active(self) -> Any:
         return self.model.using_cache(self.cache)
 
     def open(self) -> None:
+        c0 = time.thread_time()
         self.decoder.__enter__()
+        self.cpu_s += time.thread_time() - c0
 
     def step(self) -> None:
+        c0 = time.thread_time()
         self.decoder.step()
+        self.cpu_s += time.thread_time() - c0
 
     def settle(self) -> None:
         pass   # the model keeps nothing between steps
 
     def close(self) -> None:
+        c0 = time.thread_time()
         self.decoder.__exit__(None, None, None)
+        self.cpu_s += time.thread_time() - c0
 
 
 class CountingStore(dist.Store):
@@ -232,6 +240,7 @@ def _lockstep(model: ParallelNeoX, prompt: list[int], config: dict[str, Any],
     tokens, reps = config["lockstep"]
     rng = random.Random(config["seed"])
     totals: dict[str, list[float]] = {a: [] for a in ARMS}
+    main_cpu: dict[str, list[float]] = {a: [] for a in ARMS}
     steps: dict[str, list[list[float]]] = {a: [] for a in ARMS}
     flush_s: dict[str, list[float]] = {a: [] for a in checks}
     orders: list[list[str]] = []
@@ -250,12 +259,14 @@ def _lockstep(model: ParallelNeoX, prompt: list[int], config: dict[str, Any],
             flush_s[a].append(PERF() - t0)
         for i, a in enumerate(order):
             totals[a].append(got["totals"][i] / tokens)
+            main_cpu[a].append(runs[i].cpu_s / tokens)
             steps[a].append(got["steps"][i])
         if any(run.tokens != runs[0].tokens for run in runs):
             raise AssertionError(f"lockstep: the arms generated different tokens ({order})")
     elapsed = PERF() - t_start
     return {"tokens": tokens, "reps": reps, "elapsed_s": elapsed, "orders": orders,
-            "seconds_per_token": totals, "step_s": steps, "flush_s": flush_s,
+            "seconds_per_token": totals, "main_cpu_per_token": main_cpu, "step_s": steps,
+            "flush_s": flush_s,
             "watcher_cpu_s": {a: f() - cpu0[a] for a, f in cpu.items()},
             "gc": {a: {"collections": watch.count(f"ls:{a}"),
                        "by_generation": watch.by_generation(f"ls:{a}")} for a in ARMS}}
@@ -270,6 +281,7 @@ def _whole(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], cache
     tokens, reps = config["whole"]
     rng = random.Random(config["seed"] + 1)
     times: dict[str, list[float]] = {a: [] for a in ARMS}
+    main_cpu: dict[str, list[float]] = {a: [] for a in ARMS}   # this thread's CPU seconds/token
     flush_s: dict[str, list[float]] = {a: [] for a in checks}
     cell_cpu: dict[str, list[float]] = {a: [] for a in checks}
     cpu0 = {a: f() for a, f in cpu.items()}
@@ -278,11 +290,13 @@ def _whole(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], cache
         order = list(ARMS)
         rng.shuffle(order)
         cell = dict.fromkeys(ARMS, 0.0)
+        cell_main = dict.fromkeys(ARMS, 0.0)
         for a in order + order[::-1]:
             c0 = cpu[a]() if a in cpu else 0.0
-            t0 = PERF()
+            m0, t0 = time.thread_time(), PERF()
             out = _decode(model, prompt, tokens, caches[a], checks.get(a))
             cell[a] += PERF() - t0
+            cell_main[a] += time.thread_time() - m0
             if a in checks:
                 t0 = PERF()
                 _flush(checks[a], a)
@@ -292,8 +306,10 @@ def _whole(model: ParallelNeoX, prompt: list[int], config: dict[str, Any], cache
                 raise AssertionError(f"whole: arm {a} produced {len(out)} of {tokens} tokens")
         for a in ARMS:
             times[a].append(cell[a] / (2 * tokens))
+            main_cpu[a].append(cell_main[a] / (2 * tokens))
     elapsed = PERF() - t_start
     return {"tokens": tokens, "reps": reps, "elapsed_s": elapsed, "seconds_per_token": times,
+            "main_cpu_per_token": main_cpu,
             "flush_s": flush_s, "watcher_cpu_s": {a: f() - cpu0[a] for a, f in cpu.items()},
             "watcher_cpu_cell_s": cell_cpu}
 

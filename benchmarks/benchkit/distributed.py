@@ -152,6 +152,17 @@ def _watcher_s_per_token(wh: dict[str, Any]) -> dict[str, float]:
     return {a: statistics.median(cpu) / wh["tokens"] for a, cpu in wh["watcher_cpu_cell_s"].items()}
 
 
+def _cpu_with_watcher(wh: dict[str, Any]) -> dict[str, list[float]]:
+    """Whole decodes: per repetition, the decoding thread's CPU seconds/token of each arm, a
+    checked arm's plus its watcher thread's over the same two cells."""
+    out = {a: list(xs) for a, xs in wh["main_cpu_per_token"].items()}
+    for a, cells in wh["watcher_cpu_cell_s"].items():
+        per_rep = [(cells[2 * i] + cells[2 * i + 1]) / (2 * wh["tokens"])
+                   for i in range(wh["reps"])]
+        out[a] = [x + c for x, c in zip(out[a], per_rep)]
+    return out
+
+
 def _charged(ls: dict[str, Any], watcher: dict[str, float]) -> dict[str, list[float]]:
     """Lockstep seconds/token per repetition, each checked arm's plus its watcher thread's CPU
     seconds per token (``watcher``), as if all of it delayed the decode. In lockstep the watchers'
@@ -174,8 +185,17 @@ def summarize(preset: str, raw: dict[int, dict[str, Any]]) -> dict[str, Any]:
     w_s = _watcher_s_per_token(wh)
     charged = _charged(ls, w_s)
     charged1 = _charged(r1["lockstep"], _watcher_s_per_token(r1["whole"])) if r1 else None
+    cpu = {a: list(xs) for a, xs in ls["main_cpu_per_token"].items()}
+    cpu1 = {a: list(xs) for a, xs in r1["lockstep"]["main_cpu_per_token"].items()} if r1 else None
+    for arm, row in lock["arms"].items():
+        row["cpu_ms"] = statistics.median(cpu[arm]) * 1e3
     for arm in w_s:
         row = lock["arms"][arm]
+        row["cpu_vs_default"] = paired_overhead(cpu["default"], [x + w_s[arm] for x in cpu[arm]])
+        if cpu1 is not None:
+            w1 = _watcher_s_per_token(r1["whole"])[arm]
+            row["other_rank_cpu_vs_default"] = paired_overhead(cpu1["default"],
+                                                               [x + w1 for x in cpu1[arm]])
         row["vs_default_charged"] = paired_overhead(charged["default"], charged[arm])
         if charged1 is not None:
             row["other_rank_vs_default_charged"] = paired_overhead(charged1["default"],
@@ -199,6 +219,15 @@ def summarize(preset: str, raw: dict[int, dict[str, Any]]) -> dict[str, Any]:
     whole = {"tokens": wh["tokens"], "reps": wh["reps"], "elapsed_s": wh["elapsed_s"],
              "arms": _arms(wh["seconds_per_token"], None,
                            r1["whole"]["seconds_per_token"] if r1 else None)}
+    for arm, row in whole["arms"].items():
+        row["cpu_ms"] = statistics.median(wh["main_cpu_per_token"][arm]) * 1e3
+    cpu_all = _cpu_with_watcher(wh)
+    cpu_all1 = _cpu_with_watcher(r1["whole"]) if r1 else None
+    for arm in wh["watcher_cpu_cell_s"]:
+        row = whole["arms"][arm]
+        row["cpu_vs_default"] = paired_overhead(cpu_all["default"], cpu_all[arm])
+        if cpu_all1 is not None:
+            row["other_rank_cpu_vs_default"] = paired_overhead(cpu_all1["default"], cpu_all1[arm])
     solo: dict[str, Any] = {"tokens": so["tokens"], "arms": {}}
     for arm, s in so["arms"].items():
         n = s["tokens"]
@@ -274,14 +303,19 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
           "whichever arm is stepping, every arm alike in expectation, so a checked arm against "
           "`default` is the checker's cost on the decoding thread; \"watcher CPU charged\" adds "
           "its watcher thread's CPU time per token of a decode running alone (the watcher table) "
-          "as if all of it delayed the decode: the checker's whole cost, the judged figure. "
+          "as if all of it delayed the decode: the checker's whole cost, the judged figure. CPU "
+          "time: the decoding thread's in the arm's steps (`time.thread_time()`, which waiting "
+          "in a collective does not add to), a checked arm's plus the same watcher CPU per "
+          "token: the checker's cost without the other rank's and the machine's scheduling "
+          "noise (but not the cost of the watcher and the decode competing for the GIL). "
           f"Wall time {ls['elapsed_s']:.0f} s.")
         w("")
         w("| arm | median ms/token | IQR | vs default [95% CI] | vs default, watcher CPU charged "
           "[95% CI] | vs plain [95% CI] | mean-ratio vs default [95% CI] | extra us/token vs "
           "default | median per-token ratio vs default | rank 1: vs default; charged | GC "
-          "collections / 500 tokens |")
-        w("|---|---|---|---|---|---|---|---|---|---|---|")
+          "collections / 500 tokens | CPU ms/token, decoding thread | CPU time vs default, "
+          "decoding thread + watcher [95% CI] | rank 1: CPU time vs default |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for arm, r in ls["arms"].items():
             vd = r.get("vs_default")
             other = [r.get(k) for k in ("other_rank_vs_default", "other_rank_vs_default_charged")]
@@ -289,23 +323,35 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
                       pct(r["token_ratio_vs_default"]),
                       "; ".join(fmt_ci(o) for o in other if o) or "-"]
                      if vd else ["-"] * 4)
+            cpu_cells = [f"{r['cpu_ms']:.3f}",
+                         fmt_ci(r["cpu_vs_default"]) if r.get("cpu_vs_default") else "-",
+                         fmt_ci(r["other_rank_cpu_vs_default"])
+                         if r.get("other_rank_cpu_vs_default") else "-"]
             w(f"| {arm} | {r['median_ms']:.3f} | {r['q1_ms']:.3f}-{r['q3_ms']:.3f} | "
               f"{_vs(r, 'default')} | {_vs(r, 'default_charged')} | {_vs(r, 'plain')} | "
-              f"{' | '.join(cells)} | {r['gc']['per_500']:.2f} |")
+              f"{' | '.join(cells)} | {r['gc']['per_500']:.2f} | {' | '.join(cpu_cells)} |")
         w("")
         w(f"**Whole decodes, ABBA**: {wh['reps']} repetitions; in each, the arms in a shuffled "
           f"order and then reversed, one whole decode of {wh['tokens']} new tokens per cell "
           "(opening, steps, closing; the watcher's work lands in the arm's own cell, give or take "
           "one poll), an arm's time the sum of its two cells; a checked arm's `flush()` "
-          f"right after its cell, not timed. Wall time {wh['elapsed_s']:.0f} s.")
+          "right after its cell, not timed. CPU time: the decoding thread's (`time.thread_time()`, "
+          "which waiting in a collective does not add to), a checked arm's plus its watcher "
+          "thread's over the same cells: the checker's cost without the other rank's and the "
+          f"machine's scheduling noise. Wall time {wh['elapsed_s']:.0f} s.")
         w("")
         w("| arm | median ms/token | IQR | vs default [95% CI] | vs plain [95% CI] | extra us/token "
-          "vs default | rank 1: vs default |")
-        w("|---|---|---|---|---|---|---|")
+          "vs default | rank 1: vs default | CPU ms/token, decoding thread | CPU time vs default, "
+          "decoding thread + watcher [95% CI] | rank 1: CPU time vs default |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
         for arm, r in wh["arms"].items():
             vd = r.get("vs_default")
             cells = ([f"{r['extra_us_vs_default']:.0f}", fmt_ci(r["other_rank_vs_default"])]
                      if vd else ["-"] * 2)
+            cpu = r.get("cpu_vs_default")
+            cpu1 = r.get("other_rank_cpu_vs_default")
+            cells += [f"{r['cpu_ms']:.3f}", fmt_ci(cpu) if cpu else "-",
+                      fmt_ci(cpu1) if cpu1 else "-"]
             w(f"| {arm} | {r['median_ms']:.3f} | {r['q1_ms']:.3f}-{r['q3_ms']:.3f} | "
               f"{_vs(r, 'default')} | {_vs(r, 'plain')} | {' | '.join(cells)} |")
         w("")
