@@ -74,6 +74,18 @@ KINDS: dict[str, str] = {
                        "kv lengths, state ids or input tokens)",
     "rank_stalled": "a rank has not reached a step its peers are past (stuck, or ended its "
                     "generation early)",
+    # Hugging Face transformers' Cache (cachescope.hf); owner_mismatch there: a layer extended
+    # by another module than the one that wrote it
+    "layer_skipped": "a forward left a layer of the cache without its update (zero updates)",
+    "layer_repeated": "a forward updated a layer of the cache two or more times",
+    "seq_len_mismatch": "after a forward, the cache's layers hold different lengths (sliding "
+                        "layers compared on their own counter)",
+    "position_gap": "new keys do not start at the layer's length (their positions skip or "
+                    "overlap what the layer holds)",
+    "structural_op_mid_step": "crop/reorder/select/reset of the cache during a forward, or of "
+                              "only some of its layers",
+    "stale_reuse": "a cache handed to a new generation whose prompt does not start with the "
+                   "tokens the cache was built from",
 }
 
 #: The kinds found by comparing ranks (``cachescope.distributed``), not by one cache's ops.

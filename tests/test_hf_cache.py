@@ -1,0 +1,439 @@
+"""cachescope.hf: transformers' own generate() on tiny random GPT-NeoX and Llama models, checked.
+
+Correct runs (every decoding mode) give the same tokens as without cachescope and no violation;
+each planted bug is caught with its kind, step and layer.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import subprocess
+import sys
+import weakref
+from typing import Any, Callable
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+from transformers import cache_utils  # noqa: E402
+from transformers.generation.utils import GenerationMixin  # noqa: E402
+
+import cachescope.hf as hf  # noqa: E402
+from cachescope import PopOrderError  # noqa: E402
+from _hf_models import (dup_layer_idx, extra_tokens_on, ids, llama, neox,  # noqa: E402
+                        on_layer_at, prune, skip_layer_at)
+from _helpers import plugin_autoloaded  # noqa: E402
+from _loop import otel_memory  # noqa: E402
+
+pytest_plugins = ["pytester"]
+
+ATTRIBUTES = {
+    "neox": ("gpt_neox.layers.{}.attention", neox),
+    "llama": ("model.layers.{}.self_attn", llama),
+}
+
+
+@pytest.fixture(autouse=True)
+def _uninstalled() -> Any:
+    """Every test starts and ends with cachescope.hf uninstalled."""
+    hf.uninstall()
+    yield
+    hf.uninstall()
+
+
+def _install(**options: Any) -> Any:
+    options.setdefault("registry", CollectorRegistry())
+    options.setdefault("tracing", False)
+    return hf.install(**options)
+
+
+def _found(rec: Any) -> list[tuple[str, int, str]]:
+    return [(v.kind, v.step, v.queue) for v in rec.violations]
+
+
+# ------------------------------------------------------------------------- correct runs
+def _modes(kind: str) -> dict[str, Callable[[Any], Any]]:
+    build = ATTRIBUTES[kind][1]
+    assistant = build(2, seed=3)
+    padded = ids([[0, 0, 7, 8, 9], [5, 6, 7, 8, 9]])
+    mask = (padded != 0).long()
+
+    def reuse(model: Any) -> Any:
+        first = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
+        prompt = torch.cat([first.sequences, torch.tensor([[11, 12]])], dim=1)
+        return model.generate(prompt, cache=first.cache, max_new_tokens=4)
+
+    return {
+        "greedy": lambda m: m.generate(ids(), max_new_tokens=8),
+        "sampling": lambda m: m.generate(ids(), max_new_tokens=8, do_sample=True, top_k=20),
+        "beam": lambda m: m.generate(ids(), max_new_tokens=6, num_beams=3),
+        "static": lambda m: m.generate(ids(), max_new_tokens=8, cache_implementation="static"),
+        "static-beam": lambda m: m.generate(ids(), max_new_tokens=6, num_beams=2,
+                                            cache_implementation="static"),
+        "assisted": lambda m: m.generate(ids(), max_new_tokens=8, assistant_model=assistant),
+        "assisted-sampling": lambda m: m.generate(ids(), max_new_tokens=8, do_sample=True,
+                                                  assistant_model=assistant),
+        "prompt-lookup": lambda m: m.generate(ids([[5, 6, 7, 5, 6, 7, 5, 6]]), max_new_tokens=8,
+                                              prompt_lookup_num_tokens=3),
+        "padded": lambda m: m.generate(padded, attention_mask=mask, max_new_tokens=6),
+        "padded-static": lambda m: m.generate(padded, attention_mask=mask, max_new_tokens=6,
+                                              cache_implementation="static"),
+        "chunked-prefill": lambda m: m.generate(ids([list(range(3, 30))]), max_new_tokens=4,
+                                                prefill_chunk_size=8),
+        "return-sequences": lambda m: m.generate(ids(), max_new_tokens=6, do_sample=True,
+                                                 num_return_sequences=3),
+        "cache-reuse": reuse,
+    }
+
+
+@pytest.mark.parametrize("kind", ["neox", "llama"])
+def test_every_decoding_mode_is_unchanged_and_clean(kind: str) -> None:
+    """Each decoding mode gives the tokens it gives without cachescope, and no violation."""
+    model = ATTRIBUTES[kind][1]()
+    modes = _modes(kind)
+    expected = {}
+    for name, run in modes.items():
+        torch.manual_seed(7)
+        expected[name] = run(model).tolist()
+    rec = _install()
+    for name, run in modes.items():
+        torch.manual_seed(7)
+        assert run(model).tolist() == expected[name], name
+        assert _found(rec) == [], (name, rec.report())
+    view = rec.view(model)
+    assert view is not None and view.stats.steps > 50 and view.stats.ops_by_op()["pop"] > 100
+    assert rec.telemetry_errors == 0 and rec.measured_only == {}
+    assert len(rec.views) == 2        # the model and its assistant
+    assert "violations: none" in rec.report()
+
+
+def test_sliding_window_layers_are_clean() -> None:
+    """A sliding-window model (Mistral, window 4) decoding past its window: no violation."""
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                        sliding_window=4, eos_token_id=None, pad_token_id=0, bos_token_id=1,
+                        initializer_range=0.5)
+    model = MistralForCausalLM(cfg).eval()
+    runs = [dict(max_new_tokens=10), dict(max_new_tokens=10, cache_implementation="static"),
+            dict(max_new_tokens=8, num_beams=2)]
+    expected = [model.generate(ids(), **kw).tolist() for kw in runs]
+    rec = _install()
+    assert [model.generate(ids(), **kw).tolist() for kw in runs] == expected
+    assert _found(rec) == []
+
+
+def test_manual_loop_without_watch_or_generate() -> None:
+    """Forwards called directly are steps of the model found on the stack; owners are its modules."""
+    model = neox()
+    rec = _install()
+    cache = DynamicCache(config=model.config)
+    model(ids(), cache=cache, use_cache=True)
+    for token in (3, 4, 5):
+        model(torch.tensor([[token]]), cache=cache, use_cache=True)
+    view = rec.view(model)
+    assert view.stats.steps == 4 and _found(rec) == []
+    owners = {r.owner for r in view.timeline() if r.op == "push"}
+    assert owners == {"GPTNeoXAttention#0", "GPTNeoXAttention#1", "GPTNeoXAttention#2"}
+
+
+# ------------------------------------------------------------------------- planted bugs
+@pytest.mark.parametrize("kind", ["neox", "llama"])
+def test_pruned_layer_is_layer_skipped(kind: str) -> None:
+    """A layer removed without renumbering leaves its cache layer unwritten: layer_skipped, once."""
+    model = ATTRIBUTES[kind][1](4)
+    prune(model, 2)
+    rec = _install()
+    model.generate(ids(), max_new_tokens=5)
+    assert _found(rec) == [("layer_skipped", 0, "layer_2")]
+    v = rec.violations[0]
+    assert "never written" in v.report() and "removed" in v.hint
+
+
+@pytest.mark.parametrize("kind", ["neox", "llama"])
+def test_duplicate_layer_idx(kind: str) -> None:
+    """Two layers with one layer_idx: owner_mismatch naming both modules, layer_repeated, layer_skipped."""
+    name, build = ATTRIBUTES[kind]
+    model = build(3)
+    dup_layer_idx(model, 0, 1)
+    rec = _install()
+    hf.watch(model)
+    model.generate(ids(), max_new_tokens=4)
+    found = _found(rec)
+    assert found[:3] == [("owner_mismatch", 0, "layer_0"), ("layer_repeated", 0, "layer_0"),
+                         ("layer_skipped", 0, "layer_1")]
+    assert {f for f in found[3:]} <= {("owner_mismatch", s, "layer_0") for s in range(1, 4)}
+    v = rec.violations[0]
+    assert (v.consumer, v.producer) == (name.format(1), name.format(0))
+    report = v.report()
+    assert "Pop by   " + name.format(1) in report and "two modules extend the same layer" in report
+
+
+@pytest.mark.parametrize("kind", ["neox", "llama"])
+def test_layer_skipped_on_one_step(kind: str) -> None:
+    """A layer skipped in step 2 only: layer_skipped at step 2, nothing after (the lag is explained)."""
+    model = ATTRIBUTES[kind][1](3)
+    rec = _install()
+    with skip_layer_at(model, 1, 2):
+        model.generate(ids(), max_new_tokens=6)
+    assert _found(rec) == [("layer_skipped", 2, "layer_1")]
+
+
+def test_crop_of_one_layer_mid_step() -> None:
+    """Cropping one layer (in a forward) is structural_op_mid_step on that layer, once."""
+    model = neox(3)
+    rec = _install()
+    with on_layer_at(model, 1, 2, lambda cache: cache.layers[1].crop(-1)):
+        model.generate(ids(), max_new_tokens=5)
+    assert _found(rec) == [("structural_op_mid_step", 2, "layer_1")]
+    assert "crop() on layer 1 of the DynamicCache only" in rec.violations[0].detail
+
+
+def test_cache_crop_during_a_forward() -> None:
+    """A whole-cache crop between two layers of a forward is structural_op_mid_step on the cache."""
+    model = llama(3)
+    rec = _install()
+    with on_layer_at(model, 1, 2, lambda cache: cache.crop(-1)):
+        model.generate(ids(), max_new_tokens=5)
+    assert _found(rec) == [("structural_op_mid_step", 2, "cache")]
+    assert "layers 0 already updated" in rec.violations[0].detail
+
+
+@pytest.mark.parametrize("kind", ["neox", "llama"])
+def test_stale_reuse(kind: str) -> None:
+    """A cache handed to a generation of another prompt is stale_reuse (digests only, no ids)."""
+    model = ATTRIBUTES[kind][1](2)
+    rec = _install()
+    first = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
+    steps = rec.view(model).step + 1
+    other = [97, 98, 99, 100, 101, 102, 103, 104, 105, 106]
+    model.generate(ids([other]), cache=first.cache, max_new_tokens=3)
+    assert _found(rec) == [("stale_reuse", steps, "cache")]
+    report = rec.violations[0].report()
+    assert "8 token(s) per row" in report and "digests (never ids)" in report
+    for token in other[:8]:
+        assert f" {token}," not in report and f"[{token}" not in report
+
+
+def test_prompt_shorter_than_the_cache_is_stale_reuse() -> None:
+    """A prompt with fewer tokens than the cache holds is stale_reuse."""
+    model = neox(2)
+    rec = _install()
+    first = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
+    with pytest.raises(Exception):      # transformers itself cannot slice such a prompt
+        model.generate(ids([[5, 6]]), cache=first.cache, max_new_tokens=2)
+    assert _found(rec)[0][0] == "stale_reuse"
+    assert "the prompt has only 2" in rec.violations[0].detail
+
+
+@pytest.mark.parametrize("kind", ["neox", "llama"])
+def test_wrong_positions_are_position_gap(kind: str) -> None:
+    """A forward whose position_ids restart at 0 on a filled cache: one position_gap (layer 0)."""
+    model = ATTRIBUTES[kind][1](3)
+    rec = _install()
+    cache = DynamicCache(config=model.config)
+    model(ids(), cache=cache, use_cache=True)
+    model(torch.tensor([[3]]), cache=cache, use_cache=True, position_ids=torch.tensor([[0]]))
+    model(torch.tensor([[4]]), cache=cache, use_cache=True, position_ids=torch.tensor([[6]]))
+    assert _found(rec) == [("position_gap", 1, "layer_0")]
+    assert "holds 5 token(s) but the 1 new key(s) start at position row 0: 0" in rec.violations[0].detail
+
+
+def test_one_layer_with_extra_tokens_is_seq_len_mismatch() -> None:
+    """One layer stores an extra token: seq_len_mismatch on that layer, at that step, once."""
+    model = neox(3)
+    rec = _install()
+    cache = DynamicCache(config=model.config)
+    model(ids(), cache=cache, use_cache=True)
+    extra_tokens_on(cache, 1)
+    model(torch.tensor([[3]]), cache=cache, use_cache=True)
+    del cache.update
+    model(torch.tensor([[4]]), cache=cache, use_cache=True)
+    assert _found(rec) == [("seq_len_mismatch", 1, "layer_1")]
+    assert "layer 1: 7" in rec.violations[0].detail
+
+
+def test_strict_mode_raises_a_pop_order_error() -> None:
+    """strict=True raises HFCacheError, a PopOrderError, at the first violation."""
+    model = neox(3)
+    dup_layer_idx(model, 0, 1)
+    _install(strict=True)
+    with pytest.raises(hf.HFCacheError) as info:
+        model.generate(ids(), max_new_tokens=4)
+    assert isinstance(info.value, PopOrderError)
+    assert (info.value.violation.kind, info.value.violation.step) == ("owner_mismatch", 0)
+
+
+# ------------------------------------------------------------------------- install / uninstall
+_PATCHED = [(cache_utils.Cache, name) for name in ("update", "crop", "reorder_cache",
+                                                   "batch_select_indices",
+                                                   "batch_repeat_interleave", "reset")]
+_PATCHED += [(cache_utils.DynamicLayer, "crop"), (cache_utils.StaticLayer, "crop"),
+             (GenerationMixin, "generate")]
+
+
+def test_install_and_uninstall_are_idempotent_round_trips() -> None:
+    """install() twice gives one recorder; uninstall() restores the exact functions and hooks."""
+    before = {(cls, name): cls.__dict__[name] for cls, name in _PATCHED}
+    model = neox(2)
+    attn = model.gpt_neox.layers[0].attention
+    hooks = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in (model, attn)]
+    rec = _install()
+    assert hf.install() is rec and hf.installed() is rec
+    hf.watch(model)
+    assert all(cls.__dict__[name] is not before[(cls, name)] for cls, name in _PATCHED)
+    model.generate(ids(), max_new_tokens=2)
+    assert len(model._forward_pre_hooks) == len(hooks[0][0]) + 1
+    assert len(attn._forward_pre_hooks) == len(hooks[1][0]) + 1
+    hf.uninstall()
+    hf.uninstall()
+    assert hf.installed() is None
+    assert all(cls.__dict__[name] is before[(cls, name)] for cls, name in _PATCHED)
+    assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in (model, attn)] == hooks
+    steps = rec.view(model).stats.steps
+    model.generate(ids(), max_new_tokens=2)            # nothing reports any more
+    assert rec.view(model).stats.steps == steps
+
+
+def test_install_without_transformers_says_what_to_install() -> None:
+    """Without transformers, import cachescope.hf works and install() raises a one-line ImportError."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import cachescope.hf as hf\n"
+            "try:\n    hf.install()\nexcept ImportError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith("ERR cachescope.hf needs Hugging Face transformers>=")
+    assert "pip install 'transformers>=" in line and "\n" not in line
+
+
+def test_unknown_cache_class_is_measured_only(caplog: pytest.LogCaptureFixture) -> None:
+    """A Cache subclass cachescope does not know: same tokens, counted, said once, never checked."""
+    class MyCache(DynamicCache):
+        pass
+
+    model = neox(2)
+    expected = model.generate(ids(), cache=MyCache(config=model.config), max_new_tokens=4).tolist()
+    rec = _install()
+    with caplog.at_level(logging.WARNING, logger="cachescope"):
+        for _ in range(2):
+            got = model.generate(ids(), cache=MyCache(config=model.config), max_new_tokens=4)
+            assert got.tolist() == expected
+    assert _found(rec) == [] and rec.measured_only == {"MyCache": 16}
+    said = [r for r in caplog.records if "MyCache" in r.getMessage()]
+    assert len(said) == 1 and "measured only" in said[0].getMessage()
+    assert "MyCache: 16 update(s)" in rec.report()
+
+
+# ------------------------------------------------------------------------- telemetry
+def test_metrics_and_traces_of_a_run() -> None:
+    """Violations, ops and steps reach Prometheus; generate and decode_step spans, the bad step ERROR."""
+    registry = CollectorRegistry()
+    provider, exporter = otel_memory()
+    model = neox(4)
+    prune(model, 2)
+    rec = _install(registry=registry, tracing=True, tracer_provider=provider)
+    model.generate(ids(), max_new_tokens=4)
+    labels = {"cache": "hf", "family": "layer"}
+    assert registry.get_sample_value("cachescope_violations_total",
+                                     {**labels, "kind": "layer_skipped"}) == 1
+    assert registry.get_sample_value("cachescope_violations_total",
+                                     {**labels, "kind": "stale_reuse"}) == 0
+    assert registry.get_sample_value("cachescope_decode_steps_total", {"cache": "hf"}) == 4
+    assert registry.get_sample_value("cachescope_ops_total", {**labels, "op": "push"}) == 12
+    assert registry.get_sample_value("cachescope_tensor_bytes", {**labels, "kind": "logical"}) == 0
+    spans = exporter.get_finished_spans()
+    steps = [s for s in spans if s.name == "decode_step"]
+    assert [s.name for s in spans].count("generate") == 1 and len(steps) == 4
+    assert steps[0].status.status_code.name == "ERROR"
+    assert steps[0].events[-1].attributes["cachescope.violation.kind"] == "layer_skipped"
+    assert all(s.status.status_code.name != "ERROR" for s in steps[1:])
+    assert rec.views["hf"] is rec.view(model)
+
+
+def test_bytes_follow_the_layers_without_holding_them() -> None:
+    """Bytes held are the live cache's; dropping the cache frees its tensors."""
+    registry = CollectorRegistry()
+    model = neox(2)
+    _install(registry=registry)
+    out = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
+    keys = weakref.ref(out.cache.layers[0].keys)
+    nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers)
+    labels = {"cache": "hf", "family": "layer", "kind": "logical"}
+    assert registry.get_sample_value("cachescope_tensor_bytes", labels) == nbytes
+    del out
+    gc.collect()
+    assert keys() is None
+    assert registry.get_sample_value("cachescope_tensor_bytes", labels) == 0
+
+
+def test_cachescope_failures_never_reach_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure inside cachescope is counted and logged; tokens and the model's errors are unchanged."""
+    from cachescope.hf import _recorder
+
+    model = neox(3)
+    expected = model.generate(ids(), max_new_tokens=4).tolist()
+    small = DynamicCache(config=neox(2).config)
+    with pytest.raises(Exception) as plain:
+        model(ids(), cache=small, use_cache=True)
+    rec = _install()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("cachescope bug")
+
+    monkeypatch.setattr(_recorder.HFRecorder, "_after_update", broken)
+    monkeypatch.setattr(_recorder.HFRecorder, "_end_forward", broken)
+    assert model.generate(ids(), max_new_tokens=4).tolist() == expected
+    assert rec.telemetry_errors > 0
+    with pytest.raises(type(plain.value)) as instrumented:
+        model(ids(), cache=DynamicCache(config=neox(2).config), use_cache=True)
+    assert str(instrumented.value) == str(plain.value)
+
+
+def test_docs_example_prints_what_the_docs_say(capsys: pytest.CaptureFixture[str]) -> None:
+    """The first example of docs/hf.md finds the three violations it shows, with that report."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "hf.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "docs/hf.md", "exec"), {"__name__": "docs"})
+    out = capsys.readouterr().out
+    assert ("[('owner_mismatch', 0, 'layer_0'), ('layer_repeated', 0, 'layer_0'), "
+            "('layer_skipped', 0, 'layer_1')]") in out
+    assert "Pop by   gpt_neox.layers.1.attention at step 0" in out
+    assert "Hint: two modules extend the same layer of the cache" in out
+
+
+_INNER = """
+import cachescope.hf as hf
+from _hf_models import ids, neox, prune
+
+def test_pruned_model():
+    model = neox(4)
+    prune(model, 2)
+    hf.install()
+    try:
+        model.generate(ids(), max_new_tokens=3)
+    finally:
+        hf.uninstall()
+"""
+
+
+def test_pytest_plugin_strict_mode_fails_on_hf_violations(pytester: pytest.Pytester) -> None:
+    """The pytest plugin's strict mode fails a test whose Hugging Face caches broke a rule."""
+    from pathlib import Path
+    pytester.makepyfile(_hf_models=(Path(__file__).parent / "_hf_models.py").read_text(),
+                        test_inner=_INNER)
+    plugin = [] if plugin_autoloaded() else ["-p", "cachescope.pytest_plugin"]
+    fast = ["-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:anyio"]
+    pytester.runpytest_inprocess(*plugin, *fast).assert_outcomes(passed=1)
+    strict = pytester.runpytest_inprocess(*plugin, *fast, "--cachescope-strict")
+    strict.assert_outcomes(failed=1)
+    out = strict.stdout.str()
+    assert "(cache 'hf': layer_skipped x1)" in out
+    assert "layer_skipped on queue 'layer_2' (family layer) at step 0" in out
