@@ -129,6 +129,43 @@ def test_sliding_window_layers_are_clean() -> None:
     assert _found(rec) == []
 
 
+_OTHERS = {
+    # alternating sliding-window and full-attention layers; masks by layer type
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                   num_hidden_layers=4),
+    # learned positions, no rotary
+    "gpt2": dict(n_embd=32, n_layer=3, n_head=4, n_positions=256),
+    # encoder-decoder: the decoder's caches live in an EncoderDecoderCache (measured only)
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_OTHERS))
+def test_other_architectures_are_clean(model_type: str) -> None:
+    """Other architectures, greedy / beam / static on a padded batch: same tokens, no violation."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    torch.manual_seed(0)
+    options = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=256, eos_token_id=None,
+                   pad_token_id=0, bos_token_id=1, initializer_range=0.5)
+    cfg = AutoConfig.for_model(model_type, **{**options, **_OTHERS[model_type]})
+    auto = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
+    model = auto.from_config(cfg).eval()
+    prompt = ids([[0, 0, 7, 8, 9], [9, 8, 7, 6, 5]])
+    runs = [dict(max_new_tokens=6), dict(max_new_tokens=5, num_beams=2),
+            dict(max_new_tokens=6, cache_implementation="static")]
+    kw = dict(attention_mask=(prompt != 0).long())
+    expected = [model.generate(prompt, **kw, **run).tolist() for run in runs]
+    rec = _install()
+    assert [model.generate(prompt, **kw, **run).tolist() for run in runs] == expected
+    assert _found(rec) == [] and rec.telemetry_errors == 0
+    if model_type == "t5":
+        assert set(rec.measured_only) == {"DynamicCache in EncoderDecoderCache",
+                                          "StaticCache in EncoderDecoderCache"}
+    else:
+        assert rec.measured_only == {} and rec.view(model).stats.ops_by_op()["pop"] > 0
+
+
 def test_manual_loop_without_watch_or_generate() -> None:
     """Forwards called directly are steps of the model found on the stack; owners are its modules."""
     model = neox()

@@ -481,8 +481,13 @@ class HFRecorder:
         if st is None or not st.checked:
             return
         known = self._known_layers
-        facts = []
         start = ctx.start or {}
+        if not (st.skipped or st.repeated or st.skew):
+            ref = self._uniform(cache.layers, ctx.counts, start, ctx.added)
+            if ref is not None:       # the usual forward: every layer once, lengths agree
+                self._follow_tokens(ctx, st, ref)
+                return
+        facts = []
         for i, layer in enumerate(cache.layers):
             t = type(layer)
             sliding = known.get(t)
@@ -497,29 +502,51 @@ class HFRecorder:
             cache_cls=st.cls_name, skipped=st.skipped, repeated=st.repeated, skew=st.skew)
         gaps = st.gap
         gaps.update(st.skew)
-        self._follow_tokens(ctx, st, facts)
+        lengths = [f.length for f in facts if f.updates == 1 and not f.sliding and f.length is not None]
+        if not lengths:
+            lengths = [f.length for f in facts if f.updates == 1 and f.length is not None]
+        self._follow_tokens(ctx, st, Counter(lengths).most_common(1)[0][0] if lengths else None)
         if found:
             records = view.cache.timeline()
             for v in found:
                 v.timeline = _checks.queue_timeline(records, v.queue)
                 view.cache.add_violation(v)
 
-    def _follow_tokens(self, ctx: Forward, st: CacheState, facts: list[Any]) -> None:
-        """Extend the cache's token digests with this forward's input ids (or stop following it
-        when lengths, rows or inputs do not say exactly which tokens it now holds)."""
+    def _uniform(self, layers: Any, counts: dict[int, int], start: dict[int, int | None],
+                 added: dict[int, int]) -> int | None:
+        """The length of the layers when every known layer was updated once and each kind (full,
+        sliding) agrees on its length (full layers' when there are any); else None."""
+        known = self._known_layers
+        full = sliding = None
+        for i, layer in enumerate(layers):
+            is_sliding = known.get(type(layer))
+            if is_sliding is None:
+                continue
+            base = start.get(i, 0)
+            if counts.get(i) != 1 or base is None:
+                return None
+            length = base + added.get(i, 0)
+            if is_sliding:
+                if sliding is None:
+                    sliding = length
+                elif sliding != length:
+                    return None
+            elif full is None:
+                full = length
+            elif full != length:
+                return None
+        return full if full is not None else sliding
+
+    def _follow_tokens(self, ctx: Forward, st: CacheState, ref: int | None) -> None:
+        """Extend the cache's token digests with this forward's input ids (``ref``: the cache's
+        length now), or stop following it when lengths, rows or inputs do not say exactly which
+        tokens it now holds."""
         trail = st.trail
         if trail is None:
             return
-        lengths = [f.length for f in facts if f.updates == 1 and not f.sliding and f.length is not None]
-        if not lengths:
-            lengths = [f.length for f in facts if f.updates == 1 and f.length is not None]
         ids = ctx.input_ids
         q = ctx.q
-        if not lengths or ids is None or not q:
-            st.trail = None
-            return
-        ref = Counter(lengths).most_common(1)[0][0]
-        if ref != trail.length + q or not trail.extend(ids.tolist()):
+        if ref is None or ids is None or not q or ref != trail.length + q or not trail.extend(ids.tolist()):
             st.trail = None
 
     # ------------------------------------------------------------------ cache state
@@ -613,7 +640,7 @@ class HFRecorder:
                 ctx.cache = cache
                 ctx.state = st
             elif ctx.cache is not cache:
-                label = f"{st.cls_name} inside a {type(ctx.cache).__name__}"
+                label = f"{st.cls_name} in {type(ctx.cache).__name__}"
                 self._measured[label] += 1
                 self._say_once(label, f"{label}: measured only (cachescope checks the cache a "
                                "forward is given or makes, not caches inside other caches)")
@@ -653,7 +680,8 @@ class HFRecorder:
                 layer = cache.layers[idx]
             except Exception:
                 return
-            st.skipped.discard(idx)
+            if st.skipped:
+                st.skipped.discard(idx)
             st.view = view
             writer = st.writers.get(idx)
             first = writer is None
