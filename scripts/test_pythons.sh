@@ -40,7 +40,8 @@ assert os.path.realpath(cachescope.__file__).startswith(os.path.realpath(root) +
 assert md.version("cachescope") == cachescope.__version__, md.version("cachescope")
 plugins = {ep.name: ep.value for ep in md.entry_points(group="pytest11")}
 assert plugins.get("cachescope") == "cachescope.pytest_plugin", plugins
-for mod in ("metrics", "tracing", "record", "analyze", "testing", "pytest_plugin", "cli", "_sdk"):
+for mod in ("metrics", "tracing", "record", "analyze", "testing", "pytest_plugin", "cli", "_sdk",
+            "distributed", "hf"):
     importlib.import_module("cachescope." + mod)
 c = InstrumentedCache(name="smoke")
 c.set("state_ids", (None, 0))
