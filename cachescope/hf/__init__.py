@@ -15,6 +15,10 @@ unchanged. The checks proper to this cache (``layer_skipped``, ``layer_repeated`
 ``seq_len_mismatch``, ``position_gap``, ``structural_op_mid_step``, ``stale_reuse``) are in
 ``cachescope/hf/_checks.py``; docs/hf.md describes them.
 
+``inject_faults(spec, model)`` plants those bugs on any ``*ForCausalLM`` whose decoder layers are
+an ``nn.ModuleList`` (``HF_FAULTS``: prune, dup-layer-idx, skip, partial-crop, stale-reuse; see
+docs/faults.md).
+
 transformers is optional: ``import cachescope.hf`` works without it, ``install()`` then raises an
 ImportError that says what to install.
 """
@@ -25,10 +29,17 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._faults import (HF_FAULTS, HFFault, HFFaultEvent, HFFaultHandle, inject_faults,
+                          parse_hf_fault)
     from ._recorder import HFRecorder, HFWatch
 
 __all__ = ["install", "uninstall", "installed", "watch", "HFRecorder", "HFWatch", "HFCacheError",
-           "MIN_TRANSFORMERS", "TESTED_TRANSFORMERS"]
+           "MIN_TRANSFORMERS", "TESTED_TRANSFORMERS", "inject_faults", "parse_hf_fault", "HFFault",
+           "HFFaultEvent", "HFFaultHandle", "HF_FAULTS"]
+
+#: Names served by ``cachescope.hf._faults`` (imported on first use: it needs torch).
+_FAULT_NAMES = ("inject_faults", "parse_hf_fault", "HFFault", "HFFaultEvent", "HFFaultHandle",
+                "HF_FAULTS")
 
 #: The oldest transformers release cachescope.hf accepts (the layered ``Cache`` API of v5).
 MIN_TRANSFORMERS = "5.0"
@@ -138,6 +149,9 @@ def __getattr__(name: str) -> Any:
     if name == "HFCacheError":
         from ._checks import HFCacheError
         return HFCacheError
+    if name in _FAULT_NAMES:
+        from . import _faults
+        return getattr(_faults, name)
     if name in ("HFRecorder", "HFWatch"):
         from . import _recorder
         return getattr(_recorder, name)
