@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to generate (default: 32)")
     g.add_argument("--seed", type=_int_arg, default=0, help="seed of the random prompt (default: 0)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--backend", choices=("neox", "hf"), default="neox",
+                   help="neox: the reference model on an InstrumentedCache (default); hf: "
+                        "transformers' GPTNeoXForCausalLM.generate on a cache checked by "
+                        "cachescope.hf (presets: the reference model's seeded weights, converted)")
     g = run.add_argument_group("checking")
     g.add_argument("--fault", action="append", type=_fault_arg, default=[],
                    metavar="NAME[@STEP][:K=V,...]",
@@ -436,6 +440,9 @@ def url_host(addr: str) -> str:
 
 
 def _cmd_run(ns: argparse.Namespace) -> int:
+    if ns.backend == "hf":
+        from . import _hfrun
+        return _hfrun.run(ns)
     from . import _multirank
     if _multirank.wanted(ns):   # --nproc/--tp/--pp, or a rank started by torchrun
         return _multirank.run(ns)

@@ -1,0 +1,238 @@
+"""``cachescope run --backend hf``: transformers' own ``generate`` on a cache checked by
+``cachescope.hf``.
+
+The model is a ``transformers.GPTNeoXForCausalLM``: for ``--preset NAME``, the reference
+``NeoXModel`` of that preset (its seeded random weights) converted to Hugging Face names, so
+both backends decode the same model; for ``--checkpoint DIR``, ``from_pretrained(DIR)`` (local
+files only). ``cachescope.hf.install()`` instruments transformers' ``Cache``, ``watch(model)``
+names the owners, and each generation is ``model.generate(ids, max_new_tokens=N,
+do_sample=False)``. The summary, ``--json`` keys (plus ``"backend": "hf"``), exit statuses,
+``--serve``, ``--metrics-port`` and the tracing options are the neox run's. Not yet: ``--fault``
+(no HF faults here), ``--record`` (``analyze`` cannot replay the view's layer slots) and the
+multi-rank options; each is a one-line usage error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from . import cli
+from .cli import PROG, UsageError
+
+__all__ = ["run", "hf_model_from_preset"]
+
+
+def _refuse_options(ns: argparse.Namespace) -> None:
+    """One-line usage errors for what the hf backend does not do (yet)."""
+    multi = [opt for opt, value in (("--nproc", ns.nproc), ("--tp", ns.tp), ("--pp", ns.pp),
+                                    ("--targets-file", ns.targets_file)) if value is not None]
+    if multi:
+        raise UsageError(f"{multi[0]} is for multi-rank runs of the neox backend; --backend hf "
+                         "decodes in one process")
+    from . import _multirank
+    if _multirank.wanted(ns):   # a rank started by torchrun
+        raise UsageError("--backend hf decodes in one process: run it without torchrun")
+    if ns.record:
+        raise UsageError("--record is not available with --backend hf: 'cachescope analyze' "
+                         "cannot replay the hf view's layer slots yet (it reports leftovers)")
+    if ns.fault:
+        raise UsageError("--fault is not available with --backend hf yet (no HF faults in this "
+                         "build); use the neox backend for faults")
+
+
+def hf_model_from_preset(name: str) -> Any:
+    """A ``GPTNeoXForCausalLM`` with the shape of the reference preset ``name`` and the reference
+    ``NeoXModel``'s seeded random weights (converted with ``cachescope.neox.hf.hf_name_map``)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from .neox import NeoXConfig, NeoXModel
+    from .neox.hf import hf_name_map
+
+    config = NeoXConfig.preset(name)
+    ours = NeoXModel(config).state_dict()
+    hf_config = GPTNeoXConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, rotary_pct=config.rotary_pct,
+        rotary_emb_base=config.rotary_base, max_position_embeddings=config.max_position_embeddings,
+        layer_norm_eps=config.layer_norm_eps, use_parallel_residual=True, hidden_act="gelu",
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    model = GPTNeoXForCausalLM(hf_config)
+    params = {n for n, _ in model.named_parameters()}
+    state = {hf_name: ours[our_name] for hf_name, our_name in hf_name_map(config).items()}
+    if "embed_out.weight" not in params:   # transformers 5 names the output head lm_head
+        state["lm_head.weight"] = state.pop("embed_out.weight")
+    with torch.no_grad():
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    # only buffers (rotary inv_freq, attention masks) may be missing
+    left = sorted(set(missing) & params)
+    assert not left and not unexpected, f"weight conversion left {left} / {unexpected}"
+    return model.eval()
+
+
+def _build_model(ns: argparse.Namespace, device: Any) -> tuple[Any, str]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("--backend hf needs Hugging Face transformers: pip install "
+                         "'transformers>=5.0'") from None
+    if not ns.checkpoint:
+        return hf_model_from_preset(ns.preset).to(device), f"preset {ns.preset} (hf)"
+    if not os.path.isdir(ns.checkpoint):
+        raise UsageError(f"--checkpoint: {ns.checkpoint} is not a directory (expected a Hugging "
+                         "Face GPT-NeoX checkpoint: config.json + weights)")
+    from transformers import GPTNeoXForCausalLM
+    try:
+        model = GPTNeoXForCausalLM.from_pretrained(ns.checkpoint, local_files_only=True)
+    except Exception as exc:   # transformers raises OSError, ValueError, KeyError... for bad dirs
+        raise UsageError(f"--checkpoint: {cli._one_line(exc)}") from None
+    return model.to(device).eval(), f"checkpoint {ns.checkpoint} (hf)"
+
+
+def _shape(model: Any) -> Any:
+    """What ``cli.run_summary`` reads of a model (the reference model's config names)."""
+    c = model.config
+    return SimpleNamespace(config=SimpleNamespace(num_layers=c.num_hidden_layers,
+                                                  hidden_size=c.hidden_size,
+                                                  vocab_size=c.vocab_size),
+                           parameters=model.parameters)
+
+
+def _pad(model: Any) -> dict[str, Any]:
+    """``pad_token_id=0`` for generate when the model names none (transformers warns otherwise)."""
+    config = getattr(model, "generation_config", None)
+    return {} if getattr(config, "pad_token_id", None) is not None else {"pad_token_id": 0}
+
+
+def run(ns: argparse.Namespace) -> int:
+    """``cachescope run --backend hf``; returns the exit status (UsageError: status 2)."""
+    _refuse_options(ns)
+    device = cli._check_device(ns.device)
+    model, model_desc = _build_model(ns, device)
+    prompt = cli.prompt_ids(ns, model.config)
+
+    import cachescope.hf
+    provider = cli.tracer_provider(ns)
+    metrics_mod = None
+    if ns.metrics_port is not None:
+        try:
+            from . import metrics as metrics_mod
+        except ImportError as exc:
+            raise UsageError(f"metrics need prometheus_client ({exc}): pip install cachescope") from None
+    if cachescope.hf.installed() is not None:
+        raise UsageError("cachescope.hf is already installed in this process")
+
+    import torch
+    ids = torch.tensor([prompt], device=device)
+    with torch.no_grad():   # warm-up, uninstrumented, so tokens/s measures decoding
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                       do_sample=False, **_pad(model))
+
+    name = "hf" if ns.cache_name == "default" else ns.cache_name
+    try:
+        rec = cachescope.hf.install(name=name, strict=ns.strict, metrics=metrics_mod is not None,
+                                    tracing=provider is not None, tracer_provider=provider)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError as exc:
+        raise UsageError(f"--cache-name: {exc}") from None
+    server = None
+    try:
+        cachescope.hf.watch(model, name=name)
+        view = rec.view(model)
+        if metrics_mod is not None:
+            try:
+                server, _thread, port = metrics_mod.start_metrics_server(
+                    ns.metrics_port, ns.metrics_addr)
+            except (metrics_mod.MetricsServerError, OSError, ValueError) as exc:
+                raise UsageError(f"--metrics-port: {exc}") from None
+            print(f"{PROG}: serving metrics on http://{cli.url_host(ns.metrics_addr)}:{port}/metrics",
+                  file=sys.stderr, flush=True)
+        return _decode(ns, model, model_desc, rec, view, prompt, ids)
+    finally:
+        cachescope.hf.uninstall()
+        rec.close()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.shutdown()
+                server.server_close()
+        if provider is not None:
+            from . import _sdk
+            _sdk.shutdown(provider)
+
+
+def _decode(ns: argparse.Namespace, model: Any, model_desc: str, rec: Any, view: Any,
+            prompt: list[int], ids: Any) -> int:
+    import torch
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
+    from ._records import PopOrderError
+
+    stop = threading.Event()
+    progress = cli.Progress((sys.stderr.isatty() and not ns.quiet) or ns.progress,
+                            ns.max_new_tokens)
+    error: str | None = None
+    generations = 0
+    tokens_total = 0
+    last_tokens: list[int] = []
+    t0 = time.perf_counter()
+
+    class _Step(StoppingCriteria):
+        """Counts tokens, shows progress, ends the generation when --serve is asked to stop."""
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            nonlocal tokens_total
+            tokens_total += 1
+            i = input_ids.shape[-1] - len(prompt)
+            elapsed = time.perf_counter() - t0
+            gen = f"generation {generations}, " if ns.serve else ""
+            progress.update(f"{gen}step {i}/{ns.max_new_tokens}, {tokens_total} tokens, "
+                            f"{tokens_total / elapsed if elapsed > 0 else 0:.1f} tokens/s, "
+                            f"{len(rec.violations)} violation(s)")
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
+                              device=input_ids.device)
+
+    mask = torch.ones_like(ids)
+    extra = _pad(model)
+    with cli._signals(stop, ns.serve):
+        while True:
+            generations += 1
+            try:
+                with torch.no_grad():
+                    out = model.generate(ids, attention_mask=mask, max_new_tokens=ns.max_new_tokens,
+                                         do_sample=False,
+                                         stopping_criteria=StoppingCriteriaList([_Step()]), **extra)
+                last_tokens = out[0, ids.shape[-1]:].tolist()
+            except PopOrderError as exc:
+                error = f"stopped at the first violation (--strict): {exc.violation.summary()}"
+                if not ns.serve:
+                    break
+            except (IndexError, KeyError, RuntimeError) as exc:
+                if not rec.violations:
+                    raise
+                error = f"generate raised {type(exc).__name__}: {cli.exc_text(exc)}"
+            if not ns.serve or stop.is_set():
+                break
+    elapsed = time.perf_counter() - t0
+    progress.done()
+
+    violations = list(rec.violations)
+    exit_code = 1 if (violations or error) and not ns.serve else 0
+    summary = cli.run_summary(ns, _shape(model), model_desc, view, prompt, generations,
+                              tokens_total, elapsed, [], [], error, last_tokens, exit_code)
+    summary["backend"] = "hf"
+    summary["measured_only"] = rec.measured_only
+    if ns.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        cli._print_human(ns, view, summary, violations)
+    return exit_code

@@ -1,0 +1,196 @@
+"""``cachescope run --backend hf``: transformers' own generate() checked by cachescope.hf."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+import cachescope.hf  # noqa: E402
+from cachescope import _hfrun  # noqa: E402
+from cachescope.cli import main  # noqa: E402
+from _hf_models import dup_layer_idx, neox  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVING = re.compile(r"cachescope: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+HF = ["run", "--backend", "hf", "--max-new-tokens", "4"]
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    assert cachescope.hf.installed() is None
+    return rc, out, err
+
+
+def plain_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    """Tokens of an uninstrumented transformers greedy generate."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[-1]:].tolist()
+
+
+def test_clean_run_exits_0_with_the_uninstrumented_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    """A preset run is clean (exit 0) and yields the tokens of plain transformers generate on the same model."""
+    rc, out, err = run(capsys, *HF, "--json", "--prompt-ids", "1,2,3,4,5")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["violations"] == [] and s["exit_code"] == 0 and s["error"] is None
+    assert s["output_tokens"] == plain_greedy(_hfrun.hf_model_from_preset("tiny"), [1, 2, 3, 4, 5], 4)
+
+
+def test_preset_weights_match_the_neox_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    """A preset is the reference model's seeded weights: both backends generate the same tokens."""
+    rc, out, _ = run(capsys, *HF, "--json")
+    rc2, out2, _ = run(capsys, "run", "--max-new-tokens", "4", "--json")
+    assert rc == rc2 == 0
+    assert json.loads(out)["output_tokens"] == json.loads(out2)["output_tokens"]
+
+
+def test_json_has_the_neox_keys_and_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json`` prints the neox run's keys plus ``backend: hf``; steps, ops and families are the hf view's."""
+    rc, out, _ = run(capsys, *HF, "--json")
+    rc2, out2, _ = run(capsys, "run", "--max-new-tokens", "4", "--json")
+    s, ref = json.loads(out), json.loads(out2)
+    assert rc == rc2 == 0
+    assert set(ref) <= set(s) and s["backend"] == "hf"
+    assert s["cache"] == "hf" and s["layers"] == 4 and s["tokens"] == 4 and s["steps"] == 4
+    assert set(s["families"]) == {"layer"} and s["ops"]["push"] == 16 and s["ops"]["pop"] == 12
+
+
+def test_human_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    """The human summary names the model, tokens/s, the view's report and the result."""
+    rc, out, _ = run(capsys, *HF)
+    assert rc == 0
+    assert "preset tiny (hf)" in out and "tokens/s" in out and "summary for cache 'hf'" in out
+    assert out.rstrip().endswith("result: no violations")
+
+
+def test_planted_bug_exits_1_with_its_report(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with a copied layer_idx exits 1 with owner_mismatch reported (kind, queue, report)."""
+    def buggy(_name: str) -> Any:
+        model = neox(3)
+        dup_layer_idx(model, 0, 1)
+        return model
+    monkeypatch.setattr(_hfrun, "hf_model_from_preset", buggy)
+    rc, out, _ = run(capsys, *HF, "--json", "--prompt-ids", "5,6,7")
+    s = json.loads(out)
+    assert rc == 1 and s["exit_code"] == 1
+    assert s["violations"][0]["kind"] == "owner_mismatch" and s["violations"][0]["queue"] == "layer_0"
+    assert "gpt_neox.layers.1.attention" in s["violations"][0]["report"]
+    assert {"owner_mismatch", "layer_repeated", "layer_skipped"} <= set(s["violations_by_kind"])
+
+
+def test_strict_stops_at_the_first_violation(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--strict`` ends the generate at the first violation, reports it and exits 1."""
+    def buggy(_name: str) -> Any:
+        model = neox(3)
+        dup_layer_idx(model, 0, 1)
+        return model
+    monkeypatch.setattr(_hfrun, "hf_model_from_preset", buggy)
+    rc, out, _ = run(capsys, *HF, "--strict", "--cache-name", "demo")
+    assert rc == 1
+    assert "stopped at the first violation (--strict)" in out and "owner_mismatch" in out
+    assert "summary for cache 'demo'" in out
+
+
+def test_help_names_the_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    """``run --help`` lists ``--backend`` with both choices."""
+    rc, out, _ = run(capsys, "run", "--help")
+    assert rc == 0 and "--backend {neox,hf}" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--nproc", "2"], "--nproc is for multi-rank"),
+    (["--tp", "2"], "--tp is for multi-rank"),
+    (["--pp", "2"], "--pp is for multi-rank"),
+    (["--fault", "swap@1"], "--fault is not available with --backend hf"),
+    (["--record", "x.jsonl"], "--record is not available with --backend hf"),
+    (["--checkpoint", "/nonexistent"], "is not a directory"),
+    (["--device", "tpu"], "--device"),
+    (["--prompt-ids", "9999"], "out of range"),
+    (["--backend", "jax"], "invalid choice"),
+])
+def test_bad_combinations_exit_2_in_one_line(capsys: pytest.CaptureFixture[str], args: list[str],
+                                             words: str, tmp_path: Path) -> None:
+    """Options the hf backend does not support, and bad values, are one-line errors with exit 2."""
+    args = [str(tmp_path / a) if a == "x.jsonl" else a for a in args]
+    rc, out, err = run(capsys, *HF, *args)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_checkpoint_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``--checkpoint DIR`` loads a saved GPTNeoXForCausalLM and decodes it like transformers does."""
+    model = neox(2)
+    model.save_pretrained(tmp_path)
+    rc, out, err = run(capsys, *HF, "--checkpoint", str(tmp_path), "--json", "--prompt-ids", "5,6,7")
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["model"] == f"checkpoint {tmp_path} (hf)" and s["layers"] == 2 and s["vocab_size"] == 128
+    assert s["violations"] == [] and s["output_tokens"] == plain_greedy(model, [5, 6, 7], 4)
+
+
+def test_bad_checkpoint_dir_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A directory without a checkpoint is a one-line ``--checkpoint`` error, exit 2."""
+    rc, out, err = run(capsys, *HF, "--checkpoint", str(tmp_path))
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--checkpoint" in err
+
+
+def test_serve_exposes_metrics_and_stops_on_sigterm() -> None:
+    """``--backend hf --serve --metrics-port 0`` serves the hf view's metrics and exits 0 on SIGTERM."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachescope", *HF, "--serve", "--metrics-port", "0"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        seen = ""
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            if sel.select(timeout=1):
+                line = proc.stderr.readline()
+                seen += line
+                m = SERVING.search(line)
+                port = int(m.group(1)) if m else None
+        assert port, f"no serving line; stderr so far: {seen!r}"
+        body = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            if re.search(r'cachescope_ops_total\{[^}]*cache="hf"[^}]*\} [1-9]', body):
+                break
+            time.sleep(0.2)
+        assert re.search(r'cachescope_ops_total\{[^}]*cache="hf"[^}]*\} [1-9]', body), body[:2000]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "generation(s)" in out and "result: no violations" in out
+    assert "Traceback" not in err
