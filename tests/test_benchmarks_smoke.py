@@ -162,9 +162,15 @@ def test_ranks_section(quick_run: Run) -> None:
             _ci(block["arms"][arm]["vs_plain"])
             _ci(block["arms"][arm]["other_rank_vs_default"])
         _ci(block["arms"]["plain-aa"]["vs_plain"])
-    for arm in ("rankcheck", "rankcheck-every-8"):   # the judged figure: watcher CPU charged
+    for arm in ("rankcheck", "rankcheck-every-8"):
         _ci(d["lockstep"]["arms"][arm]["vs_default_charged"])
         _ci(d["lockstep"]["arms"][arm]["other_rank_vs_default_charged"])
+        for design in ("lockstep", "whole"):   # the CPU estimate (judged in lockstep)
+            row = d[design]["arms"][arm]
+            for key in ("cpu_est_vs_default", "other_rank_cpu_est_vs_default", "cpu_est_vs_plain"):
+                o = row[key]
+                assert o["lo"] <= o["median"] <= o["hi"] and math.isfinite(o["extra_us"]), (key, o)
+    assert "cpu_est_vs_plain" in d["lockstep"]["arms"]["plain-aa"]   # the estimate's A/A
     assert d["violations"] == {"0": {"default": 0, "rankcheck": 0, "rankcheck-every-8": 0},
                                "1": {"default": 0, "rankcheck": 0, "rankcheck-every-8": 0}}
     for arm in ("rankcheck", "rankcheck-every-8"):

@@ -29,8 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import (ROOT, Context, fmt_ci, loadavg, log, paired_diff, paired_overhead, pct,
-                     quantiles)
+from .common import (ROOT, Context, bootstrap_ci, fmt_ci, loadavg, log, paired_diff,
+                     paired_overhead, pct, quantiles)
 
 WORKER = Path(__file__).resolve().parent / "_rank_bench_worker.py"
 TP = 2
@@ -163,6 +163,31 @@ def _cpu_with_watcher(wh: dict[str, Any]) -> dict[str, list[float]]:
     return out
 
 
+def _cpu_estimate(cpu: dict[str, list[float]], wall: dict[str, list[float]], arm: str,
+                  base: str) -> dict[str, float]:
+    """Per repetition, ``arm``'s extra CPU seconds/token over ``base`` (decoding thread, plus the
+    watcher thread for a checked arm) as a share of ``base``'s wall seconds/token: the wall-clock
+    overhead if the extra CPU time delays the decode one for one (it does on the decoding thread:
+    both ranks run it between the same collectives). Median with a 95 % bootstrap CI, and the
+    median extra microseconds per token."""
+    shares = [(c - b) / w for c, b, w in zip(cpu[arm], cpu[base], wall[base])]
+    lo, hi = bootstrap_ci(shares, statistics.median)
+    extra = statistics.median(c - b for c, b in zip(cpu[arm], cpu[base])) * 1e6
+    return {"median": statistics.median(shares), "lo": lo, "hi": hi, "extra_us": extra}
+
+
+def _estimates(row: dict[str, Any], arm: str, cpu: dict[str, list[float]],
+               wall: dict[str, list[float]], cpu1: dict[str, list[float]] | None,
+               wall1: dict[str, list[float]] | None) -> None:
+    """The CPU-time estimates of ``row`` (arm ``arm``) against ``default`` and ``plain``."""
+    for base in ("default", "plain"):
+        if arm == base or (base == "default" and arm in ("plain", "plain-aa")):
+            continue
+        row[f"cpu_est_vs_{base}"] = _cpu_estimate(cpu, wall, arm, base)
+        if cpu1 is not None and wall1 is not None:
+            row[f"other_rank_cpu_est_vs_{base}"] = _cpu_estimate(cpu1, wall1, arm, base)
+
+
 def _charged(ls: dict[str, Any], watcher: dict[str, float]) -> dict[str, list[float]]:
     """Lockstep seconds/token per repetition, each checked arm's plus its watcher thread's CPU
     seconds per token (``watcher``), as if all of it delayed the decode. In lockstep the watchers'
@@ -185,17 +210,16 @@ def summarize(preset: str, raw: dict[int, dict[str, Any]]) -> dict[str, Any]:
     w_s = _watcher_s_per_token(wh)
     charged = _charged(ls, w_s)
     charged1 = _charged(r1["lockstep"], _watcher_s_per_token(r1["whole"])) if r1 else None
-    cpu = {a: list(xs) for a, xs in ls["main_cpu_per_token"].items()}
-    cpu1 = {a: list(xs) for a, xs in r1["lockstep"]["main_cpu_per_token"].items()} if r1 else None
+    cpu = _charged({"tokens": ls["tokens"], "seconds_per_token": ls["main_cpu_per_token"]}, w_s)
+    cpu1 = _charged({"tokens": ls["tokens"],
+                     "seconds_per_token": r1["lockstep"]["main_cpu_per_token"]},
+                    _watcher_s_per_token(r1["whole"])) if r1 else None
+    wall1 = r1["lockstep"]["seconds_per_token"] if r1 else None
     for arm, row in lock["arms"].items():
-        row["cpu_ms"] = statistics.median(cpu[arm]) * 1e3
+        row["cpu_ms"] = statistics.median(ls["main_cpu_per_token"][arm]) * 1e3
+        _estimates(row, arm, cpu, ls["seconds_per_token"], cpu1, wall1)
     for arm in w_s:
         row = lock["arms"][arm]
-        row["cpu_vs_default"] = paired_overhead(cpu["default"], [x + w_s[arm] for x in cpu[arm]])
-        if cpu1 is not None:
-            w1 = _watcher_s_per_token(r1["whole"])[arm]
-            row["other_rank_cpu_vs_default"] = paired_overhead(cpu1["default"],
-                                                               [x + w1 for x in cpu1[arm]])
         row["vs_default_charged"] = paired_overhead(charged["default"], charged[arm])
         if charged1 is not None:
             row["other_rank_vs_default_charged"] = paired_overhead(charged1["default"],
@@ -223,11 +247,9 @@ def summarize(preset: str, raw: dict[int, dict[str, Any]]) -> dict[str, Any]:
         row["cpu_ms"] = statistics.median(wh["main_cpu_per_token"][arm]) * 1e3
     cpu_all = _cpu_with_watcher(wh)
     cpu_all1 = _cpu_with_watcher(r1["whole"]) if r1 else None
-    for arm in wh["watcher_cpu_cell_s"]:
-        row = whole["arms"][arm]
-        row["cpu_vs_default"] = paired_overhead(cpu_all["default"], cpu_all[arm])
-        if cpu_all1 is not None:
-            row["other_rank_cpu_vs_default"] = paired_overhead(cpu_all1["default"], cpu_all1[arm])
+    for arm, row in whole["arms"].items():
+        _estimates(row, arm, cpu_all, wh["seconds_per_token"], cpu_all1,
+                   r1["whole"]["seconds_per_token"] if r1 else None)
     solo: dict[str, Any] = {"tokens": so["tokens"], "arms": {}}
     for arm, s in so["arms"].items():
         n = s["tokens"]
@@ -260,6 +282,21 @@ def summarize(preset: str, raw: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- report
+CPU_HEADER = ("CPU estimate vs default: extra CPU us/token (decoding thread + watcher), as a share "
+              "of default's wall time [95% CI] | CPU estimate vs plain | rank 1: CPU estimate vs "
+              "default")
+
+
+def _cpu_cells(row: dict[str, Any]) -> str:
+    """The CPU-estimate cells of a row (see ``CPU_HEADER``)."""
+    out = []
+    for key in ("cpu_est_vs_default", "cpu_est_vs_plain", "other_rank_cpu_est_vs_default"):
+        o = row.get(key)
+        out.append("-" if o is None else f"{o['extra_us']:.0f} us, {fmt_ci(o)}"
+                   if key == "cpu_est_vs_default" else "-" if o is None else fmt_ci(o))
+    return " | ".join(out)
+
+
 def _vs(row: dict[str, Any], base: str) -> str:
     o = row.get(f"vs_{base}")
     return "-" if o is None else fmt_ci(o)
@@ -291,9 +328,9 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
           "decoding thread (its sink at each step's end) is in every design; its watcher thread "
           "(store round trips a few times a second, the comparison with the peer's "
           "fingerprints) runs beside the decode, so in lockstep its CPU time falls on whichever "
-          "arm is stepping: the lockstep table charges it to its own arm in a column of its own (the "
-          "judged figure), the whole decodes keep it mostly in the arm's own cells, and the "
-          "watcher table gives it per token.")
+          "arm is stepping: the lockstep table adds it to its own arm (\"watcher CPU charged\", "
+          "and in the CPU estimate, the judged figure), the whole decodes keep it mostly in the "
+          "arm's own cells, and the watcher table gives it per token.")
         w("")
         w(f"**Lockstep**: {ls['reps']} repetitions; in each, every arm decodes {ls['tokens']} new "
           "tokens, token i of every arm back to back in an order shuffled per repetition (pointing "
@@ -303,19 +340,23 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
           "whichever arm is stepping, every arm alike in expectation, so a checked arm against "
           "`default` is the checker's cost on the decoding thread; \"watcher CPU charged\" adds "
           "its watcher thread's CPU time per token of a decode running alone (the watcher table) "
-          "as if all of it delayed the decode: the checker's whole cost, the judged figure. CPU "
-          "time: the decoding thread's in the arm's steps (`time.thread_time()`, which waiting "
-          "in a collective does not add to), a checked arm's plus the same watcher CPU per "
-          "token: the checker's cost without the other rank's and the machine's scheduling "
-          "noise (but not the cost of the watcher and the decode competing for the GIL). "
+          "as if all of it delayed the decode. **CPU estimate** (the judged figure): per "
+          "repetition, the arm's extra CPU time per token over the base arm (the decoding "
+          "thread's in the arm's steps, `time.thread_time()`, which waiting in a collective does "
+          "not add to; a checked arm's plus its watcher's CPU per token of a decode running "
+          "alone), as a share of the base arm's wall time per token: the wall-clock overhead if "
+          "the extra CPU delays the decode one for one (the decoding thread's does: both ranks "
+          "run it between the same collectives). It leaves out the other rank's and the host's "
+          "scheduling noise that dominates the wall-clock figures on a shared 2-CPU machine, "
+          "and also any cost of the watcher and the decode contending for the GIL or a core "
+          "beyond the watcher's own CPU time. "
           f"Wall time {ls['elapsed_s']:.0f} s.")
         w("")
         w("| arm | median ms/token | IQR | vs default [95% CI] | vs default, watcher CPU charged "
           "[95% CI] | vs plain [95% CI] | mean-ratio vs default [95% CI] | extra us/token vs "
           "default | median per-token ratio vs default | rank 1: vs default; charged | GC "
-          "collections / 500 tokens | CPU ms/token, decoding thread | CPU time vs default, "
-          "decoding thread + watcher [95% CI] | rank 1: CPU time vs default |")
-        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "collections / 500 tokens | CPU ms/token, decoding thread | " + CPU_HEADER + " |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for arm, r in ls["arms"].items():
             vd = r.get("vs_default")
             other = [r.get(k) for k in ("other_rank_vs_default", "other_rank_vs_default_charged")]
@@ -323,37 +364,28 @@ def render(res: dict[str, Any], w: Callable[[str], None]) -> None:
                       pct(r["token_ratio_vs_default"]),
                       "; ".join(fmt_ci(o) for o in other if o) or "-"]
                      if vd else ["-"] * 4)
-            cpu_cells = [f"{r['cpu_ms']:.3f}",
-                         fmt_ci(r["cpu_vs_default"]) if r.get("cpu_vs_default") else "-",
-                         fmt_ci(r["other_rank_cpu_vs_default"])
-                         if r.get("other_rank_cpu_vs_default") else "-"]
             w(f"| {arm} | {r['median_ms']:.3f} | {r['q1_ms']:.3f}-{r['q3_ms']:.3f} | "
               f"{_vs(r, 'default')} | {_vs(r, 'default_charged')} | {_vs(r, 'plain')} | "
-              f"{' | '.join(cells)} | {r['gc']['per_500']:.2f} | {' | '.join(cpu_cells)} |")
+              f"{' | '.join(cells)} | {r['gc']['per_500']:.2f} | {r['cpu_ms']:.3f} | "
+              f"{_cpu_cells(r)} |")
         w("")
         w(f"**Whole decodes, ABBA**: {wh['reps']} repetitions; in each, the arms in a shuffled "
           f"order and then reversed, one whole decode of {wh['tokens']} new tokens per cell "
           "(opening, steps, closing; the watcher's work lands in the arm's own cell, give or take "
           "one poll), an arm's time the sum of its two cells; a checked arm's `flush()` "
-          "right after its cell, not timed. CPU time: the decoding thread's (`time.thread_time()`, "
-          "which waiting in a collective does not add to), a checked arm's plus its watcher "
-          "thread's over the same cells: the checker's cost without the other rank's and the "
-          f"machine's scheduling noise. Wall time {wh['elapsed_s']:.0f} s.")
+          "right after its cell, not timed. CPU estimate as in lockstep, with the watcher's CPU "
+          f"time over the arm's own two cells. Wall time {wh['elapsed_s']:.0f} s.")
         w("")
         w("| arm | median ms/token | IQR | vs default [95% CI] | vs plain [95% CI] | extra us/token "
-          "vs default | rank 1: vs default | CPU ms/token, decoding thread | CPU time vs default, "
-          "decoding thread + watcher [95% CI] | rank 1: CPU time vs default |")
-        w("|---|---|---|---|---|---|---|---|---|---|")
+          "vs default | rank 1: vs default | CPU ms/token, decoding thread | " + CPU_HEADER + " |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
         for arm, r in wh["arms"].items():
             vd = r.get("vs_default")
             cells = ([f"{r['extra_us_vs_default']:.0f}", fmt_ci(r["other_rank_vs_default"])]
                      if vd else ["-"] * 2)
-            cpu = r.get("cpu_vs_default")
-            cpu1 = r.get("other_rank_cpu_vs_default")
-            cells += [f"{r['cpu_ms']:.3f}", fmt_ci(cpu) if cpu else "-",
-                      fmt_ci(cpu1) if cpu1 else "-"]
             w(f"| {arm} | {r['median_ms']:.3f} | {r['q1_ms']:.3f}-{r['q3_ms']:.3f} | "
-              f"{_vs(r, 'default')} | {_vs(r, 'plain')} | {' | '.join(cells)} |")
+              f"{_vs(r, 'default')} | {_vs(r, 'plain')} | {' | '.join(cells)} | "
+              f"{r['cpu_ms']:.3f} | {_cpu_cells(r)} |")
         w("")
         w("**Watcher thread** (CPU time of the thread `attach` started, "
           "`time.pthread_getcpuclockid`, user + system): per token of its arm's whole decodes "

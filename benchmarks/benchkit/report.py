@@ -54,8 +54,9 @@ def write_markdown(res: dict[str, Any], path: Path, command: str,
           "the same lockstep triple) minus 1, with a 95 % bootstrap CI over repetitions; the note "
           "gives the whole-decode ABBA design's figure and both A/A controls. PASS means the point "
           "estimate is within the limit; the note says whether the whole CI is. The cross-rank "
-          "checker's goals are judged the same way in the `ranks` section's lockstep design, "
-          "against its `default` arm (an instrumented cache without the checker).")
+          "checker's goals are judged in the `ranks` section's lockstep design against its "
+          "`default` arm (an instrumented cache without the checker), on the CPU-time estimate "
+          "described there; the note gives the wall-clock figures.")
         w("")
         w("| target | limit | measured | verdict | note |")
         w("|---|---|---|---|---|")

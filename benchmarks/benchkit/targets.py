@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import ci_note, fmt_ci, pct
+from .common import ci_note, fmt_ci
 
 #: (goal, labml preset, mode, limit as a fraction of the plain cache's time)
 DECODE_GOALS = (
@@ -73,15 +73,17 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         ls, wh, x = d["lockstep"]["arms"], d["whole"]["arms"], d["watcher"][arm]
         solo = d["solo"]["arms"]
-        o = ls[arm]["vs_default_charged"]
-        note = (f"lockstep, the watcher thread's CPU time charged to the arm (judged); "
-                f"{ci_note(o, limit)}; lockstep steps only {fmt_ci(ls[arm]['vs_default'])}; "
-                f"whole decodes ABBA {fmt_ci(wh[arm]['vs_default'])}; vs plain (lockstep) "
-                f"{fmt_ci(ls[arm]['vs_plain'])}; A/A controls: lockstep "
-                f"{fmt_ci(ls['plain-aa']['vs_plain'])}, whole {fmt_ci(wh['plain-aa']['vs_plain'])}; "
-                f"rank 1 (charged) {fmt_ci(ls[arm]['other_rank_vs_default_charged'])}; watcher "
-                f"thread {x['us_per_token']:.0f} us CPU per token "
-                f"({pct(x['share_of_default_token'])} of a default token), end-of-run flush "
+        o = ls[arm]["cpu_est_vs_default"]
+        note = (f"lockstep CPU estimate (judged: extra CPU time per token, decoding thread + "
+                f"watcher, {o['extra_us']:.0f} us, as a share of default's wall time); "
+                f"{ci_note(o, limit)}; rank 1 {fmt_ci(ls[arm]['other_rank_cpu_est_vs_default'])}; "
+                f"A/A of the estimate {fmt_ci(ls['plain-aa']['cpu_est_vs_plain'])}; whole decodes "
+                f"{fmt_ci(wh[arm]['cpu_est_vs_default'])}. Wall clock: lockstep "
+                f"{fmt_ci(ls[arm]['vs_default'])}, watcher CPU charged "
+                f"{fmt_ci(ls[arm]['vs_default_charged'])}, whole decodes ABBA "
+                f"{fmt_ci(wh[arm]['vs_default'])}; A/A lockstep "
+                f"{fmt_ci(ls['plain-aa']['vs_plain'])}, whole {fmt_ci(wh['plain-aa']['vs_plain'])}. "
+                f"Watcher thread {x['us_per_token']:.0f} us CPU per token; end-of-run flush "
                 f"{x['flush_ms_whole']:.1f} ms; GC collections per 500 tokens (solo decodes) "
                 f"{solo[arm]['per_500']:.2f} vs default {solo['default']['per_500']:.2f}")
         add(name, f"<= {limit:.0%}", fmt_ci(o), o["median"] <= limit, note)
