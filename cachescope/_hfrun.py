@@ -7,8 +7,9 @@ both backends decode the same model; for ``--checkpoint DIR``, ``from_pretrained
 files only). ``cachescope.hf.install()`` instruments transformers' ``Cache``, ``watch(model)``
 names the owners, and each generation is ``model.generate(ids, max_new_tokens=N,
 do_sample=False)``. The summary, ``--json`` keys (plus ``"backend": "hf"``), exit statuses,
-``--serve``, ``--metrics-port`` and the tracing options are the neox run's. Not yet: ``--fault``
-(no HF faults here), ``--record`` (``analyze`` cannot replay the view's layer slots) and the
+``--serve``, ``--metrics-port`` and the tracing options are the neox run's. ``--fault`` takes
+``cachescope.hf``'s faults (injected in every generation; the parser reads the spec with the neox
+catalogue, so only ``skip`` passes it today). Not yet: ``--record`` (``analyze`` cannot replay the view's layer slots) and the
 multi-rank options; each is a one-line usage error (exit 2).
 """
 
@@ -43,9 +44,6 @@ def _refuse_options(ns: argparse.Namespace) -> None:
     if ns.record:
         raise UsageError("--record is not available with --backend hf: 'cachescope analyze' "
                          "cannot replay the hf view's layer slots yet (it reports leftovers)")
-    if ns.fault:
-        raise UsageError("--fault is not available with --backend hf yet (no HF faults in this "
-                         "build); use the neox backend for faults")
 
 
 def hf_model_from_preset(name: str) -> Any:
@@ -77,6 +75,36 @@ def hf_model_from_preset(name: str) -> Any:
     left = sorted(set(missing) & params)
     assert not left and not unexpected, f"weight conversion left {left} / {unexpected}"
     return model.eval()
+
+
+def _hf_faults(ns: argparse.Namespace, model: Any) -> list[Any]:
+    """``--fault`` specs as ``cachescope.hf`` faults, defaults resolved and checked against the
+    model (nothing changed); one-line UsageErrors. The parser reads ``--fault`` with the neox
+    catalogue, so today only the names both catalogues share (``skip``) reach here."""
+    if not ns.fault:
+        return []
+    try:
+        from .hf import inject_faults, parse_hf_fault
+    except ImportError:
+        raise UsageError("--fault is not available with --backend hf in this build (no "
+                         "cachescope.hf.inject_faults)") from None
+    faults = []
+    for f in ns.fault:
+        try:
+            faults.append(parse_hf_fault(str(f)))
+        except ValueError as exc:
+            raise UsageError(f"--fault: {cli._one_line(exc)}") from None
+    for f in faults:
+        if f.step >= ns.max_new_tokens:
+            raise UsageError(f"--fault {f}: step {f.step} never comes: the run has "
+                             f"{ns.max_new_tokens} step(s), 0..{ns.max_new_tokens - 1} (step 0 is "
+                             "the prompt); raise --max-new-tokens or pick an earlier step")
+    try:
+        with inject_faults(faults, model) as handle:
+            return list(handle.faults)
+    except ValueError as exc:
+        msg = cli._one_line(exc)
+        raise UsageError(f"--{msg}" if msg.startswith("fault ") else f"--fault: {msg}") from None
 
 
 def _build_model(ns: argparse.Namespace, device: Any) -> tuple[Any, str]:
@@ -119,6 +147,7 @@ def run(ns: argparse.Namespace) -> int:
     device = cli._check_device(ns.device)
     model, model_desc = _build_model(ns, device)
     prompt = cli.prompt_ids(ns, model.config)
+    ns.fault = _hf_faults(ns, model)
 
     import cachescope.hf
     provider = cli.tracer_provider(ns)
@@ -176,11 +205,15 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, rec: Any, view:
     from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
     from ._records import PopOrderError
+    if ns.fault:
+        from .hf import inject_faults
 
     stop = threading.Event()
     progress = cli.Progress((sys.stderr.isatty() and not ns.quiet) or ns.progress,
                             ns.max_new_tokens)
     error: str | None = None
+    events: list[Any] = []
+    not_fired: list[str] = []
     generations = 0
     tokens_total = 0
     last_tokens: list[int] = []
@@ -207,11 +240,21 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, rec: Any, view:
         while True:
             generations += 1
             try:
-                with torch.no_grad():
-                    out = model.generate(ids, attention_mask=mask, max_new_tokens=ns.max_new_tokens,
-                                         do_sample=False,
-                                         stopping_criteria=StoppingCriteriaList([_Step()]), **extra)
-                last_tokens = out[0, ids.shape[-1]:].tolist()
+                with (inject_faults(ns.fault, model) if ns.fault
+                      else contextlib.nullcontext()) as handle:
+                    try:
+                        with torch.no_grad():
+                            out = model.generate(
+                                ids, attention_mask=mask, max_new_tokens=ns.max_new_tokens,
+                                do_sample=False, stopping_criteria=StoppingCriteriaList([_Step()]),
+                                **extra)
+                        last_tokens = out[0, ids.shape[-1]:].tolist()
+                    finally:
+                        if handle is not None and generations == 1:
+                            # the view's steps are the block's forwards in the first generation
+                            events = [SimpleNamespace(fault=e.fault, step=e.step, cache_step=e.step,
+                                                      what=e.what) for e in handle.events]
+                            not_fired = [str(f) for f in handle.not_fired()]
             except PopOrderError as exc:
                 error = f"stopped at the first violation (--strict): {exc.violation.summary()}"
                 if not ns.serve:
@@ -228,7 +271,8 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, rec: Any, view:
     violations = list(rec.violations)
     exit_code = 1 if (violations or error) and not ns.serve else 0
     summary = cli.run_summary(ns, _shape(model), model_desc, view, prompt, generations,
-                              tokens_total, elapsed, [], [], error, last_tokens, exit_code)
+                              tokens_total, elapsed, events, not_fired, error, last_tokens,
+                              exit_code)
     summary["backend"] = "hf"
     summary["measured_only"] = rec.measured_only
     if ns.json:

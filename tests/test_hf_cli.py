@@ -98,6 +98,26 @@ def test_planted_bug_exits_1_with_its_report(capsys: pytest.CaptureFixture[str],
     assert {"owner_mismatch", "layer_repeated", "layer_skipped"} <= set(s["violations_by_kind"])
 
 
+def test_fault_fires_and_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--fault skip@2:layer=1`` (cachescope.hf's fault) fires at step 2: layer_skipped on layer_1, exit 1."""
+    rc, out, _ = run(capsys, *HF, "--json", "--fault", "skip@2:layer=1")
+    s = json.loads(out)
+    assert rc == 1 and s["exit_code"] == 1
+    assert s["faults"] == [{"spec": "skip@2:layer=1", "expected_kinds": ["layer_skipped"]}]
+    assert [(e["fault"], e["step"]) for e in s["fault_events"]] == [("skip@2:layer=1", 2)]
+    assert s["faults_not_fired"] == []
+    assert [(v["kind"], v["step"], v["queue"]) for v in s["violations"]] == [("layer_skipped", 2, "layer_1")]
+
+
+def test_fault_leaves_the_model_clean_after_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The human summary says when the fault fired; a run without it on the same process is clean."""
+    rc, out, _ = run(capsys, *HF, "--fault", "skip@2:layer=1")
+    assert rc == 1 and "fault skip@2:layer=1 fired at step 2" in out
+    assert "result: 1 violation(s) (layer_skipped=1)" in out
+    rc, out, _ = run(capsys, *HF)
+    assert rc == 0 and "result: no violations" in out
+
+
 def test_strict_stops_at_the_first_violation(capsys: pytest.CaptureFixture[str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """``--strict`` ends the generate at the first violation, reports it and exits 1."""
@@ -122,7 +142,9 @@ def test_help_names_the_backend(capsys: pytest.CaptureFixture[str]) -> None:
     (["--nproc", "2"], "--nproc is for multi-rank"),
     (["--tp", "2"], "--tp is for multi-rank"),
     (["--pp", "2"], "--pp is for multi-rank"),
-    (["--fault", "swap@1"], "--fault is not available with --backend hf"),
+    (["--fault", "swap@1"], "unknown HF fault 'swap'"),
+    (["--fault", "skip@9"], "step 9 never comes"),
+    (["--fault", "skip@2:layer=7"], "--fault skip@2:layer=7"),
     (["--record", "x.jsonl"], "--record is not available with --backend hf"),
     (["--checkpoint", "/nonexistent"], "is not a directory"),
     (["--device", "tpu"], "--device"),
