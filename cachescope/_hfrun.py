@@ -9,8 +9,8 @@ names the owners, and each generation is ``model.generate(ids, max_new_tokens=N,
 do_sample=False)``. The summary, ``--json`` keys (plus ``"backend": "hf"``), exit statuses,
 ``--serve``, ``--metrics-port`` and the tracing options are the neox run's. ``--fault`` takes
 ``cachescope.hf``'s faults (injected in every generation; the parser reads the spec with the neox
-catalogue, so only ``skip`` passes it today). Not yet: ``--record`` (``analyze`` cannot replay the view's layer slots) and the
-multi-rank options; each is a one-line usage error (exit 2).
+catalogue, so only ``skip`` passes it today). Not yet: ``--record`` (``analyze`` cannot replay
+the view's layer slots) and the multi-rank options; each is a one-line usage error (exit 2).
 """
 
 from __future__ import annotations
