@@ -60,6 +60,18 @@ KEEP_STEPS = 256
 STARTUP_GRACE = 30.0
 _CHECKED_OPS = frozenset(("push", "pop", "clear", "clear_all"))
 _attaches = 0    # attaches in this process: every rank attaches in the same order
+_live: "weakref.WeakSet[RankCheck]" = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _stop_all_at_exit() -> None:
+    """Stop every watcher still running when the interpreter exits: a thread still inside a
+    store call while torch tears its process group down can abort the process."""
+    for check in list(_live):
+        try:
+            check.detach()
+        except Exception:
+            pass
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -440,8 +452,7 @@ class RankCheck:
         # main-thread state (written by the sink methods; read by the watcher)
         self.generation = 0
         self._step = -1
-        self._ended = False
-        self._error: str | None = None
+        self._progress: tuple[int, int, bool, str | None] = (0, -1, False, None)
         self._step_seq0 = 0
         self._sampled = False
         self._inputs: str | None = None
@@ -450,25 +461,33 @@ class RankCheck:
         self._pending: dict[tuple[int, int], float] = {}
         self._diverged: set[tuple[int, int]] = set()     # (generation, rank) already reported
         self._changed: dict[int, tuple[Any, float]] = {}  # rank -> (progress state, since)
+        self._behind: dict[int, tuple[Any, float]] = {}   # rank -> (state, first seen behind)
         self._stalled: set[tuple[int, Any]] = set()
         self._stuck_reported: set[Any] = set()
         self._failed_once = False
         cache.add_sink(self)
+        global _atexit_registered
+        if not _atexit_registered:
+            import atexit
+            atexit.register(_stop_all_at_exit)
+            _atexit_registered = True
+        _live.add(self)
         self._thread = threading.Thread(target=self._run, name=f"cachescope-rankcheck-{rank}",
                                         daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ sink (main thread)
+    # The watcher reads this rank's progress as one tuple (generation, step, ended, error),
+    # replaced whole by the main thread: never a torn (generation, step) pair.
     def on_generation_start(self, cache: Any, info: Any) -> None:
         self.generation += 1
         self._step = -1
-        self._ended = False
-        self._error = None
+        self._progress = (self.generation, -1, False, None)
 
     def on_generation_end(self, cache: Any, info: Any) -> None:
         err = info.get("error") if isinstance(info, dict) else None
-        self._error = None if err is None else f"{type(err).__name__}: {str(err)[:200]}"
-        self._ended = True
+        error = None if err is None else f"{type(err).__name__}: {str(err)[:200]}"
+        self._progress = (self.generation, self._step, True, error)
         self._wake.set()
 
     def on_violation(self, cache: Any, violation: Violation) -> None:
@@ -479,6 +498,7 @@ class RankCheck:
         index = step.index
         self._step = index
         self._step_seq0 = cache.seq - 1          # the boundary op (the state_ids set) included
+        self._progress = (self.generation, index, False, None)
         self._sampled = index % self.every == 0
         self._inputs = None
 
@@ -600,7 +620,8 @@ class RankCheck:
                     last = [r.op, r.queue, r.owner, r.site, r.step]
             except Exception:
                 last = None
-        hb = {"g": self.generation, "s": self._step, "ended": self._ended, "err": self._error,
+        g, step, ended, error = self._progress
+        hb = {"g": g, "s": step, "ended": ended, "err": error,
               "seq": seq, "last": last, "pub": list(self._published), "t": time.time()}
         keys.append(self._hb_keys[self.rank])
         values.append(json.dumps(hb, separators=(",", ":")))
@@ -676,9 +697,15 @@ class RankCheck:
             elif pos < lead and lead[1] >= 0:
                 past = False
             else:
+                self._behind.pop(r, None)
                 continue
             behind_any = True
-            since = self._changed[r][1]
+            # Timed from when this rank was first seen behind in this state (not from its last
+            # change: ranks idle together, then one moves on first).
+            seen = self._behind.get(r)
+            if seen is None or seen[0] != st:
+                self._behind[r] = seen = (st, now)
+            since = seen[1]
             # Before its first step a rank may still be loading its shard: set-up times differ
             # more than step times do, so it gets longer before it counts as stalled.
             limit = self.stall_timeout if pos[1] >= 0 or pos[0] > 1 else \

@@ -7,7 +7,8 @@ saw to OUT/rank{r}.json.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_rank_worker.py OUT SCENARIO [ARG...]
 
-Scenarios: clean | skip S R | diverge S R | stall S R SECONDS | exit S R | retry S R
+Scenarios: clean | idle | skip S R | diverge S R | stall S R SECONDS | exit S R | retry S R
+(idle: two generations with every rank idle longer than the stall timeout between them)
 """
 
 from __future__ import annotations
@@ -67,31 +68,39 @@ def main() -> int:
     if scenario in ("skip", "retry") and rank == bad_rank:
         faults = [f"{scenario}@{step_arg}:layer=1"]
     error = None
-    with torch.no_grad(), model.using_cache(cache), \
-            (inject(faults, model.layers, cache, model=model) if faults else _null()), \
-            cache.generation(prompt_tokens=len(prompt), max_new_tokens=tokens_n):
-        cache.set("use_cache", True)
-        try:
+    generations = 2 if scenario == "idle" else 1
+    for gen in range(generations):
+        if gen:
+            # every rank idles longer than the stall timeout, then rank 0 moves on first
+            time.sleep(stall_timeout * 1.5 + (0.5 if rank == 1 else 0.0))
+            tokens.clear()
             for i in range(tokens_n):
-                if rank == bad_rank and i == step_arg:
-                    if scenario == "stall":
-                        time.sleep(stall_s)
-                    elif scenario == "exit":
-                        break
-                cache.set("state_ids", (None, 0) if i == 0 else (i - 1, i))
-                ids = prompt if i == 0 else tokens[-1:]
-                check.note_inputs(ids)
-                logits = model(torch.tensor([ids]))[0, -1]
-                sync = torch.ones(1)
-                dist.all_reduce(sync)           # the step's collective
-                token = int(torch.argmax(logits))
-                if scenario == "diverge" and rank == bad_rank and i == step_arg:
-                    token = (token + 1) % 512
-                tokens.append(token)
-                cache.end_step(tokens=1)
-        except Exception as exc:   # a faulted rank's loop may fail (pop_empty): report, go on
-            error = f"{type(exc).__name__}: {exc}"
-            print(f"rank {rank}: the loop raised {error}", file=sys.stderr, flush=True)
+                cache.clear(f"attn_kv_{i}") if cache.q_size(f"attn_kv_{i}") is not None else None
+        with torch.no_grad(), model.using_cache(cache), \
+                (inject(faults, model.layers, cache, model=model) if faults else _null()), \
+                cache.generation(prompt_tokens=len(prompt), max_new_tokens=tokens_n):
+            cache.set("use_cache", True)
+            try:
+                for i in range(tokens_n):
+                    if rank == bad_rank and i == step_arg:
+                        if scenario == "stall":
+                            time.sleep(stall_s)
+                        elif scenario == "exit":
+                            break
+                    cache.set("state_ids", (None, 0) if i == 0 else (i - 1, i))
+                    ids = prompt if i == 0 else tokens[-1:]
+                    check.note_inputs(ids)
+                    logits = model(torch.tensor([ids]))[0, -1]
+                    sync = torch.ones(1)
+                    dist.all_reduce(sync)           # the step's collective
+                    token = int(torch.argmax(logits))
+                    if scenario == "diverge" and rank == bad_rank and i == step_arg:
+                        token = (token + 1) % 512
+                    tokens.append(token)
+                    cache.end_step(tokens=1)
+            except Exception as exc:   # a faulted rank's loop may fail (pop_empty): report, go on
+                error = f"{type(exc).__name__}: {exc}"
+                print(f"rank {rank}: the loop raised {error}", file=sys.stderr, flush=True)
     check.flush(timeout=stall_timeout + 5)
     if scenario == "exit" and rank == bad_rank:
         time.sleep(stall_timeout * 3)     # stay alive: the peers must report us, not crash on us

@@ -284,3 +284,12 @@ def test_two_checkers_in_one_process_do_not_share_keys(world_of_one):
     finally:
         a.detach()
         b.detach()
+
+
+def test_ranks_idle_together_then_one_moves_first_is_no_stall(tmp_path):
+    """Between two generations every rank idles longer than the stall timeout; rank 0 starts
+    the next one first. Nobody was behind for the timeout: no rank_stalled (a rank's idle time
+    before its peers moved on does not count)."""
+    res = _launch(tmp_path, 2, "idle")
+    assert _kinds(res[0]) == [] and _kinds(res[1]) == []
+    assert res[0]["tokens"] == res[1]["tokens"] and len(res[0]["tokens"]) == 6
