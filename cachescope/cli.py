@@ -37,11 +37,20 @@ class _Stopped(Exception):
 # ----------------------------------------------------------------------------- argument types
 
 def _fault_arg(text: str) -> Any:
+    """A fault of the reference model's catalogue, or else of the HF one (``--backend hf``);
+    which backend may use it is checked once the backend is known."""
     from .faults import parse_fault
     try:
         return parse_fault(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        try:
+            from .hf import HF_FAULTS, parse_hf_fault
+            return parse_hf_fault(text)
+        except (ValueError, ImportError):
+            msg = str(exc)
+            if msg.startswith("unknown fault"):
+                msg += f"; with --backend hf: {', '.join(HF_FAULTS)}"
+            raise argparse.ArgumentTypeError(msg) from None
 
 
 def _positive_int(text: str) -> int:
@@ -443,6 +452,11 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     if ns.backend == "hf":
         from . import _hfrun
         return _hfrun.run(ns)
+    from .faults import Fault
+    for f in ns.fault:
+        if not isinstance(f, Fault):
+            raise UsageError(f"--fault {f}: a fault of transformers' cache (cachescope.hf), not "
+                             "of the reference model; run it with --backend hf")
     from . import _multirank
     if _multirank.wanted(ns):   # --nproc/--tp/--pp, or a rank started by torchrun
         return _multirank.run(ns)

@@ -216,3 +216,23 @@ def test_serve_exposes_metrics_and_stops_on_sigterm() -> None:
     assert proc.returncode == 0, err
     assert "generation(s)" in out and "result: no violations" in out
     assert "Traceback" not in err
+
+
+def test_every_hf_fault_name_reaches_the_hf_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--fault prune:layer=1` parses (the HF catalogue) and fires on --backend hf."""
+    code, out, err = run(capsys, "run", "--backend", "hf", "--max-new-tokens", "4", "--json",
+                         "--fault", "prune:layer=1")
+    assert code == 1, err
+    s = json.loads(out)
+    assert [(v["kind"], v["step"], v["queue"]) for v in s["violations"]] == [
+        ("layer_skipped", 0, "layer_1")]
+
+
+def test_hf_faults_are_refused_by_the_reference_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "run", "--fault", "dup-layer-idx")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "cachescope run: error: --fault dup-layer-idx@0: a fault of transformers' cache "
+        "(cachescope.hf), not of the reference model; run it with --backend hf"]
+    code, _, err = run(capsys, "run", "--fault", "bogus")
+    assert code == 2 and "with --backend hf: prune, dup-layer-idx, skip, partial-crop" in err
