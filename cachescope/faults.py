@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["FAULTS", "RANK_FAULTS", "DEFAULT_STEP", "Fault", "FaultEvent", "FaultHandle",
+__all__ = ["parse_spec", "FAULTS", "RANK_FAULTS", "DEFAULT_STEP", "Fault", "FaultEvent", "FaultHandle",
            "FaultSpec", "InjectedFault", "RankHooks", "check_ranks", "inject", "parse_fault",
            "rank_hooks"]
 
@@ -264,30 +264,30 @@ def _example(name: str) -> str:
 _NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
-def parse_fault(text: str) -> Fault:
-    """``"swap@3"``, ``"skip@2:layer=1"``, ``"clear@4:layer=2,queue=attn_kv_{prev}"`` -> ``Fault``;
-    also the rank faults, e.g. ``"rank-stall@3:rank=1,seconds=2.5"``.
-
-    Syntax: ``NAME[@STEP][:KEY=VALUE,...]``. Raises ``ValueError`` naming the problem (and the
-    valid faults or parameters) for anything else.
-    """
+def parse_spec(text: str, catalogue: Mapping[str, FaultSpec], *, example: str,
+               unknown: str = "fault") -> tuple[str, int | None, dict[str, Any]]:
+    """Read ``NAME[@STEP][:KEY=VALUE,...]`` against ``catalogue``: the canonical name, the step
+    (None when the spec names none) and the parameters typed as the spec declares (int, float
+    or str). Raises a one-line ``ValueError`` naming the problem and what is valid. Shared by
+    ``parse_fault`` and the Hugging Face catalogue (``cachescope.hf``)."""
+    valid = ", ".join(catalogue)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"empty fault spec; expected NAME[@STEP][:KEY=VALUE,...] with NAME one of "
-                         f"{_valid_names()}")
+                         f"{valid}")
     m = _SPEC_RE.match(text)
     if m is None:
         raise ValueError(f"bad fault spec {text!r}: expected NAME[@STEP][:KEY=VALUE,...], e.g. "
-                         "swap@3 or skip@2:layer=1")
+                         f"{example}")
     name = _canonical(m.group("name"))
-    if name not in _CATALOGUE:
-        raise ValueError(f"unknown fault {m.group('name')!r} in {text!r}; valid faults: {_valid_names()}")
-    spec = _CATALOGUE[name]
-    step = DEFAULT_STEP
+    if name not in catalogue:
+        raise ValueError(f"unknown {unknown} {m.group('name')!r} in {text!r}; valid faults: {valid}")
+    spec = catalogue[name]
+    step = None
     raw_step = m.group("step")
     if raw_step is not None:
         if not re.fullmatch(r"\d+", raw_step):
             raise ValueError(f"bad step {raw_step!r} in fault spec {text!r}: expected a "
-                             "non-negative integer, e.g. swap@3")
+                             f"non-negative integer, e.g. {example.split(' ')[0]}")
         step = int(raw_step)
     params: dict[str, Any] = {}
     raw_params = m.group("params")
@@ -299,8 +299,8 @@ def parse_fault(text: str) -> Fault:
                 raise ValueError(f"bad parameter {part.strip()!r} in fault spec {text!r}: expected "
                                  "KEY=VALUE, e.g. skip@2:layer=1")
             if key not in spec.params:
-                valid = ", ".join(spec.params) or "none"
-                raise ValueError(f"fault {name} has no parameter {key!r}; its parameters: {valid}")
+                names = ", ".join(spec.params) or "none"
+                raise ValueError(f"fault {name} has no parameter {key!r}; its parameters: {names}")
             if key in params:
                 raise ValueError(f"parameter {key!r} given twice in fault spec {text!r}")
             typ = spec.params[key][0]
@@ -317,7 +317,18 @@ def parse_fault(text: str) -> Fault:
                 params[key] = float(value)
             else:
                 params[key] = value
-    return Fault(name, step, params)
+    return name, step, params
+
+
+def parse_fault(text: str) -> Fault:
+    """``"swap@3"``, ``"skip@2:layer=1"``, ``"clear@4:layer=2,queue=attn_kv_{prev}"`` -> ``Fault``;
+    also the rank faults, e.g. ``"rank-stall@3:rank=1,seconds=2.5"``.
+
+    Syntax: ``NAME[@STEP][:KEY=VALUE,...]``. Raises ``ValueError`` naming the problem (and the
+    valid faults or parameters) for anything else.
+    """
+    name, step, params = parse_spec(text, _CATALOGUE, example="swap@3 or skip@2:layer=1")
+    return Fault(name, DEFAULT_STEP if step is None else step, params)
 
 
 # ---------------------------------------------------------------------------- injection

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
-from ..faults import DEFAULT_STEP, FaultSpec
+from ..faults import DEFAULT_STEP, FaultSpec, parse_spec
 from ._checks import span
 
 __all__ = ["HF_FAULTS", "HFFault", "HFFaultEvent", "HFFaultHandle", "parse_hf_fault",
@@ -79,10 +78,6 @@ HF_FAULTS: dict[str, FaultSpec] = {spec.name: spec for spec in (
 
 _WHOLE_RUN = ("prune", "dup-layer-idx", "stale-reuse")
 _DEFAULT_STEPS = {name: 0 for name in _WHOLE_RUN}
-
-_SPEC_RE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z_-]*)\s*(?:@\s*(?P<step>[^:]*?)\s*)?"
-                      r"(?::(?P<params>.*))?$")
-
 
 def _canonical(name: str) -> str:
     return name.strip().lower().replace("_", "-")
@@ -145,44 +140,11 @@ class HFFault:
 def parse_hf_fault(text: str) -> HFFault:
     """``"skip@2:layer=1"``, ``"prune:layer=2"``, ``"dup-layer-idx:layer=2,as=0"`` -> ``HFFault``.
 
-    Syntax: ``NAME[@STEP][:KEY=VALUE,...]`` (as ``cachescope.faults.parse_fault``); raises a
-    one-line ``ValueError`` naming the problem for anything else.
+    Syntax: ``NAME[@STEP][:KEY=VALUE,...]`` (``cachescope.faults.parse_spec``, as
+    ``parse_fault``); raises a one-line ``ValueError`` naming the problem for anything else.
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"empty fault spec; expected NAME[@STEP][:KEY=VALUE,...] with NAME one of "
-                         f"{_valid()}")
-    m = _SPEC_RE.match(text)
-    if m is None:
-        raise ValueError(f"bad fault spec {text!r}: expected NAME[@STEP][:KEY=VALUE,...], e.g. "
-                         "skip@2:layer=1")
-    name = _canonical(m.group("name"))
-    if name not in HF_FAULTS:
-        raise ValueError(f"unknown HF fault {m.group('name')!r} in {text!r}; valid faults: {_valid()}")
-    step = None
-    raw_step = m.group("step")
-    if raw_step is not None:
-        if not re.fullmatch(r"\d+", raw_step):
-            raise ValueError(f"bad step {raw_step!r} in fault spec {text!r}: expected a "
-                             "non-negative integer, e.g. skip@2")
-        step = int(raw_step)
-    params: dict[str, int] = {}
-    raw_params = m.group("params")
-    if raw_params is not None:
-        for part in raw_params.split(","):
-            key, eq, value = part.partition("=")
-            key, value = key.strip(), value.strip()
-            if not eq or not key or not value:
-                raise ValueError(f"bad parameter {part.strip()!r} in fault spec {text!r}: expected "
-                                 "KEY=VALUE, e.g. skip@2:layer=1")
-            if key not in HF_FAULTS[name].params:
-                raise ValueError(f"fault {name} has no parameter {key!r}; its parameters: "
-                                 f"{', '.join(HF_FAULTS[name].params) or 'none'}")
-            if key in params:
-                raise ValueError(f"parameter {key!r} given twice in fault spec {text!r}")
-            if not re.fullmatch(r"-?\d+", value):
-                raise ValueError(f"bad value {value!r} for {key} in fault spec {text!r}: expected "
-                                 "an integer")
-            params[key] = int(value)
+    name, step, params = parse_spec(text, HF_FAULTS, example="skip@2:layer=1",
+                                    unknown="HF fault")
     return HFFault(name, step, params)
 
 
