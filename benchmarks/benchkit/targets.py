@@ -87,6 +87,15 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{x['flush_ms_whole']:.1f} ms; GC collections per 500 tokens (solo decodes) "
                 f"{solo[arm]['per_500']:.2f} vs default {solo['default']['per_500']:.2f}")
         add(name, f"<= {limit:.0%}", fmt_ci(o), o["median"] <= limit, note)
+    hf = res.get("hf") or {}
+    if "ratio_hfcheck" in hf:
+        o = hf["ratio_hfcheck"] - 1
+        lo, hi = hf["ratio_hfcheck_lo"] - 1, hf["ratio_hfcheck_hi"] - 1
+        add(f"default-mode overhead of `cachescope.hf` on transformers' `generate`, "
+            f"`{hf['preset']}` shapes (issue #20)", "<= 1%",
+            f"{o * 100:+.2f}% [{lo * 100:+.2f}%, {hi * 100:+.2f}%]", o <= 0.01,
+            f"whole `generate()` calls, {hf['reps']} shuffled repetitions of {hf['tokens']} "
+            "tokens, median of the paired ratios to unpatched HF cells")
     mem = res.get("memory")
     if mem:
         for mode, run_ in mem["runs"].items():
