@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,30 +48,23 @@ def launch(nproc: int, scenarios: list[dict[str, Any]], workdir: Path,
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    output = ""
+    from _torchrun import torchrun   # (not at the top: this file is also the ranks' script)
+
+    output, returncode = "", None
     for attempt in range(3):  # a free port can be taken between the probe and the launcher's bind
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                str(Path(__file__).resolve()), str(plan), str(out)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)   # the launcher and every rank it started
-            output, _ = proc.communicate()
+        returncode, output = torchrun(cmd[3:], env=env, timeout=timeout)
+        if returncode is None:   # the launcher and every rank it started were killed
             raise AssertionError(f"the {nproc}-rank launch did not finish in {timeout:.0f} s (killed); "
-                                 f"its output:\n{output[-6000:]}") from None
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if proc.returncode == 0:
+                                 f"its output:\n{output[-6000:]}")
+        if returncode == 0:
             break
         if "address already in use" not in output.lower() and "EADDRINUSE" not in output:
             break
-    if proc.returncode != 0:
-        raise AssertionError(f"the {nproc}-rank launch exited with {proc.returncode}; its output:\n"
+    if returncode != 0:
+        raise AssertionError(f"the {nproc}-rank launch exited with {returncode}; its output:\n"
                              f"{output[-6000:]}")
     results = {}
     for rank in range(nproc):

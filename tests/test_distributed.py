@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+
+from _torchrun import torchrun
 
 import cachescope
 import cachescope.distributed as csd
@@ -168,21 +167,13 @@ def _launch(tmp_path: Path, nproc: int, *scenario: str, env: dict | None = None,
             timeout: float = 90) -> dict[int, dict]:
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
-           str(out), *scenario]
+    args = ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
+            str(_free_port()), str(WORKER), str(out), *scenario]
     full_env = dict(os.environ, RANKCHECK_STALL_TIMEOUT="2", PYTHONPATH=str(WORKER.parent.parent),
                     **(env or {}))
-    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=timeout)
-        if os.environ.get("RANKCHECK_SHOW"):
-            print(text)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    _code, text = torchrun(args, env=full_env, timeout=timeout)
+    if os.environ.get("RANKCHECK_SHOW"):
+        print(text)
     results = {}
     for r in range(nproc):
         path = out / f"rank{r}.json"
@@ -293,3 +284,21 @@ def test_ranks_idle_together_then_one_moves_first_is_no_stall(tmp_path):
     res = _launch(tmp_path, 2, "idle")
     assert _kinds(res[0]) == [] and _kinds(res[1]) == []
     assert res[0]["tokens"] == res[1]["tokens"] and len(res[0]["tokens"]) == 6
+
+
+def test_a_hung_launch_is_killed_whole(tmp_path):
+    """A launch that never ends (rank 1 sleeps, no stall timeout to end it) is killed at the
+    test's timeout, ranks included: torch's launcher puts each rank in a session of its own, so
+    killing the launcher's process group alone would leave them running."""
+    import time
+
+    from _multirank_helpers import _no_leftovers
+    out = tmp_path / "hung"
+    out.mkdir()
+    args = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+            str(_free_port()), str(WORKER), str(out), "stall", "1", "1", "600"]
+    env = dict(os.environ, RANKCHECK_STALL_TIMEOUT="600", PYTHONPATH=str(WORKER.parent.parent))
+    t0 = time.monotonic()
+    code, _text = torchrun(args, env=env, timeout=15)
+    assert code is None and time.monotonic() - t0 < 60
+    assert _no_leftovers(str(out)) == []

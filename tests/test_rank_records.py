@@ -15,14 +15,13 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from _torchrun import torchrun
 
 from cachescope.analyze import (RankSetError, analyze_file, main_analyze, read_record, replay,
                                 replay_ranks)
@@ -44,19 +43,11 @@ def _free_port() -> int:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The recordings of one 4-rank run (launched once for the module)."""
     out = tmp_path_factory.mktemp("ranks")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
-           str(out), "--tp", "2", "--pp", "2", "--skip", "1:swap@2", "--diverge", "3:3",
-           "--crash", "2:2"]
-    env = dict(os.environ, PYTHONPATH=str(WORKER.parent.parent))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    args = ["--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port",
+            str(_free_port()), str(WORKER), str(out), "--tp", "2", "--pp", "2", "--skip",
+            "1:swap@2", "--diverge", "3:3", "--crash", "2:2"]
+    _code, text = torchrun(args, env=dict(os.environ, PYTHONPATH=str(WORKER.parent.parent)),
+                           timeout=240)
     for r in range(WORLD):
         assert (out / f"rank{r}.json").exists(), f"rank {r} did not finish:\n{text[-4000:]}"
     return out
