@@ -375,7 +375,8 @@ class FaultHandle:
         return [f for f in self.active if id(f) not in done]
 
     def __repr__(self) -> str:
-        return f"FaultHandle(faults={[str(f) for f in self.faults]}, events={len(self.events)})"
+        return (f"{type(self).__name__}(faults={[str(f) for f in self.faults]}, "
+                f"events={len(self.events)})")
 
 
 def _acts_here(fault: Fault, rank: int | None) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from torch import nn
 
-from ..faults import DEFAULT_STEP, FaultSpec, parse_spec
+from ..faults import DEFAULT_STEP, FaultHandle, FaultSpec, parse_spec
 from ._checks import span
 
 __all__ = ["HF_FAULTS", "HFFault", "HFFaultEvent", "HFFaultHandle", "parse_hf_fault",
@@ -160,26 +160,13 @@ class HFFaultEvent:
         return f"{self.fault} fired at step {self.step}: {self.what}"
 
 
-class HFFaultHandle:
+class HFFaultHandle(FaultHandle):
     """What ``inject_faults`` yields: the ``faults`` (defaults resolved), ``events`` (what was
-    done, when), ``steps_seen`` (forwards of the model in the block) and ``not_fired()``."""
+    done, when), ``steps_seen`` (forwards of the model in the block) and ``not_fired()``
+    (``cachescope.faults.FaultHandle``'s, over every fault given)."""
 
     def __init__(self, faults: Sequence[HFFault]) -> None:
-        self.faults = tuple(faults)
-        self.events: list[HFFaultEvent] = []
-        self.steps_seen = 0
-
-    @property
-    def fired(self) -> bool:
-        return not self.not_fired()
-
-    def not_fired(self) -> list[HFFault]:
-        """The faults that did nothing (their step never came, or nothing to act on)."""
-        done = {id(e.fault) for e in self.events}
-        return [f for f in self.faults if id(f) not in done]
-
-    def __repr__(self) -> str:
-        return f"HFFaultHandle(faults={[str(f) for f in self.faults]}, events={len(self.events)})"
+        super().__init__(faults, ())
 
 
 def _attention(layer: nn.Module) -> nn.Module | None:
