@@ -25,6 +25,7 @@ _EXPORTS = {
     "watch": "._owners",
     "OpRecord": "._records",
     "StepInfo": "._records",
+    "TensorPair": "._values",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from ._instrumented import InstrumentedCache
     from ._owners import WatchHandle, watch
     from ._records import OpRecord, StepInfo
+    from ._values import TensorPair
 
 
 def __getattr__(name: str) -> Any:

@@ -582,17 +582,21 @@ class PopOrderChecker:
         return violations
 
     def _leftover_check(self, step: StepInfo, entry: tuple[Any, ...]) -> list[Violation]:
+        # Items pushed during the step itself are the next step's (a queue popped then pushed in
+        # one step, as a layer's slot in cachescope.hf); FIFO: the oldest item says whether any
+        # older one is held.
         queues = self._queues
-        held = [n for n in (_step_names(step.popped) if self._weak_names else step.popped)
-                if n in queues]
+        index = step.index
+        held = []
+        for n in (_step_names(step.popped) if self._weak_names else step.popped):
+            q = queues.get(n)
+            if q is not None and len(q) > 1 and q[1][STEP] < index:
+                held.append(n)
         if not held:
             return []   # the usual case: every queue the step popped was drained
         out = []
         for name in sorted(held, key=safe_str):
-            q = queues.get(name)
-            if not q or len(q) < 2:
-                continue
-            items = q[1:]
+            items = [e for e in queues[name][1:] if e[STEP] < index]
             owners = [e[OWNER] or "<no module>" for e in items]
             first = items[0]
             m = first[VALUE]

@@ -230,6 +230,63 @@ class InstrumentedCache(Cache, CheckerFront):
                 raise strict_error(violation)
         return value
 
+    def pop_push(self, pop_name: str, push_name: str, value: Any) -> Any:
+        """``pop(pop_name)`` then ``push(push_name, value)`` as one call: the same two ops, checks,
+        counters and records (the popped item is returned, a failed pop raises as ``pop`` does and
+        pushes nothing), with one owner lookup and one lock for both. For front ends where one
+        call of the model's cache stands for both ops (``cachescope.hf``: a layer's ``update``)."""
+        try:
+            owner, site = self._lookup(1)
+        except Exception:
+            owner = site = None
+        sinks = self._sinks
+        if sinks.needs_values:
+            m = measure(value)
+            logical, storage, storages = m.logical, m.storage, m.storages
+        else:
+            m = None
+            logical, storage, storages = measure_bytes(value)
+        checker = self._checker
+        with self._lock:
+            cache = self._cache
+            try:
+                queue = cache[pop_name]
+                popped = queue.pop(0)             # the seed's pop
+            except KeyError as exc:
+                if pop_name in cache:
+                    raise
+                failed, error = checker.pop_failed("pop_missing", pop_name, owner, site), exc
+            except IndexError as exc:
+                if type(cache.get(pop_name)) is not list:
+                    raise
+                failed, error = checker.pop_failed("pop_empty", pop_name, owner, site), exc
+            else:
+                failed = None
+                violation = checker.pop(pop_name, owner, site,
+                                        len(queue) if type(queue) is list else None, popped)
+                popped_rec = checker.timeline.last() if sinks.op else None
+                target = cache.get(push_name, _MISSING)
+                if target is _MISSING:            # the seed's push
+                    target = cache[push_name] = []
+                    existed = False
+                else:
+                    existed = True
+                target.append(value)
+                checker.push(push_name, owner, site, existed,
+                             len(target) if type(target) is list else None, logical, storage,
+                             storages, m)
+        if failed is not None:
+            self._after_failed_pop(failed, error)   # raises the seed's error
+        if sinks.op:
+            if popped_rec is not None:
+                sinks.emit(self, "on_op", popped_rec)
+            self._emit_op()
+        if violation is not None:
+            sinks.emit(self, "on_violation", violation)
+            if self.strict:
+                raise strict_error(violation)
+        return popped
+
     def _after_failed_pop(self, v: Violation, exc: BaseException) -> None:
         if self._sinks.op:
             self._emit_op()

@@ -21,7 +21,7 @@ from ._lazytorch import LazyClass
 from ._report import format_bytes
 
 __all__ = ["Measure", "measure", "measure_bytes", "format_bytes", "format_summary", "EMPTY",
-           "tensor_type"]
+           "tensor_type", "TensorPair"]
 
 _MAX_ITEMS = 4096   # tensors/containers visited per value; deeper nests are counted as truncated
 _MAX_DEPTH = 32
@@ -48,6 +48,18 @@ NO_STORAGES: tuple[tuple[Any, int], ...] = ()
 
 
 _TENSOR = LazyClass("torch", "Tensor")
+
+
+class TensorPair:
+    """Base of a queued item that stands for two tensors without holding them (a cache layer's
+    keys and values, read through a weak reference): ``pair()`` returns them when the item is
+    measured, so the counters follow the layer as it is and the item keeps nothing alive. Measured
+    like a ``(k, v)`` tuple."""
+
+    __slots__ = ()
+
+    def pair(self) -> tuple[Any, Any]:
+        return None, None
 
 
 def tensor_type() -> type:
@@ -82,6 +94,11 @@ def measure_bytes(value: Any) -> tuple[int, int, tuple[tuple[Any, int], ...]]:
     push. Never raises."""
     # The labml convention pushes a (k, v) tuple of tensors: measured inline, because this runs
     # once per push right after the model's matmuls have evicted the CPU caches.
+    if type(value) is not tuple and isinstance(value, TensorPair):
+        try:
+            value = value.pair()
+        except Exception:
+            return 0, 0, NO_STORAGES
     if type(value) is tuple and len(value) == 2:
         a, b = value
         tensor = _TENSOR.cls or _TENSOR.get()
@@ -110,6 +127,8 @@ def measure(value: Any, summary: bool = True) -> Measure:
     never touches tensor data."""
     tensor = tensor_type()
     try:
+        if isinstance(value, TensorPair):
+            return measure(value.pair(), summary)._replace(kind=type(value).__name__)
         if isinstance(value, tensor):
             return Measure(_tensor_nbytes(value), (_storage_of(value),),
                            (_describe(value),) if summary else (), "Tensor")

@@ -771,3 +771,95 @@ def test_storage_counts_match_a_model_over_random_holds_and_releases(seed):
         assert (fs.storage, fs.logical) == (model_storage(), sum(lg for lg, _ in live))
         assert fs.depth == len(live)
         assert (fs.peak_storage, fs.peak_logical) == (peak_storage, peak_logical)
+
+
+# ---------------------------------------------------------------- pop_push (one call, two ops)
+def _ops(c):
+    return [(r.op, r.queue, r.owner, r.violation, r.logical_bytes) for r in c.timeline()]
+
+
+@pytest.mark.parametrize("mismatch", [False, True])
+def test_pop_push_is_pop_then_push(kind, mismatch):
+    """``pop_push(a, b, v)`` returns what ``pop(a)`` returns and leaves the same records,
+    counters and violations as ``pop(a)`` then ``push(b, v)``."""
+    results = []
+    for fused in (False, True):
+        c = construct(kind)
+        first, new = (torch.zeros(2, 3), torch.zeros(2, 3)), (torch.ones(4), torch.ones(4))
+        with c.owner("layers.0"):
+            c.push("kv_0", first)
+        with c.owner("layers.1" if mismatch else "layers.0"):
+            got = c.pop_push("kv_0", "kv_1", new) if fused else (c.pop("kv_0"), c.push("kv_1", new))[0]
+        assert got is first
+        fs = c.stats.family("kv")
+        results.append((_ops(c), [(v.kind, v.queue, v.consumer, v.producer) for v in c.violations],
+                        (fs.push, fs.pop, fs.logical), c.queues()))
+    assert results[0] == results[1]
+    assert [k for k, *_ in results[1][1]] == (["owner_mismatch"] if mismatch else [])
+
+
+@pytest.mark.parametrize("setup, error, kind_", [(False, KeyError, "pop_missing"),
+                                                 (True, IndexError, "pop_empty")])
+def test_pop_push_failed_pop_raises_the_seeds_error_and_pushes_nothing(kind, setup, error, kind_):
+    """A failed pop raises the seed's exception, records the violation, and pushes nothing."""
+    c = construct(kind)
+    if setup:
+        c.push("kv_0", 1)
+        c.pop("kv_0")
+    with pytest.raises(error):
+        c.pop_push("kv_0", "kv_1", 2)
+    assert c.q_size("kv_1") is None
+    assert [v.kind for v in c.violations] == [kind_]
+
+
+def test_pop_push_strict_raises_poporder_error_after_both_ops():
+    """Strict mode: an owner mismatch raises PopOrderError; both ops were made (as pop + push)."""
+    c = make_cache(strict=True)
+    with c.owner("a"):
+        c.push("kv_0", 1)
+    with c.owner("b"), pytest.raises(PopOrderError):
+        c.pop_push("kv_0", "kv_0", 2)
+    assert c.q_size("kv_0") == 1
+
+
+def test_leftover_counts_only_items_pushed_before_the_step(kind):
+    """A queue popped then pushed in one step (a layer's slot) leaves no leftover; an older item
+    still there is a leftover, and only it is counted."""
+    c = construct(kind)
+    c.set("state_ids", (None, 0))
+    c.push("kv_0", "a")
+    c.set("state_ids", (0, 1))
+    c.pop_push("kv_0", "kv_0", "b")
+    c.set("state_ids", (1, 2))
+    assert c.violations == []
+    c.push("kv_0", "c")                # a second item: one more than the layer pops
+    c.set("state_ids", (2, 3))
+    c.pop_push("kv_0", "kv_0", "d")    # pops "b"; "c" (pushed in step 2) stays behind
+    c.set("state_ids", (3, 4))
+    assert [(v.kind, v.queue, v.step, v.depth) for v in c.violations] == [("leftover", "kv_0", 3, 1)]
+
+
+class _LayerRef(cachescope.TensorPair):
+    def __init__(self, owner):
+        self.owner = owner
+
+    def pair(self):
+        return self.owner.keys, self.owner.values
+
+
+def test_tensor_pair_is_measured_like_a_tuple_at_push_and_when_read():
+    """An item that stands for two tensors (``TensorPair``) counts their bytes at its push, and
+    again when the counters are read (a layer whose tensors grew meanwhile)."""
+    c = make_cache()
+    layer = nn.Module()
+    layer.keys, layer.values = torch.zeros(2, 4), torch.zeros(2, 4)
+    c.push("kv_0", _LayerRef(layer))
+    assert c.timeline()[-1].logical_bytes == 64
+    layer.keys, layer.values = torch.zeros(3, 4), torch.zeros(3, 4)
+    fs = c.stats.family("kv")
+    assert (fs.logical, fs.storage) == (96, 96)
+    with c.owner("x"):
+        c.push("kv_0", _LayerRef(nn.Module()))   # no tensors: measured as nothing, no error
+    c.pop("kv_0")
+    v = c.pop("kv_0")
+    assert isinstance(v, _LayerRef) and c.violations == []

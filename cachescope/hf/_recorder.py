@@ -29,7 +29,7 @@ from .._instrumented import InstrumentedCache
 from .._records import Violation
 from . import _checks
 from ._checks import HFCacheError
-from ._state import SLOTS, CacheState, Forward, LayerKV, LayerQueue, TokenTrail, digest_tokens, layer_family
+from ._state import CacheState, Forward, LayerKV, TokenTrail, digest_tokens, layer_queue
 
 __all__ = ["HFRecorder", "HFCacheError", "HFWatch"]
 
@@ -43,23 +43,15 @@ _LENGTHS = {"DynamicLayer": "keys", "DynamicSlidingWindowLayer": "cumulative",
 class _View:
     """A model's instrumented cache plus what the recorder keeps beside it."""
 
-    __slots__ = ("cache", "name", "model", "root", "slots", "keys", "gen_depth", "gen_cm")
+    __slots__ = ("cache", "name", "model", "root", "gen_depth", "gen_cm")
 
     def __init__(self, cache: InstrumentedCache, model: str, root: Any) -> None:
         self.cache = cache
         self.name = cache.name
         self.model = model
         self.root = weakref.ref(root) if root is not None else None
-        self.slots: dict[int, int] = {}     # layer -> slot holding its item
-        self.keys: dict[tuple[int, int], LayerQueue] = {}
         self.gen_depth = 0
         self.gen_cm: Any = None
-
-    def key(self, layer: int, slot: int) -> LayerQueue:
-        k = self.keys.get((layer, slot))
-        if k is None:
-            k = self.keys[(layer, slot)] = LayerQueue(layer, slot)
-        return k
 
 
 class HFWatch:
@@ -300,7 +292,7 @@ class HFRecorder:
             if candidate in names:
                 continue
             cache = InstrumentedCache(
-                name=candidate, metrics=False, tracing=False, strict=False, family=layer_family,
+                name=candidate, metrics=False, tracing=False, strict=False,
                 attribution=self._attribution, timeline_size=self._timeline_size,
                 max_violations=self.max_violations)
             cache.add_sink(self._sink)
@@ -698,19 +690,14 @@ class HFRecorder:
                     except TypeError:
                         pass
             q = view.cache
-            cur = view.slots.get(idx)
-            if cur is None:
-                nxt = 0
+            name = layer_queue(idx)
+            if not q.q_size(name):
+                q.push(name, kv)
+            elif first:
+                q.clear(name)                # a new cache's layer: nothing to extend
+                q.push(name, kv)
             else:
-                held = view.key(idx, cur)
-                if q.q_size(held):
-                    if first:
-                        q.clear(held)        # a new cache's layer: nothing to extend
-                    else:
-                        q.pop(held)          # the owner rule: popped by its writer?
-                nxt = (cur + 1) % SLOTS
-            q.push(view.key(idx, nxt), kv)
-            view.slots[idx] = nxt
+                q.pop_push(name, name, kv)   # the owner rule: popped by its writer?
             if first:
                 _, recs = q.ops_since(q.seq - 1)
                 rec = recs[-1] if recs else None

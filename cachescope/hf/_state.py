@@ -1,8 +1,8 @@
 """What cachescope keeps about each Hugging Face cache and each forward: plain data, no torch.
 
-- ``LayerQueue``: the queue name of layer ``i`` in a model's view (``layer_3``), one of a few
-  slots so that the item a layer pushes in a step never sits in the queue it popped in that step
-  (the checker's leftover rule then stays quiet on a correct run).
+- ``layer_queue(i)``: the queue name of layer ``i`` in a model's view (``layer_3``): an update
+  pops the layer's item and pushes the next one to the same queue (the checker's leftover rule
+  counts only items pushed before the step).
 - ``LayerKV``: the queued item; measures the layer's keys/values when the counters are read and
   holds no tensor (a weak reference to the layer).
 - ``TokenTrail``: rolling digests of the tokens a cache was built from, per row (never the ids).
@@ -13,73 +13,40 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
-__all__ = ["LayerQueue", "LayerKV", "TokenTrail", "CacheState", "Forward", "SLOTS", "layer_family"]
+from .._values import TensorPair
 
-#: Queue slots per layer: a layer updated up to SLOTS - 1 times in one forward still pops and
-#: pushes different slots.
-SLOTS = 8
+__all__ = ["layer_queue", "LayerKV", "TokenTrail", "CacheState", "Forward"]
+
 _MASK = (1 << 63) - 1
+#: interned queue names of the first layers (``layer_3``); larger indices are made on use
+_NAMES = tuple(f"layer_{i}" for i in range(256))
 
 
-class LayerQueue(str):
-    """The queue of one layer in a view: reads as ``layer_3`` (reports, timelines, families) and
-    compares by (layer, slot), so the item pushed in a step goes to another slot than the one it
-    popped."""
-
-    __slots__ = ("layer", "slot")
-
-    def __new__(cls, layer: int, slot: int) -> "LayerQueue":
-        self = super().__new__(cls, f"layer_{layer}")
-        self.layer = layer
-        self.slot = slot
-        return self
-
-    def __eq__(self, other: object) -> bool:
-        return (type(other) is LayerQueue and other.slot == self.slot
-                and other.layer == self.layer)
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    def __hash__(self) -> int:
-        return hash((LayerQueue, self.layer, self.slot))
-
-    def __reduce__(self) -> Any:
-        return (LayerQueue, (self.layer, self.slot))
+def layer_queue(layer: int) -> str:
+    """The queue of layer ``layer`` in a model's view: ``layer_3`` (family ``layer``)."""
+    return _NAMES[layer] if 0 <= layer < len(_NAMES) else f"layer_{layer}"
 
 
-def layer_family(name: Any) -> str:
-    """Family label of a view's queues: every layer queue is family ``layer``."""
-    if type(name) is LayerQueue:
-        return "layer"
-    from .._families import default_family
-    return default_family(name)
-
-
-class LayerKV(list):
-    """What a layer queue holds: iterating it yields the layer's current ``keys`` and ``values``
-    (so cachescope's byte counters measure the layer as it is when they are read), while it keeps
+class LayerKV(TensorPair):
+    """What a layer queue holds: ``pair()`` is the layer's current ``keys`` and ``values`` (so
+    cachescope's byte counters measure the layer as it is when they are read), while it keeps
     only a weak reference to the layer: no tensor outlives the cache because of cachescope."""
 
     __slots__ = ("_ref",)
 
     def __init__(self, layer: Any) -> None:
-        super().__init__()
         try:
             self._ref: Any = weakref.ref(layer)
         except TypeError:
             self._ref = lambda: None
 
-    def __iter__(self) -> Iterator[Any]:
+    def pair(self) -> tuple[Any, Any]:
         layer = self._ref()
         if layer is None:
-            return iter(())
-        return iter((getattr(layer, "keys", None), getattr(layer, "values", None)))
-
-    def __len__(self) -> int:
-        return 2
+            return None, None
+        return getattr(layer, "keys", None), getattr(layer, "values", None)
 
     def __repr__(self) -> str:
         return "LayerKV()"
