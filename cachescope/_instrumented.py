@@ -170,11 +170,15 @@ class InstrumentedCache(Cache, CheckerFront):
             self._sinks.emit(self, "on_op", rec)
 
     # ------------------------------------------------------------------ queue ops
-    def push(self, name: str, value: Any) -> None:
-        try:
-            owner, site = self._lookup(1)
-        except Exception:
-            owner = site = None
+    def push(self, name: str, value: Any, by: tuple[str | None, str | None] | None = None) -> None:
+        """The seed's ``push``; ``by``: as for ``pop_push``."""
+        if by is not None:
+            owner, site = by
+        else:
+            try:
+                owner, site = self._lookup(1)
+            except Exception:
+                owner = site = None
         sinks = self._sinks
         if sinks.needs_values:
             m = measure(value)
@@ -230,15 +234,21 @@ class InstrumentedCache(Cache, CheckerFront):
                 raise strict_error(violation)
         return value
 
-    def pop_push(self, pop_name: str, push_name: str, value: Any) -> Any:
+    def pop_push(self, pop_name: str, push_name: str, value: Any,
+                 by: tuple[str | None, str | None] | None = None) -> Any:
         """``pop(pop_name)`` then ``push(push_name, value)`` as one call: the same two ops, checks,
         counters and records (the popped item is returned, a failed pop raises as ``pop`` does and
         pushes nothing), with one owner lookup and one lock for both. For front ends where one
-        call of the model's cache stands for both ops (``cachescope.hf``: a layer's ``update``)."""
-        try:
-            owner, site = self._lookup(1)
-        except Exception:
-            owner = site = None
+        call of the model's cache stands for both ops (``cachescope.hf``: a layer's ``update``).
+        ``by``: the ``(owner, site)`` that ``attributor.lookup`` gave where the model made the
+        call, for a front end that applies the ops later (default: looked up here)."""
+        if by is not None:
+            owner, site = by
+        else:
+            try:
+                owner, site = self._lookup(1)
+            except Exception:
+                owner = site = None
         sinks = self._sinks
         if sinks.needs_values:
             m = measure(value)
@@ -347,11 +357,15 @@ class InstrumentedCache(Cache, CheckerFront):
         except TypeError:
             return default
 
-    def clear(self, key: str) -> None:
-        try:
-            owner, site = self._lookup(1)
-        except Exception:
-            owner = site = None
+    def clear(self, key: str, by: tuple[str | None, str | None] | None = None) -> None:
+        """The seed's ``clear``; ``by``: as for ``pop_push``."""
+        if by is not None:
+            owner, site = by
+        else:
+            try:
+                owner, site = self._lookup(1)
+            except Exception:
+                owner = site = None
         with self._lock:
             cache = self._cache
             old = cache.get(key, _MISSING) if _hashable(key) else _MISSING

@@ -5,6 +5,8 @@ Fixtures (function scope):
 
 * ``cachescope`` -- a ``cachescope.testing.CacheProbe`` installed as the cache singleton (for
   cachescope and for labml_nn) for the test, with its own metrics registry and in-memory tracer.
+  ``cachescope.watch(model)`` of a Hugging Face transformers model installs ``cachescope.hf``
+  for the test (unless installed already) and the probe's assertions cover it.
 * ``cachescope_factory`` -- ``factory(**options) -> CacheProbe``: more isolated caches, not
   installed; closed at teardown.
 * ``cachescope_options`` -- ``InstrumentedCache`` options for both; override it in a conftest.
@@ -14,7 +16,8 @@ Fixtures (function scope):
 
 Strict mode (``--cachescope-strict``, ini ``cachescope_strict = true``, or per test
 ``@pytest.mark.cachescope(strict=True)``): a test fails when an ``InstrumentedCache`` created
-during it (or the one installed when it started), or a rank of a ``cachescope_ranks`` /
+during it (or the one installed when it started, or a view of an installed ``cachescope.hf``:
+transformers' caches), or a rank of a ``cachescope_ranks`` /
 ``run_ranks`` call, recorded a violation the test did not declare (``probe.expect_violations(...)``;
 for ranks ``results.assert_violation(...)``). The failure message holds the violation reports. Without
 strict mode, a failing test still gets its violation reports in a "cachescope" report section.
@@ -112,15 +115,14 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 # --------------------------------------------------------------------------- strict mode
 def _failure_text(item: pytest.Item, violations: list[Any], when: str) -> str:
-    from cachescope.testing import RankViolation, _kinds, format_violations
+    from cachescope.testing import RankViolation, _kinds, _violation_meaning, format_violations
     from cachescope._testing_dist import _meaning
     caches = ", ".join(dict.fromkeys(repr(v.cache) for v in violations))
     ranks = any(isinstance(v, RankViolation) for v in violations)
     declare = "wrap that code in `with cachescope.expect_violations(...)`"
     if ranks:
         declare += " (ranks of run_ranks: `results.assert_violation(kind, rank=..., step=...)`)"
-    meaning = (_meaning(violations) if ranks else
-               "Each one means a layer read another layer's keys/values (or found nothing to read).")
+    meaning = _meaning(violations) if ranks else _violation_meaning(violations)
     return (
         f"cachescope strict mode: {len(violations)} unexpected cache violation(s) {when} "
         f"{item.name} (cache {caches}: {_kinds(violations)}).\n"
@@ -214,7 +216,9 @@ def cachescope_factory(request: pytest.FixtureRequest,
 @pytest.fixture
 def cachescope(cachescope_factory: Callable[..., "CacheProbe"]) -> Iterator["CacheProbe"]:
     """A ``CacheProbe`` whose cache is the process singleton (``cachescope.get_cache()`` and
-    labml_nn's ``get_cache()``) for this test; the previous singleton is restored afterwards."""
+    labml_nn's ``get_cache()``) for this test; the previous singleton is restored afterwards.
+    ``watch`` of a transformers model installs ``cachescope.hf`` for the test (see
+    ``CacheProbe.install_hf``); it is uninstalled afterwards if the probe installed it."""
     probe = cachescope_factory()
     probe.install()
     try:

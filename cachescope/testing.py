@@ -12,6 +12,15 @@ Each probe owns its cache, a private Prometheus ``CollectorRegistry`` (never the
 when ``opentelemetry-sdk`` is installed, a private ``TracerProvider`` with an in-memory exporter.
 The pytest plugin (``cachescope.pytest_plugin``) wraps the same probe in fixtures.
 
+Hugging Face transformers models are checked by ``cachescope.hf``; ``probe.watch(model)`` of one
+installs it for the probe (same registry, tracer provider and strict option) and the probe's
+readers and assertions cover its views too::
+
+    with capture() as probe:
+        probe.watch(model)                # a PreTrainedModel: cachescope.hf until the block ends
+        model.generate(input_ids, max_new_tokens=8)
+    probe.assert_no_violations()
+
 Multi-rank (TP/PP) code runs on real gloo ranks, each with its own probe and the cross-rank
 checker, through ``run_ranks``::
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import importlib.util
+import sys
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -44,6 +54,11 @@ DEFAULT_MAX_OPS = 200_000
 _FULL_REPORTS = 5      # full violation reports in a failure message; the rest get one line each
 _SUMMARY_LINES = 20
 _NO_MODULE = "<no module>"
+#: Kinds of cachescope.hf's own checks (docs/hf.md); the other kinds break the queue rule.
+_HF_KINDS = frozenset(("layer_skipped", "layer_repeated", "seq_len_mismatch", "position_gap",
+                       "structural_op_mid_step", "stale_reuse"))
+#: Probe options that cachescope.hf.install takes too, with the same meaning.
+_HF_SHARED_OPTIONS = ("strict", "const_labels", "timeline_size", "max_violations", "attribution")
 
 
 class Op(NamedTuple):
@@ -108,6 +123,7 @@ class _CacheTracker:
         current = _install.installed()
         if current is not None:
             tracker._tracked.append(_Tracked(current))
+        tracker._tracked += [_Tracked(view) for view in _installed_hf_views()]
         _trackers.append(tracker)
         return tracker
 
@@ -147,6 +163,15 @@ class _CacheTracker:
 _trackers: list[_CacheTracker] = []
 
 
+def _installed_hf_views() -> list[InstrumentedCache]:
+    """The views of the installed ``cachescope.hf`` recorder, if one is installed. Views made
+    later are found like any new cache (``_cache_created``); cachescope.hf (and transformers) is
+    never imported here."""
+    hf = sys.modules.get("cachescope.hf")
+    recorder = hf.installed() if hf is not None else None
+    return [] if recorder is None else list(recorder.views.values())
+
+
 def _cache_created(cache: InstrumentedCache) -> None:
     if _trackers:
         _trackers[-1].add(cache)
@@ -165,6 +190,35 @@ def _results_created(results: Any) -> None:
 # --------------------------------------------------------------------------- formatting
 def _owner(name: str | None) -> str:
     return _NO_MODULE if name is None else name
+
+
+def _what(violations: Sequence[Any]) -> str:
+    """'pop-order violation(s)' when only the queue rule was broken, else 'violation(s)'."""
+    if any(v.kind in _HF_KINDS for v in violations):
+        return "violation(s)"
+    return "pop-order violation(s)"
+
+
+def _violation_meaning(violations: Sequence[Any]) -> str:
+    """One sentence on what the violations mean, for a failure message."""
+    if any(v.kind in _HF_KINDS for v in violations):
+        return ("Each means a layer of the KV cache was extended, skipped, resized or reused out "
+                "of turn: the reports below name the step, the layer and the modules involved.")
+    return ("Each means a layer read another layer's keys/values (or found nothing to read): "
+            "the first report below names who pushed and who popped.")
+
+
+def _names(caches: Iterable[Any]) -> str:
+    """``'a', 'hf'``: cache names (or caches) quoted, without repeats."""
+    return ", ".join(repr(getattr(c, "name", c)) for c in dict.fromkeys(caches))
+
+
+def _is_hf_model(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face transformers ``PreTrainedModel``. Nothing is imported:
+    such a model exists only once transformers' modeling_utils is loaded."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    base = getattr(modeling, "PreTrainedModel", None)
+    return base is not None and isinstance(model, base)
 
 
 def _kinds(violations: Sequence[Any]) -> str:
@@ -187,6 +241,65 @@ def format_violations(violations: Sequence[Any], full: int = _FULL_REPORTS) -> s
     return "\n".join(parts)
 
 
+def _add_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Op counts (op -> n) of several caches, added up; every op of ``OPS`` present."""
+    total = dict.fromkeys(OPS, 0)
+    for one in counts:
+        for op, n in one.items():
+            total[op] = total.get(op, 0) + n
+    return total
+
+
+def _where(caches: Sequence[Any]) -> str:
+    """``cache 'x'``, or ``caches 'x', 'hf'``."""
+    return f"cache{'s' if len(caches) > 1 else ''} {_names(caches)}"
+
+
+# --------------------------------------------------------------------------- Hugging Face views
+class _HFLink:
+    """What a probe follows of one ``cachescope.hf`` recorder (public API only).
+
+    The probe covers the violations the recorder found since the probe attached (any model),
+    and the views of the models it watched plus those that appeared after it attached: a view
+    that existed before belongs to earlier code, and its counts include that code's ops.
+    """
+
+    def __init__(self, recorder: Any, owned: bool) -> None:
+        self.recorder = recorder
+        self.owned = owned                   # the probe installed it, so the probe uninstalls it
+        self.start = len(recorder.violations)
+        self._earlier: "weakref.WeakSet[Any]" = weakref.WeakSet(recorder.views.values())
+        self._watched: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._logged: list[Any] = []         # views the probe's op log is a sink of
+
+    def views(self) -> list[InstrumentedCache]:
+        return [v for v in self.recorder.views.values()
+                if v not in self._earlier or v in self._watched]
+
+    def violations(self, since: int | None = None) -> list[Any]:
+        """The recorder's violations from index ``since`` (default: from the probe's start)."""
+        return list(self.recorder.violations[self.start if since is None else since:])
+
+    def follow(self, view: InstrumentedCache, log: _OpLog) -> None:
+        """Cover ``view`` (a watched model's) and log its ops from now on."""
+        self._watched.add(view)
+        if all(v is not view for v in self._logged):
+            view.add_sink(log)
+            self._logged.append(view)
+
+    def release(self, log: _OpLog) -> None:
+        """Stop logging ops; uninstall cachescope.hf if the probe installed it (and it is still
+        the installed one). The recorder stays readable."""
+        for view in self._logged:
+            view.remove_sink(log)
+        self._logged.clear()
+        if self.owned:
+            self.owned = False
+            import cachescope.hf as hf
+            if hf.installed() is self.recorder:
+                hf.uninstall()
+
+
 # --------------------------------------------------------------------------- the probe
 class CacheProbe:
     """An isolated ``InstrumentedCache`` with its own metrics registry, tracer and op log, plus
@@ -199,6 +312,11 @@ class CacheProbe:
 
     ``with probe:`` (or ``install()`` / ``close()``) makes the cache the process singleton for the
     block and restores the previous one afterwards; ``capture(...)`` does both in one step.
+
+    Hugging Face transformers models: ``watch(model)`` (or ``install_hf()``) installs
+    ``cachescope.hf`` with the probe's registry, tracer provider and strict option, or reuses the
+    installed one; from then on the readers and assertions cover its views too. ``uninstall``
+    uninstalls cachescope.hf again if the probe installed it.
     """
 
     def __init__(self, *, max_ops: int = DEFAULT_MAX_OPS, **cache_options: Any) -> None:
@@ -237,6 +355,7 @@ class CacheProbe:
             self.tracing_off_reason = "the probe was created with tracing=False"
         self.tracer_provider: Any = options.get("tracer_provider")
         self._const_labels = dict(options.get("const_labels") or {})
+        self._options = options
 
         #: The probe's ``InstrumentedCache``.
         self.cache = InstrumentedCache(**options)
@@ -246,6 +365,7 @@ class CacheProbe:
         self._expected: list[Any] = []
         self._installed = False
         self._previous: InstrumentedCache | None = None
+        self._hf_links: list[_HFLink] = []
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -273,8 +393,11 @@ class CacheProbe:
         return self
 
     def uninstall(self) -> None:
-        """Restore the singleton that ``install`` replaced (idempotent). Probes nest: restore
-        them in the reverse order of installing (``with`` blocks and fixtures do)."""
+        """Restore the singleton that ``install`` replaced, and uninstall cachescope.hf if the
+        probe installed it (idempotent). Probes nest: restore them in the reverse order of
+        installing (``with`` blocks and fixtures do)."""
+        for link in self._hf_links:
+            link.release(self._log)
         if not self._installed:
             return
         self._installed = False
@@ -304,18 +427,82 @@ class CacheProbe:
 
     def __repr__(self) -> str:
         return (f"<CacheProbe {self.name!r}: {len(self._log.ops)} ops, "
-                f"{len(self.cache.violations)} violations{', installed' if self._installed else ''}>")
+                f"{len(self.violations)} violations{', installed' if self._installed else ''}>")
 
     # ------------------------------------------------------------------ driving
-    def watch(self, model: Any, *, prefix: str = "") -> WatchHandle:
-        """``cachescope.watch(model, probe.cache)``: owners are named after ``model``'s modules
-        (``layers.3.attention``). The hooks are removed when the probe closes."""
+    def watch(self, model: Any, *, prefix: str = "") -> Any:
+        """Name owners after ``model``'s modules; the hooks are removed when the probe closes.
+
+        A queue-cache model: ``cachescope.watch(model, probe.cache)`` (``layers.3.attention``).
+        A Hugging Face ``PreTrainedModel``: ``install_hf()`` then ``cachescope.hf.watch(model)``
+        (``gpt_neox.layers.3.attention``); the model's view joins the probe's op log, counts and
+        violations. Returns the watch handle (``remove()``).
+        """
+        if _is_hf_model(model):
+            return self._watch_hf(model, prefix)
         handle = watch(model, self.cache, prefix=prefix)
         self._watches.append(handle)
         return handle
 
+    def install_hf(self) -> Any:
+        """Check Hugging Face transformers' caches for this probe and return the ``HFRecorder``.
+
+        Installs ``cachescope.hf`` with the probe's registry, tracer provider and cache options
+        (``strict``, ``timeline_size``...) unless it is installed already; an installed recorder
+        is reused and left installed (its metrics and spans go where it was told). From now on
+        the probe's violations and assertions include what cachescope.hf finds in any model.
+        ``watch(model)`` calls this for a transformers model; call it yourself to check models
+        you do not watch (a pipeline's).
+        """
+        import cachescope.hf as hf
+        current = hf.installed()
+        if self._hf_links and self._hf_links[-1].recorder is current:
+            return current
+        owned = current is None
+        recorder = hf.install(**self._hf_options()) if owned else current
+        self._hf_links.append(_HFLink(recorder, owned))
+        return recorder
+
+    @property
+    def hf_recorder(self) -> Any:
+        """The ``cachescope.hf`` recorder the probe follows (None before ``install_hf``)."""
+        return self._hf_links[-1].recorder if self._hf_links else None
+
+    def _hf_options(self) -> dict[str, Any]:
+        """``cachescope.hf.install`` options that make its views report like the probe's cache."""
+        options = {k: self._options[k] for k in _HF_SHARED_OPTIONS if k in self._options}
+        if self.registry is None:
+            options["metrics"] = False
+        else:
+            options["registry"] = self.registry
+        if self._options.get("tracing", True) and self.tracer_provider is not None:
+            options["tracer_provider"] = self.tracer_provider
+        else:
+            options["tracing"] = False
+        return options
+
+    def _watch_hf(self, model: Any, prefix: str) -> Any:
+        import cachescope.hf as hf
+        recorder = self.install_hf()
+        handle = hf.watch(model, prefix=prefix)
+        self._watches.append(handle)
+        self._hf_links[-1].follow(recorder.view(model), self._log)
+        return handle
+
+    def _hf_views(self) -> list[InstrumentedCache]:
+        return [view for link in self._hf_links for view in link.views()]
+
+    def _caches(self) -> list[InstrumentedCache]:
+        """The probe's cache, then the cachescope.hf views it covers."""
+        return [self.cache, *self._hf_views()]
+
     def decode(self, model: Any, prompt_ids: Any, max_new_tokens: int, **kwargs: Any) -> list[int]:
         """Run ``cachescope.neox.generate`` on the reference model with the probe's cache."""
+        if _is_hf_model(model):
+            raise TypeError(
+                f"probe.decode() runs cachescope's reference NeoX loop, not a transformers model "
+                f"({type(model).__name__}); call probe.watch(model) and then model.generate(...): "
+                "cachescope.hf checks transformers' own cache")
         from .neox import generate
         kwargs.setdefault("cache", self.cache)
         return generate(model, prompt_ids, max_new_tokens, **kwargs)
@@ -332,12 +519,12 @@ class CacheProbe:
         unknown = [k for k in kinds if k not in KINDS]
         if unknown:
             raise ValueError(f"unknown violation kind(s) {unknown}; kinds are {', '.join(KINDS)}")
-        start = len(self.cache.violations)
+        mark = self._mark()
         caught: list[Any] = []
         try:
             yield caught
         finally:
-            found = self.cache.violations[start:]
+            found = self._violations_since(mark)
             matched = [v for v in found if not kinds or v.kind in kinds]
             caught.extend(matched)
             self._expected.extend(matched)
@@ -349,25 +536,44 @@ class CacheProbe:
             got = (f"the block recorded {len(found)}: {_kinds(found)}" if found
                    else "the block recorded none")
             raise AssertionError(
-                f"expected {what} on cache {self.name!r}, but {got}. The fault this block provokes "
+                f"expected {what} on {self._where()}, but {got}. The fault this block provokes "
                 "did not reach the cache: check that the code in the block really ran through "
-                "the probe's cache (probe.cache, or the installed singleton).")
+                "the probe's cache (probe.cache, or the installed singleton) or, for a "
+                "transformers model, that probe.watch(model) ran before the block.")
+
+    def _where(self) -> str:
+        """``cache 'x'``, or ``caches 'x', 'hf'`` when the probe covers cachescope.hf views."""
+        return _where(self._caches())
+
+    def _mark(self) -> tuple[int, dict[int, int]]:
+        """Where the violation lists stand now, for ``_violations_since``."""
+        return (len(self.cache.violations),
+                {id(link): len(link.recorder.violations) for link in self._hf_links})
+
+    def _violations_since(self, mark: tuple[int, dict[int, int]]) -> list[Any]:
+        own, hf = mark
+        found = list(self.cache.violations[own:])
+        for link in self._hf_links:
+            found += link.violations(hf.get(id(link)))
+        return found
 
     # ------------------------------------------------------------------ reading
     @property
     def violations(self) -> list[Any]:
-        """Every violation the cache kept, expected or not."""
-        return list(self.cache.violations)
+        """Every violation kept, expected or not: the probe's cache's, then those cachescope.hf
+        found since the probe attached to it (``install_hf``)."""
+        return self._violations_since((0, {}))
 
     @property
     def unexpected_violations(self) -> list[Any]:
         """Violations not declared with ``expect_violations``."""
         expected = {id(v) for v in self._expected}
-        return [v for v in self.cache.violations if id(v) not in expected]
+        return [v for v in self.violations if id(v) not in expected]
 
     @property
     def ops(self) -> list[Op]:
-        """Every op so far (push, pop, set, clear, clear_all), oldest first, up to ``max_ops``."""
+        """Every op so far (push, pop, set, clear, clear_all), oldest first, up to ``max_ops``:
+        the probe's cache's and those of the transformers models it watched."""
         return list(self._log.ops)
 
     def pops(self, queue_or_family: str) -> list[Op]:
@@ -386,34 +592,45 @@ class CacheProbe:
         return spans if name is None else [s for s in spans if s.name == name]
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
-        """``registry.get_sample_value(name, labels)``; the ``cache`` label (and the cache's
-        ``const_labels``) are filled in unless given. None when there is no such sample."""
+        """``registry.get_sample_value(name, labels)``, the cache's ``const_labels`` filled in.
+        Without a ``cache`` label: the sum over the probe's cache and the cachescope.hf views it
+        covers (a counter of all of them; a gauge's peaks add up too). None when no cache has
+        such a sample."""
         if self.registry is None:
             raise RuntimeError(f"metrics are off for probe {self.name!r}: {self.metrics_off_reason}")
-        full = {"cache": self.name}
-        full.update({k: str(v) for k, v in self._const_labels.items()})
-        full.update(labels or {})
-        return self.registry.get_sample_value(name, full)
+        base = {k: str(v) for k, v in self._const_labels.items()}
+        base.update(labels or {})
+        if "cache" in base:
+            return self.registry.get_sample_value(name, base)
+        values = [self.registry.get_sample_value(name, {"cache": cache.name, **base})
+                  for cache in self._caches()]
+        found = [v for v in values if v is not None]
+        return sum(found) if found else None
 
     def report(self) -> str:
-        """The cache's run summary (``cache.report()``)."""
-        return self.cache.report()
+        """The cache's run summary (``cache.report()``), then that of each cachescope.hf
+        recorder the probe followed (every view, and the caches measured only). The probe's own
+        cache is left out when it saw no op and a recorder is there to report."""
+        parts = [link.recorder.report() for link in self._hf_links]
+        if not parts or any(self.cache.stats.ops_by_op().values()):
+            parts.insert(0, self.cache.report())
+        return "\n".join(parts)
 
     # ------------------------------------------------------------------ assertions
     def assert_no_violations(self, *, max_reports: int = _FULL_REPORTS) -> None:
-        """No violation happened (other than those declared with ``expect_violations``)."""
+        """No violation happened (other than those declared with ``expect_violations``), on the
+        probe's cache nor in the transformers caches cachescope.hf checked for it."""
         found = self.unexpected_violations
-        dropped = self.cache.stats.violations_dropped
+        dropped = sum(cache.stats.violations_dropped for cache in self._caches())
         if not found and not dropped:
             return
-        head = (f"cache {self.name!r} recorded {len(found)} pop-order violation(s) ({_kinds(found)})"
-                if found else f"cache {self.name!r} recorded violations")
+        where = f"cache {_names(v.cache for v in found)}" if found else self._where()
+        head = (f"{where} recorded {len(found)} {_what(found)} ({_kinds(found)})" if found
+                else f"{where} recorded violations")
         if dropped:
             head += f", and {dropped} more not kept (max_violations)"
-        raise AssertionError(
-            f"{head}; expected none. Each means a layer read another layer's keys/values (or "
-            "found nothing to read): the first report below names who pushed and who popped.\n\n"
-            + format_violations(found, max_reports))
+        raise AssertionError(f"{head}; expected none. {_violation_meaning(found)}\n\n"
+                             + format_violations(found, max_reports))
 
     def assert_drained(self, ignore: str | Iterable[str] = ()) -> None:
         """Every queue is empty now. ``ignore``: queue names, families or glob patterns left out
@@ -443,55 +660,63 @@ class CacheProbe:
                      "that are meant to stay filled.")
         raise AssertionError("\n".join(lines))
 
-    def _family_stats(self, family: str) -> Any:
-        fs = self.cache.stats.families.get(family)
-        if fs is None:
-            seen = sorted(f for f in self.cache.stats.families if f != "all")
+    def _family_stats(self, family: str) -> list[tuple[InstrumentedCache, Any]]:
+        """``(cache, stats of the family)`` for each covered cache that saw ``family``."""
+        found = [(c, c.stats.families[family]) for c in self._caches()
+                 if family in c.stats.families]
+        if not found:
+            seen = sorted({f for c in self._caches() for f in c.stats.families if f != "all"})
             raise AssertionError(
-                f"cache {self.name!r} never saw queue family {family!r} (families seen: "
+                f"{self._where()} never saw queue family {family!r} (families seen: "
                 f"{', '.join(seen) or 'none'}). Check the name: families drop trailing ids "
-                "(attn_kv_17 -> attn_kv).")
-        return fs
+                "(attn_kv_17 -> attn_kv; transformers' layer_3 -> layer); a transformers model "
+                "is covered once probe.watch(model) ran.")
+        return found
 
     def assert_max_depth(self, family: str, n: int) -> None:
-        """At most ``n`` items were ever held at once across the family's queues (peak depth)."""
-        fs = self._family_stats(family)
-        if fs.peak_depth > n:
-            raise AssertionError(
-                f"queue family {family!r} of cache {self.name!r} peaked at {fs.peak_depth} item(s) "
-                f"held at once, above the limit of {n} (depth now: {fs.depth}). Something pushes "
-                "more than is popped: an extra or repeated layer, or queues of finished steps "
-                "that are never popped or cleared.")
+        """At most ``n`` items were ever held at once across the family's queues (peak depth),
+        in each cache that has the family."""
+        for cache, fs in self._family_stats(family):
+            if fs.peak_depth > n:
+                raise AssertionError(
+                    f"queue family {family!r} of cache {cache.name!r} peaked at {fs.peak_depth} "
+                    f"item(s) held at once, above the limit of {n} (depth now: {fs.depth}). "
+                    "Something pushes more than is popped: an extra or repeated layer, or queues "
+                    "of finished steps that are never popped or cleared.")
 
     def assert_max_bytes(self, family: str, n: int, kind: str = "storage") -> None:
-        """At most ``n`` tensor bytes were ever held at once by the family's queued items (peak).
-        ``kind``: 'storage' (distinct storages: real memory) or 'logical' (sum of nbytes)."""
+        """At most ``n`` tensor bytes were ever held at once by the family's queued items (peak),
+        in each cache that has the family. ``kind``: 'storage' (distinct storages: real memory)
+        or 'logical' (sum of nbytes)."""
         if kind not in ("storage", "logical"):
             raise ValueError(f"kind must be 'storage' or 'logical', got {kind!r}")
-        fs = self._family_stats(family)
-        peak = fs.peak_storage if kind == "storage" else fs.peak_logical
-        if peak > n:
-            other = fs.peak_logical if kind == "storage" else fs.peak_storage
-            raise AssertionError(
-                f"queue family {family!r} of cache {self.name!r} peaked at {format_bytes(peak)} "
-                f"({peak} bytes, {kind}) held at once, above the limit of "
-                f"{format_bytes(n)} ({n} bytes); {'logical' if kind == 'storage' else 'storage'} "
-                f"peak: {other} bytes. Cached tensors are larger than planned (dtype, shape, or "
-                "views keeping a bigger storage alive), or more of them are held at once.")
+        for cache, fs in self._family_stats(family):
+            peak = fs.peak_storage if kind == "storage" else fs.peak_logical
+            if peak > n:
+                other = fs.peak_logical if kind == "storage" else fs.peak_storage
+                raise AssertionError(
+                    f"queue family {family!r} of cache {cache.name!r} peaked at "
+                    f"{format_bytes(peak)} ({peak} bytes, {kind}) held at once, above the limit "
+                    f"of {format_bytes(n)} ({n} bytes); "
+                    f"{'logical' if kind == 'storage' else 'storage'} peak: {other} bytes. "
+                    "Cached tensors are larger than planned (dtype, shape, or views keeping a "
+                    "bigger storage alive), or more of them are held at once.")
 
     def assert_op_counts(self, *, family: str | None = None, **expected: int) -> None:
         """Exact op counts, e.g. ``assert_op_counts(push=8, pop=6)``; ops: push, pop, set, get,
-        clear, clear_all. ``family`` limits the count to one queue family."""
+        clear, clear_all. ``family`` limits the count to one queue family. Counts add up over
+        the probe's cache and the cachescope.hf views it covers."""
         unknown = [op for op in expected if op not in OPS]
         if unknown or not expected:
             raise TypeError(f"assert_op_counts() takes counts for {', '.join(OPS)}; got "
                             f"{', '.join(unknown) or 'none'}")
         if family is None:
-            actual = self.cache.stats.ops_by_op()
-            where = f"cache {self.name!r}"
+            actual = _add_counts(c.stats.ops_by_op() for c in self._caches())
+            where = self._where()
         else:
-            actual = self._family_stats(family).ops()
-            where = f"queue family {family!r} of cache {self.name!r}"
+            found = self._family_stats(family)
+            actual = _add_counts(fs.ops() for _, fs in found)
+            where = f"queue family {family!r} of {_where([c for c, _ in found])}"
         wrong = {op: n for op, n in expected.items() if actual[op] != n}
         if not wrong:
             return
@@ -499,8 +724,9 @@ class CacheProbe:
                 for op, n in expected.items()]
         raise AssertionError(
             f"op counts of {where} differ:\n" + "\n".join(rows) +
-            "\nA labml decode loop does one push per layer per step and one pop per layer per "
-            "step after the first: a difference means layers were skipped, repeated or added.")
+            "\nA decode loop does one push per layer per step and one pop per layer per step "
+            "after the first (transformers: after the forward that created the cache): a "
+            "difference means layers were skipped, repeated or added.")
 
     def assert_pop_order(self, queue_or_family: str, owners: Sequence[str | None]) -> None:
         """The pops of a queue (or, when no queue has that name, of a family) were made by exactly
@@ -523,10 +749,10 @@ class CacheProbe:
             first = min(len(actual), len(expected))
         if not pops:
             raise AssertionError(
-                f"cache {self.name!r} logged no pop of a queue or family named {queue_or_family!r} "
+                f"{self._where()} logged no pop of a queue or family named {queue_or_family!r} "
                 f"(expected {len(expected)}). Queues seen: "
                 f"{', '.join(sorted({o.queue for o in self._log.ops if o.op in ('push', 'pop')})[:20]) or 'none'}")
-        lines = [f"pops of {queue_or_family!r} on cache {self.name!r} differ from the expected "
+        lines = [f"pops of {queue_or_family!r} on {self._where()} differ from the expected "
                  f"owners at pop #{first + 1} ({len(actual)} pop(s), {len(expected)} expected):",
                  f"  expected: {[_owner(o) for o in expected]}",
                  f"  actual:   {[_owner(o) for o in actual]}",

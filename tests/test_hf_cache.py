@@ -424,7 +424,7 @@ def test_cachescope_failures_never_reach_the_model(monkeypatch: pytest.MonkeyPat
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("cachescope bug")
 
-    monkeypatch.setattr(_recorder.HFRecorder, "_after_update", broken)
+    monkeypatch.setattr(_recorder.HFRecorder, "_on_update", broken)
     monkeypatch.setattr(_recorder.HFRecorder, "_end_forward", broken)
     assert model.generate(ids(), max_new_tokens=4).tolist() == expected
     assert rec.telemetry_errors > 0

@@ -39,19 +39,13 @@ def _wrap_update(orig: Callable[..., Any]) -> Callable[..., Any]:
         rec = ACTIVE[0]
         if rec is None or _quiet():
             return orig(self, *args, **kwargs)
-        try:
-            token = rec._before_update(self, args, kwargs)
-        except Exception:
-            rec._failed("Cache.update (before)")
-            token = None
         out = orig(self, *args, **kwargs)
-        if token is not None:
-            try:
-                rec._after_update(token)
-            except Exception:
-                rec._failed("Cache.update (after)")
-            if rec.strict:
-                rec._raise_pending()
+        try:
+            rec._on_update(self, args, kwargs)
+        except Exception:
+            rec._failed("Cache.update")
+        if rec.strict:
+            rec._raise_pending()
         return out
     return update
 
@@ -145,8 +139,8 @@ def transparent(recorder_cls: type = HFRecorder) -> tuple[Callable[..., Any], ..
     fns: list[Callable[..., Any]] = [
         _wrap_update(lambda *a, **k: None), _wrap_cache_op("crop", lambda *a, **k: None),
         _wrap_layer_op("crop", lambda *a, **k: None), _wrap_generate(lambda *a, **k: None)]
-    for name in ("_after_update", "_cross_model", "_check_position", "_enter_op", "_layer_op",
-                 "_begin_generation", "_stale_check", "_before_update", "_discover"):
+    for name in ("_on_update", "_cross_model", "_check_position", "_enter_op", "_layer_op",
+                 "_begin_generation", "_stale_check", "_discover", "_flush_all"):
         fns.append(getattr(recorder_cls, name))
     return tuple(fns)
 

@@ -35,6 +35,9 @@ __all__ = ["HFRecorder", "HFCacheError", "HFWatch"]
 
 log = logging.getLogger("cachescope")
 
+#: ``_positions``' answer when the new keys start where the layer ends
+_POS_OK = ("cache_position", (), ())
+
 #: the layer classes whose lengths cachescope reads, and where the length is
 _LENGTHS = {"DynamicLayer": "keys", "DynamicSlidingWindowLayer": "cumulative",
             "StaticLayer": "static", "StaticSlidingWindowLayer": "cumulative_int"}
@@ -459,8 +462,9 @@ class HFRecorder:
         self._close(ctx, ok=output is not None)
 
     def _close(self, ctx: Forward, ok: bool) -> None:
-        """End a forward: its checks (when it completed), then the view's step."""
+        """End a forward: its view ops and checks (when it completed), then the view's step."""
         try:
+            self._flush(ctx)
             if ok and not ctx.orphan and ctx.counts and ctx.cache is not None and not ctx.disturbed:
                 self._forward_checks(ctx)
         finally:
@@ -607,7 +611,11 @@ class HFRecorder:
         return out
 
     # ------------------------------------------------------------------ update
-    def _before_update(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _on_update(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """``cache.update(*args, **kwargs)`` just returned: the view's ops and the checks.
+
+        Runs after the update (one call per update: the hot path), so lengths before it are
+        derived: the layer's length now minus the keys it added."""
         stack = self._local.__dict__.get("stack")
         ctx = stack[-1] if stack else None
         st = ctx.state if ctx is not None and ctx.cache is cache else None
@@ -615,16 +623,15 @@ class HFRecorder:
             st = self._state(cache)
         if not st.checked:
             self._measured[st.cls_name] += 1
-            return None
+            return
         try:
             idx = operator.index(args[2] if len(args) > 2 else kwargs["layer_idx"])
             key = args[0] if args else kwargs.get("key_states")
+            layer = cache.layers[idx] if idx >= 0 else None
         except Exception:
             self._measured[f"{st.cls_name} (update call not understood)"] += 1
-            return None
-        k = None
-        if isinstance(key, torch.Tensor) and key.dim() >= 2:
-            k = int(key.shape[-2])
+            return
+        k = int(key.shape[-2]) if isinstance(key, torch.Tensor) and key.dim() >= 2 else None
         if ctx is None:
             ctx = self._discover()
         if ctx is not None:
@@ -636,42 +643,36 @@ class HFRecorder:
                 self._measured[label] += 1
                 self._say_once(label, f"{label}: measured only (cachescope checks the cache a "
                                "forward is given or makes, not caches inside other caches)")
-                return None
+                return
             view = ctx.view
         else:
             view = self._loose_view()
-        layers = cache.layers
-        layer = layers[idx] if 0 <= idx < len(layers) else None
-        lt = type(layer) if layer is not None else getattr(cache, "layer_class_to_replicate", None)
+        lt = type(layer)
         before = pos = None
         if lt in self._known_layers:
             if ctx is not None:
-                if ctx.start is None:
-                    ctx.start = self._lengths(cache)
-                base = ctx.start.get(idx, 0) if layer is not None else 0
+                start = ctx.start
+                if start is None:          # the forward's first update: every layer's length
+                    start = ctx.start = self._lengths(cache)
+                    now = start.get(idx)
+                    start[idx] = None if now is None or k is None else now - k
+                base = start.get(idx, 0)   # a layer created during this forward held nothing
+                n = ctx.counts.get(idx)
                 before = None if base is None else base + ctx.added.get(idx, 0)
-                if before is not None and not ctx.counts.get(idx):
+                if before is not None and not n:
                     # (a second update in one forward is layer_repeated, not a gap)
                     pos = self._positions(ctx, args, kwargs, before)
-            elif layer is not None:
-                before = self._length(layer)
             else:
-                before = 0
-        return (st, view, ctx, idx, k, before, lt, cache, pos)
-
-    def _after_update(self, token: Any) -> None:
-        st, view, ctx, idx, k, before, lt, cache, pos = token
+                now = self._length(layer)
+                before = None if now is None or k is None else now - k
         with self._lock:
             if ctx is not None:
-                ctx.counts[idx] = ctx.counts.get(idx, 0) + 1
+                counts = ctx.counts
+                counts[idx] = counts.get(idx, 0) + 1
                 if k is not None:
                     ctx.added[idx] = ctx.added.get(idx, 0) + k
                 elif ctx.start is not None:
                     ctx.start[idx] = None      # length unknown from here
-            try:
-                layer = cache.layers[idx]
-            except Exception:
-                return
             if st.skipped:
                 st.skipped.discard(idx)
             st.view = view
@@ -684,29 +685,59 @@ class HFRecorder:
             kv = st.kv.get(idx)
             if kv is None or kv._ref() is not layer:
                 kv = st.kv[idx] = LayerKV(layer)
-                if type(layer) in self._known_layers:
+                if lt in self._known_layers:
                     try:
                         self._layer_cache[layer] = (weakref.ref(cache), idx)
                     except TypeError:
                         pass
             q = view.cache
             name = layer_queue(idx)
-            if not q.q_size(name):
-                q.push(name, kv)
-            elif first:
-                q.clear(name)                # a new cache's layer: nothing to extend
-                q.push(name, kv)
+            if ctx is not None and not ctx.orphan and not self.strict:
+                # applied when the forward ends (``_flush``): one warm loop per step instead of
+                # the core's ops between the layers' matmuls; the owner is looked up now
+                by = q.attributor.lookup(0)
+                ctx.pending.append((name, kv, by, first))
             else:
-                q.pop_push(name, name, kv)   # the owner rule: popped by its writer?
+                by = None
+                self._apply(q, name, kv, None, first)
             if first:
-                _, recs = q.ops_since(q.seq - 1)
-                rec = recs[-1] if recs else None
-                st.writers[idx] = (view.name, rec.owner if rec else None,
-                                   rec.site if rec else None, step)
+                if by is None:
+                    _, recs = q.ops_since(q.seq - 1)
+                    by = (recs[-1].owner, recs[-1].site) if recs else (None, None)
+                st.writers[idx] = (view.name, by[0], by[1], step)
             if pos is not None and before is not None:
                 self._check_position(view, ctx, st, cache, idx, before, k, pos, lt)
 
+    @staticmethod
+    def _apply(q: InstrumentedCache, name: str, kv: LayerKV, by: Any, first: bool) -> None:
+        """One update in the view: the owner rule's pop then the push (a new cache's layer: the
+        queue is emptied first, there is nothing to extend)."""
+        if first or not q.q_size(name):
+            if q.q_size(name):
+                q.clear(name, by)
+            q.push(name, kv, by)
+        else:
+            q.pop_push(name, name, kv, by)   # the owner rule: popped by its writer?
+
+    def _flush(self, ctx: Forward | None) -> None:
+        """Apply the view ops a forward has made so far (before anything reads its timeline)."""
+        if ctx is None or not ctx.pending:
+            return
+        pending, ctx.pending = ctx.pending, []
+        q = ctx.view.cache
+        apply = self._apply
+        for name, kv, by, first in pending:
+            apply(q, name, kv, by, first)
+
+    def _flush_all(self) -> None:
+        """Apply every pending view op on this thread (a violation is about to be reported: its
+        timeline and order must include them)."""
+        for ctx in self._stack():
+            if ctx.pending:
+                self._flush(ctx)
+
     def _cross_model(self, view: _View, idx: int, writer: Any, st: CacheState, step: int) -> None:
+        self._flush_all()
         owner, site = view.cache.attributor.lookup(0)
         v = _checks.cross_model(idx, step=step, view=view.name, consumer=owner, site=site,
                                 writer=writer, cache_cls=st.cls_name,
@@ -728,6 +759,7 @@ class HFRecorder:
             if d in ctx.gap_skews:
                 return
             ctx.gap_skews.add(d)
+        self._flush_all()
         owner, site = view.cache.attributor.lookup(0)
         writer = st.writers.get(idx)
         v = _checks.position_gap(
@@ -745,13 +777,15 @@ class HFRecorder:
         cache_kwargs = args[3] if len(args) > 3 else kwargs.get("cache_kwargs")
         if isinstance(cache_kwargs, dict):
             cp = cache_kwargs.get("cache_position")
-            if isinstance(cp, torch.Tensor) and cp.numel():
-                key = ("cache_position", id(cp))
-                first = ctx.pos_memo.get(key)
+            if isinstance(cp, torch.Tensor):
+                memo = ctx.pos_memo
+                first = memo.get(id(cp))       # the same tensor for every layer of a forward
                 if first is None:
-                    first = ctx.pos_memo[key] = int(cp.reshape(-1)[0])
-                return ("cache_position", [], []) if first == before else (
-                    "cache_position", [0], [first])
+                    if not cp.numel():
+                        return None
+                    first = memo[id(cp)] = int(cp.reshape(-1)[0])
+                    memo[("keep", id(cp))] = cp  # (kept until the forward ends: ids stay unique)
+                return _POS_OK if first == before else ("cache_position", (0,), (first,))
         inner = kwargs.get("kwargs")
         p = inner.get("position_ids") if isinstance(inner, dict) else None
         if not isinstance(p, torch.Tensor):
@@ -808,7 +842,7 @@ class HFRecorder:
         """An update outside any known forward: the outermost module on the stack is the model
         (hooked from now on); this forward becomes a step of its view, without end checks."""
         module_type = torch.nn.Module
-        frame = sys._getframe(2)
+        frame = sys._getframe(3)   # past _on_update and the update wrapper
         outer = None
         for _ in range(256):
             if frame is None:
@@ -838,6 +872,7 @@ class HFRecorder:
         ctx = self._running(cache)
         lengths = None
         if ctx is not None:
+            self._flush_all()
             ctx.disturbed = True
             lengths = self._lengths(cache)
             view = ctx.view
@@ -923,6 +958,7 @@ class HFRecorder:
         if st is None or not st.checked:
             return None
         st.trail = None
+        self._flush_all()
         view = st.view or self._loose_view()
         step = view.cache.step
         ctx = self._running(cache)

@@ -179,7 +179,7 @@ class Forward:
 
     __slots__ = ("view", "step", "cache", "state", "explicit", "orphan", "depth", "batch", "q",
                  "input_ids", "position_ids", "mask", "counts", "added", "start", "pos_memo",
-                 "gap_skews", "disturbed", "first_layer")
+                 "gap_skews", "disturbed", "first_layer", "pending")
 
     def __init__(self, view: Any, step: int, *, orphan: bool = False) -> None:
         self.view = view
@@ -201,6 +201,7 @@ class Forward:
         self.gap_skews: set[int] = set()
         self.disturbed = False          # a structural op ran on the cache during the forward
         self.first_layer: int | None = None
+        self.pending: list[Any] = []    # the view's ops, applied when the forward ends
 
     def drop_inputs(self) -> None:
         self.input_ids = self.position_ids = self.mask = None
