@@ -602,8 +602,8 @@ class CacheProbe:
         base.update(labels or {})
         if "cache" in base:
             return self.registry.get_sample_value(name, base)
-        values = [self.registry.get_sample_value(name, {"cache": cache.name, **base})
-                  for cache in self._caches()]
+        caches = dict.fromkeys(cache.name for cache in self._caches())
+        values = [self.registry.get_sample_value(name, {"cache": cache, **base}) for cache in caches]
         found = [v for v in values if v is not None]
         return sum(found) if found else None
 

@@ -307,6 +307,41 @@ def test_strict_mode_raises_a_pop_order_error() -> None:
     assert (info.value.violation.kind, info.value.violation.step) == ("owner_mismatch", 0)
 
 
+def _view_ops(rec: Any) -> list[tuple[int, str, str, str | None, str | None]]:
+    (view,) = rec.views.values()
+    return [(r.step, r.op, r.queue, r.owner, r.violation) for r in view.timeline()]
+
+
+@pytest.mark.parametrize("fault", [None, "dup"])
+def test_view_ops_applied_at_the_forwards_end_equal_ops_made_at_each_update(fault: str | None) -> None:
+    """The view's ops of a forward are applied when it ends (default mode); strict mode applies
+    each at its update. Both give the same ops, in the order of the updates, with the same owners
+    and owner_mismatch verdicts."""
+    runs = []
+    for strict in (False, True):
+        hf.uninstall()
+        model = neox(3)
+        if fault:
+            dup_layer_idx(model, 0, 1)
+        rec = _install(strict=strict, timeline_size=4096)
+        hf.watch(model)
+        try:
+            model.generate(ids(), max_new_tokens=3)
+        except hf.HFCacheError:
+            pass
+        runs.append(_view_ops(rec))
+    deferred, immediate = runs
+    assert deferred[:len(immediate)] == immediate
+    updates = [(op, q, owner) for _, op, q, owner, _ in deferred if op in ("pop", "push")]
+    if fault is None:
+        assert updates[:3] == [("push", f"layer_{i}", f"gpt_neox.layers.{i}.attention") for i in range(3)]
+        assert updates[3:9] == [(op, f"layer_{i}", f"gpt_neox.layers.{i}.attention")
+                                for i in range(3) for op in ("pop", "push")]
+    else:
+        assert ("pop", "layer_0", "gpt_neox.layers.1.attention") in updates
+        assert any(v == "owner_mismatch" for *_, v in immediate)
+
+
 # ------------------------------------------------------------------------- install / uninstall
 _PATCHED = [(cache_utils.Cache, name) for name in ("update", "crop", "reorder_cache",
                                                    "batch_select_indices",
