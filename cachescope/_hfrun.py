@@ -9,8 +9,8 @@ names the owners, and each generation is ``model.generate(ids, max_new_tokens=N,
 do_sample=False)``. The summary, ``--json`` keys (plus ``"backend": "hf"``), exit statuses,
 ``--serve``, ``--metrics-port`` and the tracing options are the neox run's. ``--fault`` takes
 ``cachescope.hf``'s faults (injected in every generation; the parser reads the spec with the neox
-catalogue, so only ``skip`` passes it today). Not yet: ``--record`` (``analyze`` cannot replay
-the view's layer slots) and the multi-rank options; each is a one-line usage error (exit 2).
+catalogue, so only ``skip`` passes it today). ``--record FILE`` records the view (``analyze`` and
+``report`` read it). Not available: the multi-rank options (a one-line usage error, exit 2).
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ def _refuse_options(ns: argparse.Namespace) -> None:
     from . import _multirank
     if _multirank.wanted(ns):   # a rank started by torchrun
         raise UsageError("--backend hf decodes in one process: run it without torchrun")
-    if ns.record:
-        raise UsageError("--record is not available with --backend hf: 'cachescope analyze' "
-                         "cannot replay the hf view's layer slots yet (it reports leftovers)")
 
 
 def hf_model_from_preset(name: str) -> Any:
@@ -175,9 +172,15 @@ def run(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--cache-name: {exc}") from None
     server = None
+    recorder = None
     try:
         cachescope.hf.watch(model, name=name)
         view = rec.view(model)
+        if ns.record:   # the view's ops; analyze carries cachescope.hf's own findings through
+            recorder = cli.open_recorder(ns, view, {
+                "model": model_desc, "backend": "hf", "prompt_tokens": len(prompt),
+                "max_new_tokens": ns.max_new_tokens, "faults": [str(f) for f in ns.fault],
+                "device": str(device)})
         if metrics_mod is not None:
             try:
                 server, _thread, port = metrics_mod.start_metrics_server(
@@ -188,6 +191,8 @@ def run(ns: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         return _decode(ns, model, model_desc, rec, view, prompt, ids)
     finally:
+        if recorder is not None:
+            recorder.close()
         cachescope.hf.uninstall()
         rec.close()
         if server is not None:

@@ -465,6 +465,7 @@ class _Replayer:
                                       None if self.layout is None else self.layout.rank)
             cache.add_sink(self.prints)
         self.rank_violations: list[Violation] = []   # recorded live by the cross-rank checker
+        self.front_end_violations = 0   # recorded live by a front end's checks, carried through
         self.notes: list[str] = []
         self.diverged: str | None = None
         self.divergences = 0
@@ -588,6 +589,23 @@ class _Replayer:
             self.rank_violations.append(v)
             if self.prints is None:
                 self.cache.add_violation(v)   # carried through, as the live cache kept it
+        elif d.get("seq") == 0:
+            # Found by a front end's own checks (cachescope.hf: layer_skipped, position_gap...),
+            # not by one of the cache's ops (those have op numbers from 1): carried through, with
+            # the replayed ops of its queue as its timeline.
+            v = recorded_violation(d)
+            v.timeline = tuple(r for r in self.cache.timeline() if r.queue == v.queue)[-12:]
+            self.front_end_violations += 1
+            self.cache.add_violation(v)
+        else:
+            # Re-derived by the replay; a front end may have given it its own hint (cachescope.hf
+            # does for owner mismatches on layers): the recorded hint wins.
+            hint, seq, kind = d.get("hint"), d.get("seq"), d.get("kind")
+            if type(hint) is str and hint:
+                for v in reversed(self.cache.violations[-8:]):
+                    if v.seq == seq and v.kind == kind:
+                        v.hint = hint
+                        break
 
     def _inputs(self, d: dict[str, Any]) -> None:
         if self.prints is not None:
@@ -627,6 +645,10 @@ class _Replayer:
         if self.unknown:
             self.notes.append("ignored unknown lines: " + ", ".join(
                 f"{k} x{n}" for k, n in sorted(self.unknown.items())))
+        if self.front_end_violations:
+            self.notes.append(f"{self.front_end_violations} violation(s) found live by the front "
+                              "end's own checks (cachescope.hf: lengths, positions, structural "
+                              "ops) are carried through from the recording, not re-derived")
         if self.bad_lines > 1:
             self.notes.append(f"{self.bad_lines} unreadable lines skipped in all")
         if self.layout is not None:

@@ -427,6 +427,21 @@ def _signals(stop: threading.Event, enabled: bool) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def open_recorder(ns: argparse.Namespace, cache: Any, run_info: dict[str, Any]) -> Any:
+    """``--record FILE``: a ``cachescope.record.Recorder`` attached to ``cache`` (one-line
+    UsageErrors for a missing module or a file that cannot be written)."""
+    try:
+        from .record import Recorder
+    except ImportError as exc:
+        raise UsageError(f"--record is not available: {exc}") from None
+    try:
+        recorder = Recorder(ns.record, run_info=run_info)
+    except OSError as exc:
+        raise UsageError(f"--record: cannot write {ns.record}: {exc.strerror or exc}") from None
+    recorder.attach(cache)
+    return recorder
+
+
 def tracer_provider(ns: argparse.Namespace) -> Any:
     """The OpenTelemetry SDK ``TracerProvider`` that ``--otlp-endpoint`` / ``--console-traces``
     ask for (None without them; shut it down with ``_sdk.shutdown``). ``UsageError`` when the SDK
@@ -502,18 +517,10 @@ def _cmd_run(ns: argparse.Namespace) -> int:
             print(f"{PROG}: serving metrics on http://{url_host(ns.metrics_addr)}:{port}/metrics",
                   file=sys.stderr, flush=True)
         if ns.record:
-            try:
-                from .record import Recorder
-            except ImportError as exc:
-                raise UsageError(f"--record is not available: {exc}") from None
-            try:
-                recorder = Recorder(ns.record, run_info={
-                    "model": model_desc, "prompt_tokens": len(prompt),
-                    "max_new_tokens": ns.max_new_tokens, "faults": [str(f) for f in ns.fault],
-                    "device": str(device)})
-            except OSError as exc:
-                raise UsageError(f"--record: cannot write {ns.record}: {exc.strerror or exc}") from None
-            recorder.attach(cache)
+            recorder = open_recorder(ns, cache, {
+                "model": model_desc, "prompt_tokens": len(prompt),
+                "max_new_tokens": ns.max_new_tokens, "faults": [str(f) for f in ns.fault],
+                "device": str(device)})
         watch = cachescope.watch(model, cache)
         return _decode(ns, model, model_desc, cache, prompt, inject, generate)
     finally:

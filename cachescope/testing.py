@@ -214,11 +214,11 @@ def _names(caches: Iterable[Any]) -> str:
 
 
 def _is_hf_model(model: Any) -> bool:
-    """Whether ``model`` is a Hugging Face transformers ``PreTrainedModel``. Nothing is imported:
-    such a model exists only once transformers' modeling_utils is loaded."""
-    modeling = sys.modules.get("transformers.modeling_utils")
-    base = getattr(modeling, "PreTrainedModel", None)
-    return base is not None and isinstance(model, base)
+    """Whether ``model`` is a Hugging Face transformers ``PreTrainedModel``, by its classes'
+    names: nothing is imported, and a transformers module loaded twice (pytester's in-process
+    runs drop the modules a run imported) still counts."""
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__ == "transformers.modeling_utils"
+               for cls in type(model).__mro__)
 
 
 def _kinds(violations: Sequence[Any]) -> str:
@@ -603,7 +603,8 @@ class CacheProbe:
         if "cache" in base:
             return self.registry.get_sample_value(name, base)
         caches = dict.fromkeys(cache.name for cache in self._caches())
-        values = [self.registry.get_sample_value(name, {"cache": cache, **base}) for cache in caches]
+        values = [self.registry.get_sample_value(name, {"cache": cache, **base})
+                  for cache in caches]
         found = [v for v in values if v is not None]
         return sum(found) if found else None
 

@@ -145,7 +145,7 @@ def test_help_names_the_backend(capsys: pytest.CaptureFixture[str]) -> None:
     (["--fault", "swap@1"], "unknown HF fault 'swap'"),
     (["--fault", "skip@9"], "step 9 never comes"),
     (["--fault", "skip@2:layer=7"], "--fault skip@2:layer=7"),
-    (["--record", "x.jsonl"], "--record is not available with --backend hf"),
+    (["--record", "/nonexistent/dir/x.jsonl"], "--record: cannot write"),
     (["--checkpoint", "/nonexistent"], "is not a directory"),
     (["--device", "tpu"], "--device"),
     (["--prompt-ids", "9999"], "out of range"),
@@ -159,6 +159,30 @@ def test_bad_combinations_exit_2_in_one_line(capsys: pytest.CaptureFixture[str],
     assert rc == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and words in err, err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("fault", [None, "dup-layer-idx", "skip@2", "prune", "partial-crop@2"])
+def test_record_replays_to_the_live_violations(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                               fault: str | None) -> None:
+    """``--record`` writes the view; ``analyze`` replays it to the live run's violations (kind,
+    step, layer, both owners, hint; cachescope.hf's own findings carried through) and summary
+    counts; ``report`` draws it."""
+    from cachescope.analyze import analyze_file
+    path = tmp_path / "hf.jsonl.gz"
+    rc, out, err = run(capsys, *HF, "--max-new-tokens", "5", "--json", "--record", str(path),
+                       *(["--fault", fault] if fault else []))
+    live = json.loads(out)
+    assert rc == (1 if fault else 0), err
+    result = analyze_file(path, out=None)
+    fields = ("kind", "step", "queue", "consumer", "producer", "hint")
+    assert [tuple(getattr(v, f) for f in fields) for v in result.violations] == [
+        tuple(v[f] for f in fields) for v in live["violations"]]
+    assert result.header["run"]["backend"] == "hf"
+    layer = result.cache.stats.family("layer")
+    assert (result.cache.stats.steps, layer.push, layer.pop, result.ops) == (
+        live["steps"], live["ops"]["push"], live["ops"]["pop"], live["total_ops"])
+    rc = main(["report", str(path), "--out", str(tmp_path / "pics"), "--quiet"])
+    assert rc == 0 and any((tmp_path / "pics").iterdir())
 
 
 def test_checkpoint_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
