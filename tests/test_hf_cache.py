@@ -296,6 +296,65 @@ def test_one_layer_with_extra_tokens_is_seq_len_mismatch() -> None:
     assert "layer 1: 7" in rec.violations[0].detail
 
 
+def _layer_series(registry: Any) -> dict[tuple[str, str], float]:
+    """``{(layer, attention): tokens}`` and ``{("skew", ""): tokens}`` of the hf view."""
+    out = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == "cachescope_layer_kv_tokens":
+                out[(sample.labels["layer"], sample.labels["attention"])] = sample.value
+            elif sample.name == "cachescope_layer_kv_skew_tokens":
+                out[("skew", "")] = sample.value
+    return out
+
+
+def test_per_layer_kv_length_metrics() -> None:
+    """cachescope_layer_kv_tokens: every layer's length after the last forward (0 skew on a
+    correct run); a layer that stores an extra token shows it, and the skew; the series leave the
+    registry with the recorder, and a new install exports there again."""
+    registry = CollectorRegistry()
+    model = neox(3)
+    rec = _install(registry=registry)
+    model.generate(ids(), max_new_tokens=4)
+    n = ids().shape[1] + 3          # the last forward's cache: prompt + 3 generated tokens
+    assert _layer_series(registry) == {**{(str(i), "full"): n for i in range(3)}, ("skew", ""): 0}
+    cache = DynamicCache(config=model.config)
+    model(ids(), cache=cache, use_cache=True)
+    extra_tokens_on(cache, 1)
+    model(torch.tensor([[3]]), cache=cache, use_cache=True)
+    p = ids().shape[1]
+    assert _layer_series(registry) == {("0", "full"): p + 1, ("1", "full"): p + 2,
+                                       ("2", "full"): p + 1, ("skew", ""): 1}
+    hf.uninstall()
+    rec.close()
+    assert _layer_series(registry) == {}
+    _install(registry=registry)
+    model.generate(ids(), max_new_tokens=2)
+    assert _layer_series(registry)[("skew", "")] == 0
+
+
+def test_per_layer_metrics_sliding_layers_and_the_layer_label_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sliding-window layers are labelled attention="sliding" (tokens ever added); layers past
+    MAX_LAYER_LABELS share layer="other" (the longest), so the label stays bounded."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from cachescope.hf import _metrics
+    monkeypatch.setattr(_metrics, "MAX_LAYER_LABELS", 3)
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       **_OTHERS["gemma2"], eos_token_id=None, pad_token_id=0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    registry = CollectorRegistry()
+    _install(registry=registry)
+    model.generate(ids(), max_new_tokens=6)
+    series = _layer_series(registry)
+    n = ids().shape[1] + 5
+    kinds = ["sliding" if t == "sliding_attention" else "full" for t in cfg.layer_types]
+    assert set(kinds) == {"sliding", "full"}
+    expected = {(str(i), k): n for i, k in enumerate(kinds[:3])}
+    expected[("other", kinds[3])] = n
+    assert series == {**expected, ("skew", ""): 0}
+
+
 def test_strict_mode_raises_a_pop_order_error() -> None:
     """strict=True raises HFCacheError, a PopOrderError, at the first violation."""
     model = neox(3)

@@ -367,9 +367,19 @@ def test_pruned_later():
                                  "(cache 'hf': layer_skipped x1)*"])
 
 
+def _readme_hf_example() -> str:
+    """The README's block with the Hugging Face test, once it is there; until then the snippet
+    written for it. Either way it must be README_HF_EXAMPLE, so the README cannot drift."""
+    text = (HERE.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+              if "def test_generate_keeps_the_cache_consistent(cachescope)" in b]
+    assert blocks in ([], [README_HF_EXAMPLE]), "README's HF example differs from the tested one"
+    return README_HF_EXAMPLE
+
+
 def test_readme_hf_example(pytester: pytest.Pytester) -> None:
     """The README's Hugging Face example passes as written, also in strict mode."""
-    pytester.makepyfile(test_readme=README_HF_EXAMPLE)
+    pytester.makepyfile(test_readme=_readme_hf_example())
     result = pytester.runpytest_inprocess(*PLUGIN, *FAST, "--cachescope-strict")
     result.assert_outcomes(passed=1)
     assert hf.installed() is None

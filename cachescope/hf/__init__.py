@@ -101,6 +101,8 @@ def install(**options: Any) -> "HFRecorder":
                               cache_base=cu.Cache, layer_base=getattr(cu, "CacheLayerMixin", None),
                               **options)
         recorder._transparent = _patch.transparent()
+        if recorder._metrics:
+            recorder.export_layer_metrics()
         done = _patch.apply(modules)
         _patch.ACTIVE[0] = recorder
         recorder.active = True

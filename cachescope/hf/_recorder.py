@@ -46,7 +46,7 @@ _LENGTHS = {"DynamicLayer": "keys", "DynamicSlidingWindowLayer": "cumulative",
 class _View:
     """A model's instrumented cache plus what the recorder keeps beside it."""
 
-    __slots__ = ("cache", "name", "model", "root", "gen_depth", "gen_cm")
+    __slots__ = ("cache", "name", "model", "root", "gen_depth", "gen_cm", "kv")
 
     def __init__(self, cache: InstrumentedCache, model: str, root: Any) -> None:
         self.cache = cache
@@ -55,6 +55,9 @@ class _View:
         self.root = weakref.ref(root) if root is not None else None
         self.gen_depth = 0
         self.gen_cm: Any = None
+        #: layer lengths after the last completed forward: (per-layer sliding flags, full length,
+        #: sliding length) when the layers agree, else {layer: (length, sliding)}
+        self.kv: Any = None
 
 
 class HFWatch:
@@ -203,6 +206,26 @@ class HFRecorder:
         """Cache classes seen but not checked, with their update counts."""
         return dict(self._measured)
 
+    def layer_lengths(self) -> dict[str, dict[int, tuple[int, bool]]]:
+        """Per view: ``{layer: (tokens, sliding)}`` after its last completed forward (sliding
+        layers count the tokens ever added). Read by the per-layer metrics at scrape time."""
+        out: dict[str, dict[int, tuple[int, bool]]] = {}
+        for v in list(self._views):
+            kv = v.kv
+            if kv is None:
+                continue
+            if type(kv) is dict:
+                out[v.name] = dict(kv)
+                continue
+            kinds, full, sliding = kv
+            lengths: dict[int, tuple[int, bool]] = {}
+            for i, is_sliding in enumerate(kinds):
+                n = sliding if is_sliding else full
+                if is_sliding is not None and n is not None:
+                    lengths[i] = (n, is_sliding)
+            out[v.name] = lengths
+        return out
+
     def report(self) -> str:
         """The run summary of every view (steps, ops, bytes, violations) and what was measured only."""
         parts = [f"cachescope hf summary: {len(self._views)} model view(s), "
@@ -216,8 +239,19 @@ class HFRecorder:
             parts.append(f"telemetry errors: {self.telemetry_errors} (logged once each)")
         return "\n".join(parts)
 
+    def export_layer_metrics(self) -> None:
+        """Export the per-layer KV lengths (``cachescope_layer_kv_tokens``, ``..._skew_tokens``)
+        to the recorder's registry (``install()`` does it when metrics are on)."""
+        from . import _metrics as _layer_metrics
+        registry = self.registry if self.registry is not None else _metrics.REGISTRY
+        _layer_metrics.export_layers(self, registry, self._const_labels)
+
     def close(self) -> None:
         """Detach the views' exporters (their names leave the Prometheus registry)."""
+        if self._metrics:
+            from . import _metrics as _layer_metrics
+            _layer_metrics.unexport_layers(
+                self, self.registry if self.registry is not None else _metrics.REGISTRY)
         for v in self._views:
             for handle in (v.cache.metrics, v.cache.tracer):
                 if handle is None:
@@ -479,9 +513,16 @@ class HFRecorder:
         known = self._known_layers
         start = ctx.start or {}
         if not (st.skipped or st.repeated or st.skew):
-            ref = self._uniform(cache.layers, ctx.counts, start, ctx.added)
-            if ref is not None:       # the usual forward: every layer once, lengths agree
-                self._follow_tokens(ctx, st, ref)
+            uniform = self._uniform(cache.layers, ctx.counts, start, ctx.added)
+            if uniform is not None:   # the usual forward: every layer once, lengths agree
+                full, sliding = uniform
+                if self._metrics:
+                    kinds = st.kinds
+                    if kinds is None or len(kinds) != len(cache.layers):
+                        kinds = st.kinds = tuple(self._known_layers.get(type(layer))
+                                                 for layer in cache.layers)
+                    ctx.view.kv = (kinds, full, sliding)
+                self._follow_tokens(ctx, st, full if full is not None else sliding)
                 return
         facts = []
         for i, layer in enumerate(cache.layers):
@@ -493,6 +534,8 @@ class HFRecorder:
             length = None if base is None else base + ctx.added.get(i, 0)
             facts.append(_checks.LayerFacts(i, sliding, ctx.counts.get(i, 0), length, t.__name__))
         view = ctx.view
+        if self._metrics:
+            view.kv = {f.index: (f.length, f.sliding) for f in facts if f.length is not None}
         found = _checks.end_of_forward(
             facts, step=ctx.step, view=view.name, model=view.model or "the model", q=ctx.q,
             cache_cls=st.cls_name, skipped=st.skipped, repeated=st.repeated, skew=st.skew)
@@ -509,9 +552,9 @@ class HFRecorder:
                 view.cache.add_violation(v)
 
     def _uniform(self, layers: Any, counts: dict[int, int], start: dict[int, int | None],
-                 added: dict[int, int]) -> int | None:
-        """The length of the layers when every known layer was updated once and each kind (full,
-        sliding) agrees on its length (full layers' when there are any); else None."""
+                 added: dict[int, int]) -> tuple[int | None, int | None] | None:
+        """``(full, sliding)``: the length of each kind of layer (None: no layer of that kind)
+        when every known layer was updated once and each kind agrees on its length; else None."""
         known = self._known_layers
         full = sliding = None
         for i, layer in enumerate(layers):
@@ -531,7 +574,9 @@ class HFRecorder:
                 full = length
             elif full != length:
                 return None
-        return full if full is not None else sliding
+        if full is None and sliding is None:
+            return None
+        return full, sliding
 
     def _follow_tokens(self, ctx: Forward, st: CacheState, ref: int | None) -> None:
         """Extend the cache's token digests with this forward's input ids (``ref``: the cache's

@@ -149,7 +149,7 @@ class CacheState:
     """What the recorder knows about one ``transformers.Cache`` object."""
 
     __slots__ = ("checked", "cls_name", "writers", "skipped", "repeated", "skew", "gap", "trail",
-                 "kv", "view", "__weakref__")
+                 "kv", "view", "kinds", "__weakref__")
 
     def __init__(self, checked: bool, cls_name: str) -> None:
         self.checked = checked
@@ -163,6 +163,7 @@ class CacheState:
         self.trail: TokenTrail | None = None
         self.kv: dict[int, LayerKV] = {}    # layer -> the queued item (one per layer object)
         self.view: Any = None               # the view that wrote it last
+        self.kinds: tuple[bool | None, ...] | None = None   # per layer: sliding? (None: unknown type)
 
     def forget(self) -> None:
         """The cache was reset: its layers start empty."""
