@@ -130,6 +130,11 @@ Q_RANK_VIOLATIONS = (
     + ")"
 )
 
+# Hugging Face caches (cachescope.hf): each layer's length after the model's last forward.
+LAYER_TOKENS = sel("cachescope_layer_kv_tokens", family=False)
+Q_LAYER_TOKENS = f"max by (cache, layer) ({LAYER_TOKENS})"
+Q_LAYER_SKEW = "max by (cache) (" + sel("cachescope_layer_kv_skew_tokens", family=False) + ")"
+
 
 # ---------------------------------------------------------------------------------------------
 # Panel builders
@@ -279,6 +284,10 @@ def row(title: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Layout: rows of (panel, (x, dy, w, h)), dy counted from the line below the row header
 # ---------------------------------------------------------------------------------------------
+
+
+#: The row whose panels only a run on Hugging Face caches (cachescope.hf) fills.
+HF_ROW = "Hugging Face cache layers"
 
 
 def layout() -> list[tuple[str, list[tuple[dict, tuple[int, int, int, int]]]]]:
@@ -532,6 +541,35 @@ def layout() -> list[tuple[str, list[tuple[dict, tuple[int, int, int, int]]]]]:
             (12, 8, 12, 8),
         ),
     ]
+    hf_layers = [
+        (
+            timeseries(
+                "KV tokens per layer (Hugging Face caches)",
+                "Tokens each layer of a transformers Cache holds after the model's last forward "
+                "(cachescope.hf; sliding-window layers count the tokens ever added). On a correct "
+                "run every full-attention layer draws the same line, growing one token per step "
+                "and falling back at each new generation; a layer off the others is a skipped, "
+                "repeated or cropped layer (violation seq_len_mismatch or layer_skipped). Layers "
+                "past 255 are one series, layer=\"other\".",
+                "short",
+                [(Q_LAYER_TOKENS, "{{cache}} layer {{layer}}")],
+            ),
+            (0, 0, 16, 8),
+        ),
+        (
+            timeseries(
+                "Layer length skew (Hugging Face caches)",
+                "Longest minus shortest layer after the model's last forward (full-attention and "
+                "sliding layers each among themselves). 0 on a correct run; above 0, the layers "
+                "disagree on what the cache holds and attention reads the wrong past "
+                "(seq_len_mismatch).",
+                "short",
+                [(Q_LAYER_SKEW, "{{cache}}")],
+                stepped=True,
+            ),
+            (16, 0, 8, 8),
+        ),
+    ]
     return [
         ("Overview", overview),
         ("Queues", queues),
@@ -539,6 +577,7 @@ def layout() -> list[tuple[str, list[tuple[dict, tuple[int, int, int, int]]]]]:
         ("Operations", operations),
         ("Violations", violations),
         ("Ranks", ranks),
+        (HF_ROW, hf_layers),
     ]
 
 

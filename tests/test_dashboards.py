@@ -28,7 +28,7 @@ from _prom import (
 )
 
 DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
-ROWS = ["Overview", "Queues", "Memory", "Operations", "Violations", "Ranks"]
+ROWS = ["Overview", "Queues", "Memory", "Operations", "Violations", "Ranks", "Hugging Face cache layers"]
 FILTER_LABELS = {"job": "$job", "instance": "$instance", "cache": "$cache", "rank": "$rank"}
 #: Constant labels of multi-rank runs (docs/metrics.md, cachescope.metrics.RANK_LABELS).
 RANK_LABELS = {"rank", "tp_rank", "pp_rank"}
@@ -315,8 +315,7 @@ def test_every_query_filters_on_the_variables(dashboard: dict, contract: dict) -
 def test_rank_panels(dashboard: dict) -> None:
     """The Ranks row has per-rank tokens/s and violations, the step skew and cross-rank violations."""
     panels = dashboard["panels"]
-    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Ranks")
-    ranks = [p for p in panels[start + 1 :] if p["type"] != "row"]
+    ranks = row_panels(panels, "Ranks")
     exprs = {p["title"]: p["targets"][0]["expr"] for p in ranks}
     assert any(e.startswith("sum by (cache, rank) (rate(cachescope_decode_tokens_total{")
                for e in exprs.values()), exprs
@@ -329,6 +328,25 @@ def test_rank_panels(dashboard: dict) -> None:
     cross = [e for e in exprs.values() if 'kind=~"rank_.*"' in e]
     assert len(cross) == 1 and cross[0].startswith("sum by (cache, rank, kind) ("), cross
     assert any("by (cache, rank, le)" in e for e in exprs.values()), "step latency by rank"
+
+
+def row_panels(panels: list[dict], title: str) -> list[dict]:
+    """The panels of the row titled ``title`` (up to the next row)."""
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == title)
+    out = []
+    for p in panels[start + 1:]:
+        if p["type"] == "row":
+            break
+        out.append(p)
+    return out
+
+
+def test_hf_layer_panels(dashboard: dict) -> None:
+    """The Hugging Face row draws every layer's length by layer and the layer length skew."""
+    exprs = [p["targets"][0]["expr"] for p in row_panels(dashboard["panels"], "Hugging Face cache layers")]
+    assert [e.split("{")[0] for e in exprs] == ["max by (cache, layer) (cachescope_layer_kv_tokens",
+                                                "max by (cache) (cachescope_layer_kv_skew_tokens"]
+    assert all('rank=~"$rank"' in e and 'cache=~"$cache"' in e for e in exprs), exprs
 
 
 def test_queries_use_only_known_variables(dashboard: dict) -> None:

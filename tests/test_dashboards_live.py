@@ -130,6 +130,20 @@ def exposition(cache: str, started: float, violations: int) -> str:
     buckets.append((f"cachescope_decode_step_duration_seconds_count{{{c}}}", steps))
     metric("cachescope_decode_step_duration_seconds", "histogram", buckets)
     metric("cachescope_telemetry_errors_total", "counter", [])  # no errors: TYPE line only
+    # cachescope.hf's per-layer lengths: the prompt (8) plus a token per step; the faulty cache's
+    # last layer holds one token more (seq_len_mismatch)
+    tokens = [8 + steps + (1 if violations and i == layers - 1 else 0) for i in range(layers)]
+    metric(
+        "cachescope_layer_kv_tokens",
+        "gauge",
+        [(f'cachescope_layer_kv_tokens{{{c},layer="{i}",attention="full"}}', n)
+         for i, n in enumerate(tokens)],
+    )
+    metric(
+        "cachescope_layer_kv_skew_tokens",
+        "gauge",
+        [(f"cachescope_layer_kv_skew_tokens{{{c}}}", max(tokens) - min(tokens))],
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,7 @@ import pytest
 
 from _prom import (
     GRAFANA_SUBSTITUTIONS,
+    HF_ROW,
     PROMTOOL,
     ROOT,
     RULES_FILE,
@@ -198,9 +199,10 @@ def only(run: Run) -> dict[str, str]:
 
 
 def test_every_panel_query_returns_data(stack) -> None:
-    """Every panel target of the generated dashboard returns a non-empty result."""
+    """Every panel target of the generated dashboard returns a non-empty result (the Hugging
+    Face row excepted: this run has no transformers cache; tests/test_hf_live.py fills it)."""
     prom, _ = stack
-    wait_for_every_panel_query(prom, load_dashboard(), timeout=DATA_TIMEOUT)
+    wait_for_every_panel_query(prom, load_dashboard(), timeout=DATA_TIMEOUT, exclude_rows=(HF_ROW,))
 
 
 def test_variable_queries_list_both_runs(stack) -> None:
@@ -274,9 +276,80 @@ def test_every_metric_used_is_exposed(stack) -> None:
     _, runs = stack
     contract = load_contract()
     dashboard = load_dashboard()
-    exprs = [t["expr"] for _, t in dashboard_targets(dashboard)] + variable_queries(dashboard)
+    exprs = [t["expr"] for _, t in dashboard_targets(dashboard, (HF_ROW,))] + variable_queries(dashboard)
     exprs += [expr for _, expr in rule_exprs()]
     used = {contract_name(tok, contract) for e in exprs for tok in metric_tokens(e)}
     exposed = set().union(*(exposed_metric_names(run.metrics(), contract) for run in runs.values()))
     missing = sorted(name for name in used if name not in exposed)
     assert not missing, f"used by dashboards/rules but not exposed: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers: `cachescope run --backend hf --serve`, scraped by a real Prometheus
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_stack(tmp_path_factory) -> Iterator[tuple[PromHandle, Run]]:
+    """transformers' own generate with a duplicated layer_idx (layer 0's cache gets two modules'
+    tokens), serving metrics; Prometheus scrapes it every second with the rules."""
+    require_binary("prometheus")
+    pytest.importorskip("transformers")
+    tmp = tmp_path_factory.mktemp("e2e-hf")
+    run = start_run("hf-faulty", tmp, True, ["--backend", "hf", "--max-new-tokens", "6",
+                                             "--fault", "dup-layer-idx"])
+    try:
+        wait_until_serving(run)
+        with start_prometheus([run.instance], tmp, "1s", rule_files=[RULES_FILE]) as prom:
+            prom.wait_for('count(up{job="cachescope"} == 1) == 1', timeout=60)
+            prom.wait_for("count(rate(cachescope_decode_tokens_total[15s]) > 0) == 1",
+                          timeout=DATA_TIMEOUT)
+            yield prom, run
+    finally:
+        run.stop()
+    assert run.proc.returncode == 0, run.log_tail()   # SIGINT ends --serve cleanly
+
+
+def test_hf_run_answers_every_dashboard_query(hf_stack) -> None:
+    """Every panel of the dashboard returns data for an HF run, its own row included, and every
+    metric the dashboard and the rules use is exposed by it."""
+    prom, run = hf_stack
+    wait_for_every_panel_query(prom, load_dashboard(), timeout=DATA_TIMEOUT)
+    contract = load_contract()
+    dashboard = load_dashboard()
+    exprs = [t["expr"] for _, t in dashboard_targets(dashboard)] + variable_queries(dashboard)
+    exprs += [expr for _, expr in rule_exprs()]
+    for _name, expr in rule_exprs():
+        prom.query(expr)                  # raises on an evaluation error
+    used = {contract_name(tok, contract) for e in exprs for tok in metric_tokens(e)}
+    missing = sorted(used - exposed_metric_names(run.metrics(), contract))
+    assert not missing, f"used by dashboards/rules but not exposed by the hf run: {missing}"
+
+
+def test_hf_layer_panels_show_every_layer_and_the_skew(hf_stack) -> None:
+    """The per-layer panel has one series per layer of the preset (4), and the skew panel shows
+    the duplicated layer's extra tokens (> 0)."""
+    prom, run = hf_stack
+    panels = {p["title"]: p for p in load_dashboard()["panels"]}
+    per_layer = substitute(panels["KV tokens per layer (Hugging Face caches)"]["targets"][0]["expr"],
+                           only(run))
+    series = prom.wait_for(per_layer, timeout=DATA_TIMEOUT, predicate=lambda r: len(r) == 4)
+    assert sorted(s["metric"]["layer"] for s in series) == ["0", "1", "2", "3"]
+    skew = substitute(panels["Layer length skew (Hugging Face caches)"]["targets"][0]["expr"],
+                      only(run))
+    prom.wait_for(skew, timeout=DATA_TIMEOUT,
+                  predicate=lambda r: len(r) == 1 and float(r[0]["value"][1]) > 0)
+
+
+def test_hf_violations_fire_the_pop_order_alert_and_pass_promtool(hf_stack) -> None:
+    """The layer's owner mismatches fire CachescopePopOrderViolation for the hf run, labelled
+    family="layer", and its /metrics page passes `promtool check metrics`."""
+    prom, run = hf_stack
+    firing = prom.wait_for(
+        'ALERTS{alertname="CachescopePopOrderViolation", alertstate="firing"}', timeout=60)
+    assert {(a["metric"]["instance"], a["metric"].get("family")) for a in firing} == {
+        (run.instance, "layer")}, firing
+    promtool = require_binary("promtool", PROMTOOL)
+    proc = subprocess.run([promtool, "check", "metrics"], input=run.metrics(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
