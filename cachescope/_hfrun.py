@@ -108,8 +108,9 @@ def _build_model(ns: argparse.Namespace, device: Any) -> tuple[Any, str]:
     try:
         import transformers  # noqa: F401
     except ImportError:
+        from .hf import MIN_TRANSFORMERS
         raise UsageError("--backend hf needs Hugging Face transformers: pip install "
-                         "'transformers>=5.0'") from None
+                         f"'transformers>={MIN_TRANSFORMERS}'") from None
     if not ns.checkpoint:
         return hf_model_from_preset(ns.preset).to(device), f"preset {ns.preset} (hf)"
     if not os.path.isdir(ns.checkpoint):

@@ -66,7 +66,8 @@ KINDS: dict[str, str] = {
     "owner_mismatch": "an owner popped an item that another owner pushed",
     "pop_empty": "pop on an existing queue that is empty",
     "pop_missing": "pop on a queue that was never pushed to, or was cleared",
-    "leftover": "at a step boundary, a queue popped during the step still holds items",
+    "leftover": "at a step boundary, a queue popped during the step still holds items pushed "
+                "before the step",
     "step_restarted": "a step began again with the same state_ids while the queues it pushed still hold items",
     "state_not_advanced": "a completed step's state_ids were set again instead of advancing",
     "bad_state_ids": "state_ids was set to something other than a (prev, next) pair",

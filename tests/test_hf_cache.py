@@ -444,6 +444,18 @@ def test_install_without_transformers_says_what_to_install() -> None:
     assert "pip install 'transformers>=" in line and "\n" not in line
 
 
+@pytest.mark.parametrize("version", ["5.4.1", "4.57.6"])
+def test_install_refuses_transformers_older_than_supported(monkeypatch: pytest.MonkeyPatch,
+                                                           version: str) -> None:
+    """A transformers older than MIN_TRANSFORMERS: install() raises the one-line ImportError
+    naming the version found, and patches nothing."""
+    monkeypatch.setattr(transformers, "__version__", version)
+    before = cache_utils.Cache.__dict__["update"]
+    with pytest.raises(ImportError, match=rf"transformers>={hf.MIN_TRANSFORMERS}.*found transformers {version}"):
+        hf.install()
+    assert hf.installed() is None and cache_utils.Cache.__dict__["update"] is before
+
+
 def test_unknown_cache_class_is_measured_only(caplog: pytest.LogCaptureFixture) -> None:
     """A Cache subclass cachescope does not know: same tokens, counted, said once, never checked."""
     class MyCache(DynamicCache):

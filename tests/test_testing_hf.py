@@ -368,12 +368,12 @@ def test_pruned_later():
 
 
 def _readme_hf_example() -> str:
-    """The README's block with the Hugging Face test, once it is there; until then the snippet
-    written for it. Either way it must be README_HF_EXAMPLE, so the README cannot drift."""
+    """The README's block with the Hugging Face test: exactly README_HF_EXAMPLE, so the README
+    cannot drift from what is tested."""
     text = (HERE.parent / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
               if "def test_generate_keeps_the_cache_consistent(cachescope)" in b]
-    assert blocks in ([], [README_HF_EXAMPLE]), "README's HF example differs from the tested one"
+    assert blocks == [README_HF_EXAMPLE], "README's HF example differs from the tested one"
     return README_HF_EXAMPLE
 
 

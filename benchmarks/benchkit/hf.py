@@ -29,7 +29,8 @@ def _registry() -> Any:
 def run(ctx: Context) -> dict[str, Any]:
     preset = ctx.hf_preset or ("tiny" if ctx.quick else "pythia-70m")
     log(f"hf: cachescope generate vs transformers generate, {preset}")
-    res = bench_hf(preset, 16 if ctx.quick else 128, 2 if ctx.quick else 7, ctx.seed)
+    res = bench_hf(preset, ctx.tokens or (16 if ctx.quick else 128),
+                   ctx.reps or (2 if ctx.quick else 7), ctx.seed)
     if "skipped" in res:
         log(f"  skipped: {res['skipped']}")
     else:

@@ -25,6 +25,7 @@ ImportError that says what to install.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +42,23 @@ __all__ = ["install", "uninstall", "installed", "watch", "HFRecorder", "HFWatch"
 _FAULT_NAMES = ("inject_faults", "parse_hf_fault", "HFFault", "HFFaultEvent", "HFFaultHandle",
                 "HF_FAULTS")
 
-#: The oldest transformers release cachescope.hf accepts (the layered ``Cache`` API of v5).
-MIN_TRANSFORMERS = "5.0"
+#: The oldest transformers release cachescope.hf accepts: the layered ``Cache`` API of v5 with
+#: ``update(key_states, value_states, layer_idx, *args, **kwargs)`` (5.5; before it, the models
+#: pass a ``cache_position`` that cannot disagree with the cache, so ``position_gap`` is blind, and
+#: static layers have no length counter). docs/hf.md lists the releases checked.
+MIN_TRANSFORMERS = "5.5"
 #: The release the tests run against.
 TESTED_TRANSFORMERS = "5.25.0"
 
 _lock = threading.Lock()
 _installed: dict[str, Any] | None = None
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string (``5.25.0.dev0`` -> (5, 25), ``5.10rc1`` ->
+    (5, 10)); (0, 0) where it cannot be read."""
+    m = re.match(r"(\d+)(?:\.(\d+))?", version)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else (0, 0)
 
 
 def _import_transformers() -> dict[str, Any]:
@@ -61,11 +72,7 @@ def _import_transformers() -> dict[str, Any]:
     except ImportError:
         raise ImportError(hint) from None
     version = getattr(transformers, "__version__", "0")
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < int(MIN_TRANSFORMERS.split(".")[0]) or not hasattr(cache_utils, "DynamicLayer"):
+    if _release(version) < _release(MIN_TRANSFORMERS) or not hasattr(cache_utils, "DynamicLayer"):
         raise ImportError(f"{hint} (found transformers {version})")
     return {"cache_utils": cache_utils, "GenerationMixin": GenerationMixin, "version": version}
 
