@@ -379,7 +379,7 @@ def _readme_hf_example() -> str:
 
 def test_readme_hf_example(pytester: pytest.Pytester) -> None:
     """The README's Hugging Face example passes as written, also in strict mode."""
-    pytester.makepyfile(test_readme=_readme_hf_example())
+    pytester.makepyfile(test_readme_hf_block=_readme_hf_example())
     result = pytester.runpytest_inprocess(*PLUGIN, *FAST, "--cachescope-strict")
     result.assert_outcomes(passed=1)
     assert hf.installed() is None
