@@ -449,7 +449,8 @@ def test_install_refuses_transformers_older_than_supported(monkeypatch: pytest.M
                                                            version: str) -> None:
     """A transformers older than MIN_TRANSFORMERS: install() raises the one-line ImportError
     naming the version found, and patches nothing."""
-    monkeypatch.setattr(transformers, "__version__", version)
+    # the module install() imports (an in-process pytester run may have imported it anew)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
     before = cache_utils.Cache.__dict__["update"]
     with pytest.raises(ImportError, match=rf"transformers>={hf.MIN_TRANSFORMERS}.*found transformers {version}"):
         hf.install()
