@@ -140,7 +140,8 @@ def transparent(recorder_cls: type = HFRecorder) -> tuple[Callable[..., Any], ..
         _wrap_update(lambda *a, **k: None), _wrap_cache_op("crop", lambda *a, **k: None),
         _wrap_layer_op("crop", lambda *a, **k: None), _wrap_generate(lambda *a, **k: None)]
     for name in ("_on_update", "_cross_model", "_check_position", "_enter_op", "_layer_op",
-                 "_begin_generation", "_stale_check", "_discover", "_flush_all"):
+                 "_begin_generation", "_stale_check", "_discover", "_flush_all", "_update",
+                 "_apply"):
         fns.append(getattr(recorder_cls, name))
     return tuple(fns)
 

@@ -657,12 +657,29 @@ class HFRecorder:
 
     # ------------------------------------------------------------------ update
     def _on_update(self, cache: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """``cache.update(*args, **kwargs)`` just returned: the view's ops and the checks.
+        """``cache.update(*args, **kwargs)`` just returned (the hot path: once per layer).
 
-        Runs after the update (one call per update: the hot path), so lengths before it are
-        derived: the layer's length now minus the keys it added."""
+        In a forward of a known model (default mode) the update is only noted: its layer, the
+        keys it added, where its positions come from, and its owner (looked up here, where the
+        model made the call). ``_flush`` checks and applies the noted updates, in order, when the
+        forward ends: one warm loop per step instead of cachescope's work between the model's
+        kernels. Strict mode, forwards found from the stack and updates outside any forward are
+        checked and applied at once."""
         stack = self._local.__dict__.get("stack")
         ctx = stack[-1] if stack else None
+        if ctx is not None and ctx.fast is cache:      # the usual case
+            try:
+                idx = args[2] if len(args) > 2 else kwargs["layer_idx"]
+                if type(idx) is not int:
+                    idx = operator.index(idx)
+                key = args[0] if args else kwargs.get("key_states")
+                k = key.shape[-2] if isinstance(key, torch.Tensor) and key.dim() >= 2 else None
+            except Exception:
+                self._measured[f"{ctx.state.cls_name} (update call not understood)"] += 1
+                return
+            cp, p = self._pos_source(args, kwargs)
+            ctx.pending.append((idx, k, cp, p, ctx.view.cache.attributor.lookup(0)))
+            return
         st = ctx.state if ctx is not None and ctx.cache is cache else None
         if st is None:
             st = self._state(cache)
@@ -672,7 +689,8 @@ class HFRecorder:
         try:
             idx = operator.index(args[2] if len(args) > 2 else kwargs["layer_idx"])
             key = args[0] if args else kwargs.get("key_states")
-            layer = cache.layers[idx] if idx >= 0 else None
+            if not 0 <= idx < len(cache.layers):
+                raise IndexError(idx)
         except Exception:
             self._measured[f"{st.cls_name} (update call not understood)"] += 1
             return
@@ -689,24 +707,33 @@ class HFRecorder:
                 self._say_once(label, f"{label}: measured only (cachescope checks the cache a "
                                "forward is given or makes, not caches inside other caches)")
                 return
-            view = ctx.view
-        else:
-            view = self._loose_view()
+            if not ctx.orphan and not self.strict:
+                ctx.fast = cache                       # this forward's next updates: noted
+                cp, p = self._pos_source(args, kwargs)
+                ctx.pending.append((idx, k, cp, p, ctx.view.cache.attributor.lookup(0)))
+                return
+        cp, p = self._pos_source(args, kwargs)
+        self._update(ctx, ctx.view if ctx is not None else self._loose_view(), st, cache, idx, k,
+                     cp, p, None)
+
+    def _update(self, ctx: Forward | None, view: _View, st: CacheState, cache: Any, idx: int,
+                k: int | None, cp: Any, p: Any, by: Any) -> None:
+        """Check one update of layer ``idx`` (``k`` keys added; ``cp``/``p``: its cache_position or
+        position_ids, if any) and apply it to the view (``by``: its owner, looked up at the update;
+        None: looked up now)."""
+        layer = cache.layers[idx]
         lt = type(layer)
         before = pos = None
         if lt in self._known_layers:
             if ctx is not None:
                 start = ctx.start
-                if start is None:          # the forward's first update: every layer's length
-                    start = ctx.start = self._lengths(cache)
-                    now = start.get(idx)
-                    start[idx] = None if now is None or k is None else now - k
+                if start is None:          # lengths before the forward: now minus what it added
+                    start = ctx.start = self._start_lengths(cache, ((idx, k),))
                 base = start.get(idx, 0)   # a layer created during this forward held nothing
-                n = ctx.counts.get(idx)
                 before = None if base is None else base + ctx.added.get(idx, 0)
-                if before is not None and not n:
+                if before is not None and not ctx.counts.get(idx):
                     # (a second update in one forward is layer_repeated, not a gap)
-                    pos = self._positions(ctx, args, kwargs, before)
+                    pos = self._positions(ctx, cp, p, before)
             else:
                 now = self._length(layer)
                 before = None if now is None or k is None else now - k
@@ -725,7 +752,7 @@ class HFRecorder:
             first = writer is None
             step = ctx.step if ctx is not None else view.cache.step
             if writer is not None and writer[0] != view.name:
-                self._cross_model(view, idx, writer, st, step)
+                self._cross_model(view, idx, writer, st, step, by)
                 first = True
             kv = st.kv.get(idx)
             if kv is None or kv._ref() is not layer:
@@ -736,22 +763,29 @@ class HFRecorder:
                     except TypeError:
                         pass
             q = view.cache
-            name = layer_queue(idx)
-            if ctx is not None and not ctx.orphan and not self.strict:
-                # applied when the forward ends (``_flush``): one warm loop per step instead of
-                # the core's ops between the layers' matmuls; the owner is looked up now
-                by = q.attributor.lookup(0)
-                ctx.pending.append((name, kv, by, first))
-            else:
-                by = None
-                self._apply(q, name, kv, None, first)
+            self._apply(q, layer_queue(idx), kv, by, first)
             if first:
                 if by is None:
                     _, recs = q.ops_since(q.seq - 1)
                     by = (recs[-1].owner, recs[-1].site) if recs else (None, None)
                 st.writers[idx] = (view.name, by[0], by[1], step)
             if pos is not None and before is not None:
-                self._check_position(view, ctx, st, cache, idx, before, k, pos, lt)
+                self._check_position(view, ctx, st, cache, idx, before, k, pos, lt, by)
+
+    def _start_lengths(self, cache: Any, updates: Any) -> dict[int, int | None]:
+        """Each known layer's length before the forward: its length now minus the keys that
+        ``updates`` (``(layer, keys added, ...)``: those made but not yet counted) added."""
+        start = self._lengths(cache)
+        added: dict[int, int | None] = {}
+        for i, n, *_ in updates:
+            if i in added and added[i] is None:
+                continue
+            added[i] = None if n is None else added.get(i, 0) + int(n)
+        for i, n in added.items():
+            now = start.get(i)
+            if now is not None:
+                start[i] = None if n is None else now - n
+        return start
 
     @staticmethod
     def _apply(q: InstrumentedCache, name: str, kv: LayerKV, by: Any, first: bool) -> None:
@@ -765,14 +799,17 @@ class HFRecorder:
             q.pop_push(name, name, kv, by)   # the owner rule: popped by its writer?
 
     def _flush(self, ctx: Forward | None) -> None:
-        """Apply the view ops a forward has made so far (before anything reads its timeline)."""
+        """Check and apply the updates a forward has noted so far (at its end, or before anything
+        else reports a violation or reads its lengths)."""
         if ctx is None or not ctx.pending:
             return
         pending, ctx.pending = ctx.pending, []
-        q = ctx.view.cache
-        apply = self._apply
-        for name, kv, by, first in pending:
-            apply(q, name, kv, by, first)
+        view, st, cache = ctx.view, ctx.state, ctx.cache
+        if ctx.start is None:
+            ctx.start = self._start_lengths(cache, pending)
+        update = self._update
+        for idx, k, cp, p, by in pending:
+            update(ctx, view, st, cache, idx, None if k is None else int(k), cp, p, by)
 
     def _flush_all(self) -> None:
         """Apply every pending view op on this thread (a violation is about to be reported: its
@@ -781,16 +818,17 @@ class HFRecorder:
             if ctx.pending:
                 self._flush(ctx)
 
-    def _cross_model(self, view: _View, idx: int, writer: Any, st: CacheState, step: int) -> None:
+    def _cross_model(self, view: _View, idx: int, writer: Any, st: CacheState, step: int,
+                     by: Any = None) -> None:
         self._flush_all()
-        owner, site = view.cache.attributor.lookup(0)
+        owner, site = by if by is not None else view.cache.attributor.lookup(0)
         v = _checks.cross_model(idx, step=step, view=view.name, consumer=owner, site=site,
                                 writer=writer, cache_cls=st.cls_name,
                                 timeline=_checks.queue_timeline(view.cache.timeline(), f"layer_{idx}"))
         view.cache.add_violation(v)
 
     def _check_position(self, view: _View, ctx: Forward | None, st: CacheState, cache: Any, idx: int,
-                        before: int, k: int | None, pos: Any, lt: Any) -> None:
+                        before: int, k: int | None, pos: Any, lt: Any, by: Any = None) -> None:
         source, rows, firsts = pos
         gaps = st.gap
         if not rows:
@@ -805,7 +843,7 @@ class HFRecorder:
                 return
             ctx.gap_skews.add(d)
         self._flush_all()
-        owner, site = view.cache.attributor.lookup(0)
+        owner, site = by if by is not None else view.cache.attributor.lookup(0)
         writer = st.writers.get(idx)
         v = _checks.position_gap(
             idx, step=ctx.step if ctx is not None else view.cache.step, view=view.name,
@@ -815,25 +853,35 @@ class HFRecorder:
             timeline=_checks.queue_timeline(view.cache.timeline(), f"layer_{idx}"))
         view.cache.add_violation(v)
 
-    def _positions(self, ctx: Forward, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   before: int) -> Any:
-        """``(source, rows, positions)``: the rows whose new keys do not start at ``before``
-        (empty: all do), or None when nothing says where they start (or padding hides it)."""
+    @staticmethod
+    def _pos_source(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """``(cache_position, position_ids)`` an update carries (small tensors, or None: the
+        forward's ``position_ids`` then)."""
         cache_kwargs = args[3] if len(args) > 3 else kwargs.get("cache_kwargs")
-        if isinstance(cache_kwargs, dict):
+        if type(cache_kwargs) is dict:
             cp = cache_kwargs.get("cache_position")
             if isinstance(cp, torch.Tensor):
-                memo = ctx.pos_memo
-                first = memo.get(id(cp))       # the same tensor for every layer of a forward
-                if first is None:
-                    if not cp.numel():
-                        return None
-                    first = memo[id(cp)] = int(cp.reshape(-1)[0])
-                    memo[("keep", id(cp))] = cp  # (kept until the forward ends: ids stay unique)
-                return _POS_OK if first == before else ("cache_position", (0,), (first,))
+                return cp, None
         inner = kwargs.get("kwargs")
-        p = inner.get("position_ids") if isinstance(inner, dict) else None
-        if not isinstance(p, torch.Tensor):
+        if type(inner) is dict:
+            p = inner.get("position_ids")
+            if isinstance(p, torch.Tensor):
+                return None, p
+        return None, None
+
+    def _positions(self, ctx: Forward, cp: Any, p: Any, before: int) -> Any:
+        """``(source, rows, positions)``: the rows whose new keys do not start at ``before``
+        (empty: all do), or None when nothing says where they start (or padding hides it)."""
+        if cp is not None:
+            memo = ctx.pos_memo
+            first = memo.get(id(cp))       # the same tensor for every layer of a forward
+            if first is None:
+                if not cp.numel():
+                    return None
+                first = memo[id(cp)] = int(cp.reshape(-1)[0])
+                memo[("keep", id(cp))] = cp  # (kept until the forward ends: ids stay unique)
+            return _POS_OK if first == before else ("cache_position", (0,), (first,))
+        if p is None:
             p = ctx.position_ids
         if not isinstance(p, torch.Tensor) or p.dim() not in (1, 2) or not p.numel():
             return None

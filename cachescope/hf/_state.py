@@ -180,7 +180,7 @@ class Forward:
 
     __slots__ = ("view", "step", "cache", "state", "explicit", "orphan", "depth", "batch", "q",
                  "input_ids", "position_ids", "mask", "counts", "added", "start", "pos_memo",
-                 "gap_skews", "disturbed", "first_layer", "pending")
+                 "gap_skews", "disturbed", "first_layer", "pending", "fast")
 
     def __init__(self, view: Any, step: int, *, orphan: bool = False) -> None:
         self.view = view
@@ -202,7 +202,10 @@ class Forward:
         self.gap_skews: set[int] = set()
         self.disturbed = False          # a structural op ran on the cache during the forward
         self.first_layer: int | None = None
-        self.pending: list[Any] = []    # the view's ops, applied when the forward ends
+        #: updates noted in this forward, checked and applied when it ends:
+        #: (layer, keys added, cache_position, position_ids, (owner, site))
+        self.pending: list[Any] = []
+        self.fast: Any = None           # the cache whose updates are noted (set at its first)
 
     def drop_inputs(self) -> None:
         self.input_ids = self.position_ids = self.mask = None
