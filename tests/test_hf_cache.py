@@ -457,6 +457,23 @@ def test_install_refuses_transformers_older_than_supported(monkeypatch: pytest.M
     assert hf.installed() is None and cache_utils.Cache.__dict__["update"] is before
 
 
+def test_paused_sees_nothing_and_checking_resumes_after() -> None:
+    """Inside cachescope.hf.paused() a faulty model runs unseen (no op, step or violation in any
+    view; same tokens); after the block the same model is checked again."""
+    model = neox(3)
+    dup_layer_idx(model, 0, 1)
+    rec = _install()
+    with hf.paused():
+        tokens = model.generate(ids(), max_new_tokens=3).tolist()
+    assert rec.violations == [] and all(v.stats.steps == 0 and not v.timeline()
+                                        for v in rec.views.values())
+    assert model.generate(ids(), max_new_tokens=3).tolist() == tokens
+    assert ("owner_mismatch", 0, "layer_0") in _found(rec)
+    hf.uninstall()
+    with hf.paused():                 # not installed: nothing to pause
+        assert model.generate(ids(), max_new_tokens=3).tolist() == tokens
+
+
 def test_unknown_cache_class_is_measured_only(caplog: pytest.LogCaptureFixture) -> None:
     """A Cache subclass cachescope does not know: same tokens, counted, said once, never checked."""
     class MyCache(DynamicCache):

@@ -111,6 +111,7 @@ def bench_hf(preset: str, tokens: int, reps: int, seed: int) -> dict[str, Any]:
                 out_tokens[k] = runs[k](tokens)
                 res[k].append((PERF() - t0) / tokens * 1e3)
     mk.close()
+    lock = lockstep_hf(hf, ids, tokens, max(3, reps // 2), seed)
     ratios = [c / h for c, h in zip(res["cachescope"], res["hf"])]
     lo, hi = bootstrap_ci(ratios, statistics.median)
     ratios_i = [c / h for c, h in zip(res["cachescope+default"], res["hf"])]
@@ -130,7 +131,60 @@ def bench_hf(preset: str, tokens: int, reps: int, seed: int) -> dict[str, Any]:
             "ratio_hfcheck": statistics.median(ratios_h), "ratio_hfcheck_lo": hlo,
             "ratio_hfcheck_hi": hhi,
             "same_tokens": same, "first_diff": first_diff,
-            "transformers": transformers.__version__}
+            "transformers": transformers.__version__, "lockstep": lock}
+
+
+def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int) -> dict[str, Any]:
+    """Forward by forward, in lockstep: three copies of ``model`` decode the same greedy tokens,
+    each with its own ``DynamicCache``; per token, in rotating order, the ``checked`` copy runs
+    under ``cachescope.hf`` (installed, default mode) and the ``plain`` and ``plain-aa`` copies run
+    inside ``cachescope.hf.paused()`` (the patched functions only read a flag). Per-token paired
+    ratios checked/plain (and plain-aa/plain: the design's A/A control), median with a bootstrap
+    CI over every token of every repetition."""
+    import copy
+
+    import cachescope.hf as cshf
+    from transformers import DynamicCache
+
+    arms = {"plain": model, "checked": copy.deepcopy(model), "plain-aa": copy.deepcopy(model)}
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    same = True
+    rec = cshf.install(registry=_registry())
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arms["checked"].generate(ids, max_new_tokens=2, do_sample=False)   # its view, hooks
+            for rep in range(reps):
+                caches = {a: DynamicCache(config=m.config) for a, m in arms.items()}
+                nxt: dict[str, Any] = {}
+                for a, m in arms.items():          # prefill (not timed)
+                    with (cshf.paused() if a != "checked" else contextlib.nullcontext()):
+                        out = m(input_ids=ids, cache=caches[a], use_cache=True)
+                    nxt[a] = out.logits[:, -1:].argmax(-1)
+                order = list(arms)
+                random.Random(seed + rep).shuffle(order)
+                for t in range(tokens):
+                    k = t % len(order)
+                    for a in order[k:] + order[:k]:
+                        m = arms[a]
+                        with (cshf.paused() if a != "checked" else contextlib.nullcontext()):
+                            t0 = PERF()
+                            out = m(input_ids=nxt[a], cache=caches[a], use_cache=True)
+                            nxt[a] = out.logits[:, -1:].argmax(-1)
+                            times[a].append(PERF() - t0)
+                    same = same and nxt["checked"].tolist() == nxt["plain"].tolist()
+    finally:
+        cshf.uninstall()
+        rec.close()
+    checked = [c / p for c, p in zip(times["checked"], times["plain"])]
+    aa = [c / p for c, p in zip(times["plain-aa"], times["plain"])]
+    lo, hi = bootstrap_ci(checked, statistics.median)
+    alo, ahi = bootstrap_ci(aa, statistics.median)
+    return {"reps": reps, "tokens": tokens, "violations": len(rec.violations),
+            "ms": {a: statistics.median(v) * 1e3 for a, v in times.items()},
+            "overhead": statistics.median(checked) - 1, "overhead_lo": lo - 1, "overhead_hi": hi - 1,
+            "aa": statistics.median(aa) - 1, "aa_lo": alo - 1, "aa_hi": ahi - 1,
+            "same_tokens": same}
 
 
 def render(hf: dict[str, Any], w: Callable[[str], None]) -> None:
@@ -163,4 +217,17 @@ def render(hf: dict[str, Any], w: Callable[[str], None]) -> None:
           f"unpatched): HF `generate` takes **{(hf['ratio_hfcheck'] - 1) * 100:+.2f} %** "
           f"[{(hf['ratio_hfcheck_lo'] - 1) * 100:+.2f} %, {(hf['ratio_hfcheck_hi'] - 1) * 100:+.2f} %] "
           "longer (median of paired ratios over the repetitions; issue #20's goal: 1 %).")
+        w("")
+    lock = hf.get("lockstep")
+    if lock:
+        ms = lock["ms"]
+        w(f"**Forward by forward, in lockstep** (three copies of the model decode the same greedy "
+          f"tokens with their own `DynamicCache`, {lock['reps']} x {lock['tokens']} tokens, "
+          f"rotating order; `checked` under `cachescope.hf.install()` in default mode, `plain` and "
+          f"`plain-aa` inside `cachescope.hf.paused()`): median forward "
+          f"{ms['plain']:.2f} ms plain, {ms['checked']:.2f} ms checked; overhead "
+          f"**{lock['overhead'] * 100:+.2f} %** [{lock['overhead_lo'] * 100:+.2f} %, "
+          f"{lock['overhead_hi'] * 100:+.2f} %] (median of per-token paired ratios), A/A control "
+          f"{lock['aa'] * 100:+.2f} % [{lock['aa_lo'] * 100:+.2f} %, {lock['aa_hi'] * 100:+.2f} %]; "
+          f"same tokens: {'yes' if lock['same_tokens'] else 'no'}; violations: {lock['violations']}.")
         w("")

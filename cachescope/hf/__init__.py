@@ -25,16 +25,17 @@ ImportError that says what to install.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from ._faults import (HF_FAULTS, HFFault, HFFaultEvent, HFFaultHandle, inject_faults,
                           parse_hf_fault)
     from ._recorder import HFRecorder, HFWatch
 
-__all__ = ["install", "uninstall", "installed", "watch", "HFRecorder", "HFWatch", "HFCacheError",
+__all__ = ["install", "uninstall", "installed", "paused", "watch", "HFRecorder", "HFWatch", "HFCacheError",
            "MIN_TRANSFORMERS", "TESTED_TRANSFORMERS", "inject_faults", "parse_hf_fault", "HFFault",
            "HFFaultEvent", "HFFaultHandle", "HF_FAULTS"]
 
@@ -131,6 +132,26 @@ def uninstall() -> None:
         recorder.unhook()
         recorder.active = False
         _installed = None
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """While the block runs, cachescope.hf sees nothing (transformers runs as if it were not
+    installed; its wrappers only read a flag): e.g. a warm-up, or a model compared with a checked
+    one. Pause between forwards, not inside one. Without ``install()``, does nothing."""
+    from . import _patch
+    recorder = installed()
+    if recorder is None:
+        yield
+        return
+    _patch.ACTIVE[0] = None
+    recorder.paused = True
+    try:
+        yield
+    finally:
+        recorder.paused = False
+        if installed() is recorder:
+            _patch.ACTIVE[0] = recorder
 
 
 def installed() -> "HFRecorder | None":

@@ -181,6 +181,8 @@ class HFRecorder:
         self._sink = _Collector(self)
         self._transparent: tuple[Callable[..., Any], ...] = ()
         self.active = False
+        #: ``cachescope.hf.paused()``: the forward hooks ignore forwards (the patches are off)
+        self.paused = False
 
     # ------------------------------------------------------------------ reading
     @property
@@ -407,7 +409,7 @@ class HFRecorder:
         quiet = _quiet
 
         def cachescope_forward_start(module: Any, args: Any, kwargs: Any) -> None:
-            if quiet():
+            if rec.paused or quiet():
                 return None
             try:
                 rec._begin_forward(view, module, args, kwargs)
@@ -418,7 +420,7 @@ class HFRecorder:
             return None
 
         def cachescope_forward_end(module: Any, args: Any, output: Any) -> None:
-            if quiet():
+            if rec.paused or quiet():
                 return None
             try:
                 rec._end_forward(view, output)
