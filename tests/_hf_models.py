@@ -1,17 +1,45 @@
 """Tiny random Hugging Face models (no downloads) and the bugs the cachescope.hf tests plant.
 
-Imported only by the tests that need transformers (torch is imported here, at module level).
+Imported only by the tests that need transformers (torch and transformers are imported here, at
+module level). The tests run on the transformers of the main venv and on the oldest release
+scripts/test_transformers.sh pins; ``CACHE_KW`` and ``returned_cache`` bridge the one API rename
+between them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Callable, Iterator
 
 import torch
+import transformers
 from torch import nn
 
 PROMPT = [[5, 6, 7, 8, 9]]
+
+
+def _release(version: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", version)
+    assert m, f"cannot read transformers version {version!r}"
+    return int(m.group(1)), int(m.group(2))
+
+
+#: The installed transformers, ``(major, minor)``.
+TRANSFORMERS = _release(transformers.__version__)
+
+#: The keyword that hands a cache to a model's forward / ``generate()`` (and that decoder layers
+#: receive, Llama-style): transformers 5.24 renamed ``past_key_values=`` to ``cache=`` (the old
+#: name is still accepted, deprecated), and the outputs' ``.past_key_values`` to ``.cache``.
+CACHE_KW = "cache" if TRANSFORMERS >= (5, 24) else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a model's forward or ``generate(return_dict_in_generate=True)`` returned
+    (``output.cache``; ``output.past_key_values`` before transformers 5.24); never None."""
+    cache = getattr(output, CACHE_KW)
+    assert cache is not None, f"{type(output).__name__}.{CACHE_KW} is None"
+    return cache
 
 
 def neox(layers: int = 3, *, seed: int = 0, init: float = 0.5) -> Any:
@@ -93,7 +121,8 @@ def on_layer_at(model: Any, layer: int, step: int, action: Callable[[Any], None]
 
     def before_layer(_m: Any, args: Any, kwargs: Any) -> None:
         if count[0] == step:
-            cache = kwargs.get("layer_past", kwargs.get("cache"))
+            cache = kwargs.get("layer_past", kwargs.get(CACHE_KW))
+            assert cache is not None, f"decoder layer {layer} got no cache: {sorted(kwargs)}"
             action(cache)
 
     handles = [model.register_forward_pre_hook(on_forward, with_kwargs=True),

@@ -9,7 +9,8 @@ name, without editing ``sys.path`` itself:
 - ``_kvloop``: labml-style layers (``Attention``, the bare ``KVLayer``) and decode loops
   (``decode``, ``labml_decode``);
 - ``_loop``: the tiny reference NeoX model, ``run_decode`` and in-memory OpenTelemetry;
-- ``_prom``: a real Prometheus on loopback, and the dashboard/rules helpers.
+- ``_prom``: a real Prometheus on loopback, and the dashboard/rules helpers;
+- ``_ci``: under ``CI=true``, a skip for something missing is a failure (its hooks are here).
 
 Nothing here may import torch at module level (directly or through ``_kvloop``/``_loop``):
 tests/test_portable.py runs under this conftest on interpreters without torch
@@ -18,7 +19,6 @@ tests/test_portable.py runs under this conftest on interpreters without torch
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -32,26 +32,6 @@ def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-# Under CI=true a test that skips because something it needs is missing (a package, a binary,
-# labml-nn) fails instead: CI installs everything the tests need, so a skip there hides a broken
-# set-up. Only the skips below are what a CI machine legitimately lacks or cannot run.
-_CI_ALLOWED_SKIPS = (
-    "needs a CUDA device",                        # no GPU on CI
-    "other test modules (or a plugin) in this session may import torch",   # test_portable in-process
-    "needs os.fork",                              # not on this platform
-    "fork() semantics are tested on Linux only",  # not on this platform
-    "CUDA is available here",                     # a test of the CPU-only path, on a GPU machine
-)
+# Under CI=true a skip for something missing fails, in a test or for a whole module (_ci.py).
+from _ci import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402,F401
 
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
-    outcome = yield
-    report = outcome.get_result()
-    if not os.environ.get("CI") or not report.skipped or hasattr(report, "wasxfail"):
-        return
-    reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
-    if not any(allowed in reason for allowed in _CI_ALLOWED_SKIPS):
-        report.outcome = "failed"
-        report.longrepr = (f"skipped under CI=true ({reason}); CI installs everything the tests "
-                           "need, so this is a failure, not a skip")

@@ -25,8 +25,8 @@ from transformers.generation.utils import GenerationMixin  # noqa: E402
 
 import cachescope.hf as hf  # noqa: E402
 from cachescope import PopOrderError  # noqa: E402
-from _hf_models import (dup_layer_idx, extra_tokens_on, ids, llama, neox,  # noqa: E402
-                        on_layer_at, prune, skip_layer_at)
+from _hf_models import (CACHE_KW, TRANSFORMERS, dup_layer_idx, extra_tokens_on, ids,  # noqa: E402
+                        llama, neox, on_layer_at, prune, returned_cache, skip_layer_at)
 from _helpers import plugin_autoloaded  # noqa: E402
 from _loop import otel_memory  # noqa: E402
 
@@ -66,7 +66,7 @@ def _modes(kind: str) -> dict[str, Callable[[Any], Any]]:
     def reuse(model: Any) -> Any:
         first = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
         prompt = torch.cat([first.sequences, torch.tensor([[11, 12]])], dim=1)
-        return model.generate(prompt, cache=first.cache, max_new_tokens=4)
+        return model.generate(prompt, **{CACHE_KW: returned_cache(first)}, max_new_tokens=4)
 
     return {
         "greedy": lambda m: m.generate(ids(), max_new_tokens=8),
@@ -171,9 +171,9 @@ def test_manual_loop_without_watch_or_generate() -> None:
     model = neox()
     rec = _install()
     cache = DynamicCache(config=model.config)
-    model(ids(), cache=cache, use_cache=True)
+    model(ids(), **{CACHE_KW: cache}, use_cache=True)
     for token in (3, 4, 5):
-        model(torch.tensor([[token]]), cache=cache, use_cache=True)
+        model(torch.tensor([[token]]), **{CACHE_KW: cache}, use_cache=True)
     view = rec.view(model)
     assert view.stats.steps == 4 and _found(rec) == []
     owners = {r.owner for r in view.timeline() if r.op == "push"}
@@ -250,7 +250,7 @@ def test_stale_reuse(kind: str) -> None:
     first = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
     steps = rec.view(model).step + 1
     other = [97, 98, 99, 100, 101, 102, 103, 104, 105, 106]
-    model.generate(ids([other]), cache=first.cache, max_new_tokens=3)
+    model.generate(ids([other]), **{CACHE_KW: returned_cache(first)}, max_new_tokens=3)
     assert _found(rec) == [("stale_reuse", steps, "cache")]
     report = rec.violations[0].report()
     assert "8 token(s) per row" in report and "digests (never ids)" in report
@@ -264,7 +264,7 @@ def test_prompt_shorter_than_the_cache_is_stale_reuse() -> None:
     rec = _install()
     first = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
     with pytest.raises(Exception):      # transformers itself cannot slice such a prompt
-        model.generate(ids([[5, 6]]), cache=first.cache, max_new_tokens=2)
+        model.generate(ids([[5, 6]]), **{CACHE_KW: returned_cache(first)}, max_new_tokens=2)
     assert _found(rec)[0][0] == "stale_reuse"
     assert "the prompt has only 2" in rec.violations[0].detail
 
@@ -275,9 +275,9 @@ def test_wrong_positions_are_position_gap(kind: str) -> None:
     model = ATTRIBUTES[kind][1](3)
     rec = _install()
     cache = DynamicCache(config=model.config)
-    model(ids(), cache=cache, use_cache=True)
-    model(torch.tensor([[3]]), cache=cache, use_cache=True, position_ids=torch.tensor([[0]]))
-    model(torch.tensor([[4]]), cache=cache, use_cache=True, position_ids=torch.tensor([[6]]))
+    model(ids(), **{CACHE_KW: cache}, use_cache=True)
+    model(torch.tensor([[3]]), **{CACHE_KW: cache}, use_cache=True, position_ids=torch.tensor([[0]]))
+    model(torch.tensor([[4]]), **{CACHE_KW: cache}, use_cache=True, position_ids=torch.tensor([[6]]))
     assert _found(rec) == [("position_gap", 1, "layer_0")]
     assert "holds 5 token(s) but the 1 new key(s) start at position row 0: 0" in rec.violations[0].detail
 
@@ -287,11 +287,11 @@ def test_one_layer_with_extra_tokens_is_seq_len_mismatch() -> None:
     model = neox(3)
     rec = _install()
     cache = DynamicCache(config=model.config)
-    model(ids(), cache=cache, use_cache=True)
+    model(ids(), **{CACHE_KW: cache}, use_cache=True)
     extra_tokens_on(cache, 1)
-    model(torch.tensor([[3]]), cache=cache, use_cache=True)
+    model(torch.tensor([[3]]), **{CACHE_KW: cache}, use_cache=True)
     del cache.update
-    model(torch.tensor([[4]]), cache=cache, use_cache=True)
+    model(torch.tensor([[4]]), **{CACHE_KW: cache}, use_cache=True)
     assert _found(rec) == [("seq_len_mismatch", 1, "layer_1")]
     assert "layer 1: 7" in rec.violations[0].detail
 
@@ -319,9 +319,9 @@ def test_per_layer_kv_length_metrics() -> None:
     n = ids().shape[1] + 3          # the last forward's cache: prompt + 3 generated tokens
     assert _layer_series(registry) == {**{(str(i), "full"): n for i in range(3)}, ("skew", ""): 0}
     cache = DynamicCache(config=model.config)
-    model(ids(), cache=cache, use_cache=True)
+    model(ids(), **{CACHE_KW: cache}, use_cache=True)
     extra_tokens_on(cache, 1)
-    model(torch.tensor([[3]]), cache=cache, use_cache=True)
+    model(torch.tensor([[3]]), **{CACHE_KW: cache}, use_cache=True)
     p = ids().shape[1]
     assert _layer_series(registry) == {("0", "full"): p + 1, ("1", "full"): p + 2,
                                        ("2", "full"): p + 1, ("skew", ""): 1}
@@ -405,12 +405,16 @@ def test_view_ops_applied_at_the_forwards_end_equal_ops_made_at_each_update(faul
 _PATCHED = [(cache_utils.Cache, name) for name in ("update", "crop", "reorder_cache",
                                                    "batch_select_indices",
                                                    "batch_repeat_interleave", "reset")]
-_PATCHED += [(cache_utils.DynamicLayer, "crop"), (cache_utils.StaticLayer, "crop"),
-             (GenerationMixin, "generate")]
+# The layers' own crop(): install() patches each layer class's own, and StaticLayer has one only
+# from transformers 5.24 (test_install_and_uninstall_are_idempotent_round_trips requires it there).
+_PATCHED += [(cls, "crop") for cls in (cache_utils.DynamicLayer, cache_utils.StaticLayer)
+             if cls is cache_utils.DynamicLayer or "crop" in cls.__dict__]
+_PATCHED += [(GenerationMixin, "generate")]
 
 
 def test_install_and_uninstall_are_idempotent_round_trips() -> None:
     """install() twice gives one recorder; uninstall() restores the exact functions and hooks."""
+    assert ((cache_utils.StaticLayer, "crop") in _PATCHED) == (TRANSFORMERS >= (5, 24))
     before = {(cls, name): cls.__dict__[name] for cls, name in _PATCHED}
     model = neox(2)
     attn = model.gpt_neox.layers[0].attention
@@ -480,11 +484,13 @@ def test_unknown_cache_class_is_measured_only(caplog: pytest.LogCaptureFixture) 
         pass
 
     model = neox(2)
-    expected = model.generate(ids(), cache=MyCache(config=model.config), max_new_tokens=4).tolist()
+    expected = model.generate(ids(), **{CACHE_KW: MyCache(config=model.config)},
+                              max_new_tokens=4).tolist()
     rec = _install()
     with caplog.at_level(logging.WARNING, logger="cachescope"):
         for _ in range(2):
-            got = model.generate(ids(), cache=MyCache(config=model.config), max_new_tokens=4)
+            got = model.generate(ids(), **{CACHE_KW: MyCache(config=model.config)},
+                                 max_new_tokens=4)
             assert got.tolist() == expected
     assert _found(rec) == [] and rec.measured_only == {"MyCache": 16}
     said = [r for r in caplog.records if "MyCache" in r.getMessage()]
@@ -524,11 +530,12 @@ def test_bytes_follow_the_layers_without_holding_them() -> None:
     model = neox(2)
     _install(registry=registry)
     out = model.generate(ids(), max_new_tokens=4, return_dict_in_generate=True)
-    keys = weakref.ref(out.cache.layers[0].keys)
-    nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers)
+    cache = returned_cache(out)
+    keys = weakref.ref(cache.layers[0].keys)
+    nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     labels = {"cache": "hf", "family": "layer", "kind": "logical"}
     assert registry.get_sample_value("cachescope_tensor_bytes", labels) == nbytes
-    del out
+    del out, cache
     gc.collect()
     assert keys() is None
     assert registry.get_sample_value("cachescope_tensor_bytes", labels) == 0
@@ -542,7 +549,7 @@ def test_cachescope_failures_never_reach_the_model(monkeypatch: pytest.MonkeyPat
     expected = model.generate(ids(), max_new_tokens=4).tolist()
     small = DynamicCache(config=neox(2).config)
     with pytest.raises(Exception) as plain:
-        model(ids(), cache=small, use_cache=True)
+        model(ids(), **{CACHE_KW: small}, use_cache=True)
     rec = _install()
 
     def broken(*args: Any, **kwargs: Any) -> None:
@@ -553,7 +560,7 @@ def test_cachescope_failures_never_reach_the_model(monkeypatch: pytest.MonkeyPat
     assert model.generate(ids(), max_new_tokens=4).tolist() == expected
     assert rec.telemetry_errors > 0
     with pytest.raises(type(plain.value)) as instrumented:
-        model(ids(), cache=DynamicCache(config=neox(2).config), use_cache=True)
+        model(ids(), **{CACHE_KW: DynamicCache(config=neox(2).config)}, use_cache=True)
     assert str(instrumented.value) == str(plain.value)
 
 
