@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import sys
-import threading
-import time
 from types import SimpleNamespace
 from typing import Any
 
 from . import cli
-from .cli import PROG, UsageError
+from .cli import UsageError
 
 __all__ = ["run", "hf_model_from_preset"]
 
@@ -183,13 +179,7 @@ def run(ns: argparse.Namespace) -> int:
                 "max_new_tokens": ns.max_new_tokens, "faults": [str(f) for f in ns.fault],
                 "device": str(device)})
         if metrics_mod is not None:
-            try:
-                server, _thread, port = metrics_mod.start_metrics_server(
-                    ns.metrics_port, ns.metrics_addr)
-            except (metrics_mod.MetricsServerError, OSError, ValueError) as exc:
-                raise UsageError(f"--metrics-port: {exc}") from None
-            print(f"{PROG}: serving metrics on http://{cli.url_host(ns.metrics_addr)}:{port}/metrics",
-                  file=sys.stderr, flush=True)
+            server = cli.serve_metrics(ns, metrics_mod)
         return _decode(ns, model, model_desc, rec, view, prompt, ids)
     finally:
         if recorder is not None:
@@ -210,79 +200,32 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, rec: Any, view:
     import torch
     from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-    from ._records import PopOrderError
-    if ns.fault:
-        from .hf import inject_faults
-
-    stop = threading.Event()
-    progress = cli.Progress((sys.stderr.isatty() and not ns.quiet) or ns.progress,
-                            ns.max_new_tokens)
-    error: str | None = None
-    events: list[Any] = []
-    not_fired: list[str] = []
-    generations = 0
-    tokens_total = 0
-    last_tokens: list[int] = []
-    t0 = time.perf_counter()
+    loop = cli.GenerationLoop(ns, lambda: len(rec.violations))
 
     class _Step(StoppingCriteria):
         """Counts tokens, shows progress, ends the generation when --serve is asked to stop."""
 
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            nonlocal tokens_total
-            tokens_total += 1
-            i = input_ids.shape[-1] - len(prompt)
-            elapsed = time.perf_counter() - t0
-            gen = f"generation {generations}, " if ns.serve else ""
-            progress.update(f"{gen}step {i}/{ns.max_new_tokens}, {tokens_total} tokens, "
-                            f"{tokens_total / elapsed if elapsed > 0 else 0:.1f} tokens/s, "
-                            f"{len(rec.violations)} violation(s)")
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
+            stop = loop.on_token(input_ids.shape[-1] - len(prompt) - 1)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool,
                               device=input_ids.device)
 
-    mask = torch.ones_like(ids)
-    extra = _pad(model)
-    with cli._signals(stop, ns.serve):
-        while True:
-            generations += 1
-            try:
-                with (inject_faults(ns.fault, model) if ns.fault
-                      else contextlib.nullcontext()) as handle:
-                    try:
-                        with torch.no_grad():
-                            out = model.generate(
-                                ids, attention_mask=mask, max_new_tokens=ns.max_new_tokens,
-                                do_sample=False, stopping_criteria=StoppingCriteriaList([_Step()]),
-                                **extra)
-                        last_tokens = out[0, ids.shape[-1]:].tolist()
-                    finally:
-                        if handle is not None and generations == 1:
-                            # the view's steps are the block's forwards in the first generation
-                            events = [SimpleNamespace(fault=e.fault, step=e.step, cache_step=e.step,
-                                                      what=e.what) for e in handle.events]
-                            not_fired = [str(f) for f in handle.not_fired()]
-            except PopOrderError as exc:
-                error = f"stopped at the first violation (--strict): {exc.violation.summary()}"
-                if not ns.serve:
-                    break
-            except (IndexError, KeyError, RuntimeError) as exc:
-                if not rec.violations:
-                    raise
-                error = f"generate raised {type(exc).__name__}: {cli.exc_text(exc)}"
-            if not ns.serve or stop.is_set():
-                break
-    elapsed = time.perf_counter() - t0
-    progress.done()
+    def generate_once() -> list[int]:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=ns.max_new_tokens, do_sample=False,
+                                 stopping_criteria=StoppingCriteriaList([_Step()]), **_pad(model))
+        return out[0, ids.shape[-1]:].tolist()
 
-    violations = list(rec.violations)
-    exit_code = 1 if (violations or error) and not ns.serve else 0
-    summary = cli.run_summary(ns, _shape(model), model_desc, view, prompt, generations,
-                              tokens_total, elapsed, events, not_fired, error, last_tokens,
-                              exit_code)
-    summary["backend"] = "hf"
-    summary["measured_only"] = rec.measured_only
-    if ns.json:
-        print(json.dumps(summary, indent=2, default=str))
-    else:
-        cli._print_human(ns, view, summary, violations)
-    return exit_code
+    def fault_events(handle: Any) -> list[Any]:
+        # the view's steps are the block's forwards in the first generation
+        return [SimpleNamespace(fault=e.fault, step=e.step, cache_step=e.step, what=e.what)
+                for e in handle.events]
+
+    inject = None
+    if ns.fault:
+        from .hf import inject_faults
+        inject = lambda: inject_faults(ns.fault, model)   # noqa: E731
+    loop.run(generate_once, inject, fault_events, (IndexError, KeyError, RuntimeError), "generate")
+    return loop.finish(_shape(model), model_desc, view, prompt, list(rec.violations),
+                       {"backend": "hf", "measured_only": rec.measured_only})

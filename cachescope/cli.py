@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -427,6 +427,18 @@ def _signals(stop: threading.Event, enabled: bool) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def serve_metrics(ns: argparse.Namespace, metrics_mod: Any) -> Any:
+    """``--metrics-port``: start the ``/metrics`` server and say where on stderr; returns the
+    server (``shutdown()``). A port that cannot be used is a one-line UsageError."""
+    try:
+        server, _thread, port = metrics_mod.start_metrics_server(ns.metrics_port, ns.metrics_addr)
+    except (metrics_mod.MetricsServerError, OSError, ValueError) as exc:
+        raise UsageError(f"--metrics-port: {exc}") from None
+    print(f"{PROG}: serving metrics on http://{url_host(ns.metrics_addr)}:{port}/metrics",
+          file=sys.stderr, flush=True)
+    return server
+
+
 def open_recorder(ns: argparse.Namespace, cache: Any, run_info: dict[str, Any]) -> Any:
     """``--record FILE``: a ``cachescope.record.Recorder`` attached to ``cache`` (one-line
     UsageErrors for a missing module or a file that cannot be written)."""
@@ -509,13 +521,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     cachescope.install(cache)
     try:
         if metrics_mod is not None:
-            try:
-                server, _thread, port = metrics_mod.start_metrics_server(
-                    ns.metrics_port, ns.metrics_addr)
-            except (metrics_mod.MetricsServerError, OSError, ValueError) as exc:
-                raise UsageError(f"--metrics-port: {exc}") from None
-            print(f"{PROG}: serving metrics on http://{url_host(ns.metrics_addr)}:{port}/metrics",
-                  file=sys.stderr, flush=True)
+            server = serve_metrics(ns, metrics_mod)
         if ns.record:
             recorder = open_recorder(ns, cache, {
                 "model": model_desc, "prompt_tokens": len(prompt),
@@ -543,73 +549,110 @@ def _cmd_run(ns: argparse.Namespace) -> int:
                     close()
 
 
+class GenerationLoop:
+    """The run loop of ``cachescope run`` (both backends): one generation, or with ``--serve`` one
+    after another until SIGINT/SIGTERM; progress on stderr; the first generation's fault events;
+    what ended the run; then the summary (``finish``).
+
+    ``violations()``: how many violations the run's cache holds now (progress line, and whether an
+    exception of the model is explained by them)."""
+
+    def __init__(self, ns: argparse.Namespace, violations: Callable[[], int]) -> None:
+        self.ns = ns
+        self._violations = violations
+        self.stop = threading.Event()
+        self.progress = Progress((sys.stderr.isatty() and not ns.quiet) or ns.progress,
+                                 ns.max_new_tokens)
+        self.events: list[Any] = []
+        self.not_fired: list[str] = []
+        self.error: str | None = None
+        self.generations = 0
+        self.tokens_total = 0
+        self.last_tokens: list[int] = []
+        self.t0 = time.perf_counter()
+        self.elapsed = 0.0
+
+    def on_token(self, i: int) -> bool:
+        """Token ``i`` (0-based) of the current generation was made; True when ``--serve`` was
+        asked to stop."""
+        self.tokens_total += 1
+        elapsed = time.perf_counter() - self.t0
+        gen = f"generation {self.generations}, " if self.ns.serve else ""
+        self.progress.update(f"{gen}step {i + 1}/{self.ns.max_new_tokens}, {self.tokens_total} "
+                             f"tokens, {self.tokens_total / elapsed if elapsed > 0 else 0:.1f} "
+                             f"tokens/s, {self._violations()} violation(s)")
+        return self.stop.is_set()
+
+    def run(self, generate_once: Callable[[], list[int]], inject: Callable[[], Any] | None,
+            fault_events: Callable[[Any], list[Any]], errors: tuple[type[BaseException], ...],
+            what: str, always: tuple[type[BaseException], ...] = ()) -> None:
+        """Run the generations. ``inject()``: the fault context of one generation (None: no
+        fault); ``fault_events(handle)``: its events as the summary lists them; an exception in
+        ``errors`` ends the generation as "``what`` raised ..." when the cache holds violations
+        that explain it (or it is one of ``always``), else it propagates."""
+        from ._records import PopOrderError
+        ns = self.ns
+        with _signals(self.stop, ns.serve):
+            while True:
+                self.generations += 1
+                tokens: list[int] = []
+                try:
+                    with (inject() if inject is not None else contextlib.nullcontext()) as handle:
+                        try:
+                            tokens = generate_once()
+                        finally:
+                            if handle is not None and self.generations == 1:
+                                self.events = fault_events(handle)
+                                self.not_fired = [str(f) for f in handle.not_fired()]
+                except _Stopped:
+                    break
+                except PopOrderError as exc:
+                    self.error = (f"stopped at the first violation (--strict): "
+                                  f"{exc.violation.summary()}")
+                    if not ns.serve:
+                        break
+                except errors as exc:
+                    if not self._violations() and not isinstance(exc, always):
+                        raise
+                    self.error = f"{what} raised {type(exc).__name__}: {exc_text(exc)}"
+                self.last_tokens = tokens or self.last_tokens
+                if not ns.serve or self.stop.is_set():
+                    break
+        self.elapsed = time.perf_counter() - self.t0
+        self.progress.done()
+
+    def finish(self, model: Any, model_desc: str, cache: Any, prompt: list[int],
+               violations: list[Any], extra: dict[str, Any] | None = None) -> int:
+        """Print the summary (``--json`` or human) and return the exit status."""
+        ns = self.ns
+        exit_code = 1 if (violations or self.error) and not ns.serve else 0
+        summary = run_summary(ns, model, model_desc, cache, prompt, self.generations,
+                              self.tokens_total, self.elapsed, self.events, self.not_fired,
+                              self.error, self.last_tokens, exit_code)
+        summary.update(extra or {})
+        if ns.json:
+            print(json.dumps(summary, indent=2, default=str))
+        else:
+            _print_human(ns, cache, summary, violations)
+        return exit_code
+
+
 def _decode(ns: argparse.Namespace, model: Any, model_desc: str, cache: Any, prompt: list[int],
             inject: Any, generate: Any) -> int:
     from .faults import InjectedFault
-    from ._records import PopOrderError
-
     from .neox import logits_for
     logits_for(model, prompt)   # warm-up on a throwaway cache, so tokens/s measures decoding
-    stop = threading.Event()
-    progress = Progress((sys.stderr.isatty() and not ns.quiet) or ns.progress, ns.max_new_tokens)
-    events: list[Any] = []
-    not_fired: list[str] = []
-    error: str | None = None
-    generations = 0
-    tokens_total = 0
-    last_tokens: list[int] = []
-    t0 = time.perf_counter()
+    loop = GenerationLoop(ns, lambda: len(cache.violations))
 
     def on_step(i: int, _token: int) -> None:
-        nonlocal tokens_total
-        tokens_total += 1
-        elapsed = time.perf_counter() - t0
-        gen = f"generation {generations}, " if ns.serve else ""
-        progress.update(f"{gen}step {i + 1}/{ns.max_new_tokens}, {tokens_total} tokens, "
-                        f"{tokens_total / elapsed if elapsed > 0 else 0:.1f} tokens/s, "
-                        f"{len(cache.violations)} violation(s)")
-        if stop.is_set():
+        if loop.on_token(i):
             raise _Stopped()
 
-    with _signals(stop, ns.serve):
-        while True:
-            generations += 1
-            tokens: list[int] = []
-            try:
-                with (inject(ns.fault, model.layers, cache, model=model) if ns.fault
-                      else contextlib.nullcontext()) as handle:
-                    try:
-                        tokens = generate(model, prompt, ns.max_new_tokens, cache=cache,
-                                          on_step=on_step)
-                    finally:
-                        if handle is not None and generations == 1:
-                            events = list(handle.events)
-                            not_fired = [str(f) for f in handle.not_fired()]
-            except _Stopped:
-                break
-            except PopOrderError as exc:
-                error = f"stopped at the first violation (--strict): {exc.violation.summary()}"
-                if not ns.serve:
-                    break
-            except (IndexError, KeyError, InjectedFault) as exc:
-                if not cache.violations and not isinstance(exc, InjectedFault):
-                    raise
-                error = f"the decode loop raised {type(exc).__name__}: {exc_text(exc)}"
-            last_tokens = tokens or last_tokens
-            if not ns.serve or stop.is_set():
-                break
-    elapsed = time.perf_counter() - t0
-    progress.done()
-
-    violations = list(cache.violations)
-    exit_code = 1 if (violations or error) and not ns.serve else 0
-    summary = run_summary(ns, model, model_desc, cache, prompt, generations, tokens_total, elapsed,
-                       events, not_fired, error, last_tokens, exit_code)
-    if ns.json:
-        print(json.dumps(summary, indent=2, default=str))
-    else:
-        _print_human(ns, cache, summary, violations)
-    return exit_code
+    loop.run(lambda: generate(model, prompt, ns.max_new_tokens, cache=cache, on_step=on_step),
+             (lambda: inject(ns.fault, model.layers, cache, model=model)) if ns.fault else None,
+             lambda handle: list(handle.events), (IndexError, KeyError, InjectedFault),
+             "the decode loop", always=(InjectedFault,))
+    return loop.finish(model, model_desc, cache, prompt, list(cache.violations))
 
 
 def exc_text(exc: BaseException) -> str:
