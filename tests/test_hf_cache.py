@@ -401,6 +401,57 @@ def test_view_ops_applied_at_the_forwards_end_equal_ops_made_at_each_update(faul
         assert any(v == "owner_mismatch" for *_, v in immediate)
 
 
+def test_models_generating_on_several_threads_are_checked_apart() -> None:
+    """Two models generating at once on two threads (one of them with a duplicated layer_idx):
+    each has its own view, the clean one no violation and its tokens unchanged, the faulty one
+    its owner_mismatch; each view counts its own forwards."""
+    import threading
+    clean, faulty = neox(3), llama(3)
+    dup_layer_idx(faulty, 0, 1)
+    expected = clean.generate(ids(), max_new_tokens=12).tolist()
+    rec = _install()
+    hf.watch(clean, name="clean")
+    hf.watch(faulty, name="faulty")
+    got: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str, model: Any) -> None:
+        try:
+            for _ in range(3):
+                got[name] = model.generate(ids(), max_new_tokens=12).tolist()
+        except BaseException as exc:     # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=a) for a in (("clean", clean), ("faulty", faulty))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got["clean"] == expected
+    assert {v.cache for v in rec.violations} == {"faulty"}
+    assert ("owner_mismatch", 0, "layer_0") in _found(rec)
+    assert rec.views["clean"].stats.steps == rec.views["faulty"].stats.steps == 3 * 12
+
+
+def test_record_and_analyze_a_llama_view_through_the_api(tmp_path: Any) -> None:
+    """cachescope.record on a Llama model's view, analyze_file on the file: the replay finds the
+    live run's violations (kind, step, layer, owners), with the HF-only ones carried through."""
+    from cachescope.analyze import analyze_file
+    from cachescope.record import Recorder
+    model = llama(3)
+    dup_layer_idx(model, 1, 2)
+    rec = _install()
+    hf.watch(model, name="llama")
+    path = tmp_path / "llama.jsonl"
+    with Recorder(path, run_info={"model": "llama"}) as recorder:
+        recorder.attach(rec.view(model))
+        model.generate(ids(), max_new_tokens=5)
+    live = [(v.kind, v.step, v.queue, v.consumer, v.producer) for v in rec.violations]
+    replayed = analyze_file(path, out=None)
+    assert [(v.kind, v.step, v.queue, v.consumer, v.producer) for v in replayed.violations] == live
+    assert {"owner_mismatch", "layer_repeated", "layer_skipped"} <= {k for k, *_ in live}
+
+
 # ------------------------------------------------------------------------- install / uninstall
 _PATCHED = [(cache_utils.Cache, name) for name in ("update", "crop", "reorder_cache",
                                                    "batch_select_indices",
