@@ -310,14 +310,16 @@ def _layer_series(registry: Any) -> dict[tuple[str, str], float]:
 
 def test_per_layer_kv_length_metrics() -> None:
     """cachescope_layer_kv_tokens: every layer's length after the last forward (0 skew on a
-    correct run); a layer that stores an extra token shows it, and the skew; the series leave the
-    registry with the recorder, and a new install exports there again."""
+    correct run; the report says the same); a layer that stores an extra token shows it, and the
+    skew; the series leave the registry with the recorder, and a new install exports there again."""
     registry = CollectorRegistry()
     model = neox(3)
     rec = _install(registry=registry)
     model.generate(ids(), max_new_tokens=4)
     n = ids().shape[1] + 3          # the last forward's cache: prompt + 3 generated tokens
     assert _layer_series(registry) == {**{(str(i), "full"): n for i in range(3)}, ("skew", ""): 0}
+    assert f"KV tokens per layer after the last forward: 3 full-attention layer(s) x {n} (skew 0)" \
+        in rec.report()
     cache = DynamicCache(config=model.config)
     model(ids(), **{CACHE_KW: cache}, use_cache=True)
     extra_tokens_on(cache, 1)
@@ -325,6 +327,8 @@ def test_per_layer_kv_length_metrics() -> None:
     p = ids().shape[1]
     assert _layer_series(registry) == {("0", "full"): p + 1, ("1", "full"): p + 2,
                                        ("2", "full"): p + 1, ("skew", ""): 1}
+    assert (f"full-attention layers 0: {p + 1}, 1: {p + 2}, 2: {p + 1} (skew 1)"
+            in rec.report())
     hf.uninstall()
     rec.close()
     assert _layer_series(registry) == {}

@@ -232,8 +232,11 @@ class HFRecorder:
         """The run summary of every view (steps, ops, bytes, violations) and what was measured only."""
         parts = [f"cachescope hf summary: {len(self._views)} model view(s), "
                  f"{len(self._violations)} violation(s)"]
+        lengths = self.layer_lengths()
         for v in self._views:
-            parts.append(v.cache.report() + (f"\n  model: {v.model}" if v.model else ""))
+            line = _lengths_line(lengths.get(v.name))
+            parts.append(v.cache.report() + (f"\n  model: {v.model}" if v.model else "")
+                         + (f"\n  {line}" if line else ""))
         if self._measured:
             parts.append("measured only (cache classes cachescope does not check): " + ", ".join(
                 f"{cls}: {n} update(s)" for cls, n in sorted(self._measured.items())))
@@ -518,12 +521,11 @@ class HFRecorder:
             uniform = self._uniform(cache.layers, ctx.counts, start, ctx.added)
             if uniform is not None:   # the usual forward: every layer once, lengths agree
                 full, sliding = uniform
-                if self._metrics:
-                    kinds = st.kinds
-                    if kinds is None or len(kinds) != len(cache.layers):
-                        kinds = st.kinds = tuple(self._known_layers.get(type(layer))
-                                                 for layer in cache.layers)
-                    ctx.view.kv = (kinds, full, sliding)
+                kinds = st.kinds       # (the report and the per-layer metrics read view.kv)
+                if kinds is None or len(kinds) != len(cache.layers):
+                    kinds = st.kinds = tuple(self._known_layers.get(type(layer))
+                                             for layer in cache.layers)
+                ctx.view.kv = (kinds, full, sliding)
                 self._follow_tokens(ctx, st, full if full is not None else sliding)
                 return
         facts = []
@@ -536,8 +538,7 @@ class HFRecorder:
             length = None if base is None else base + ctx.added.get(i, 0)
             facts.append(_checks.LayerFacts(i, sliding, ctx.counts.get(i, 0), length, t.__name__))
         view = ctx.view
-        if self._metrics:
-            view.kv = {f.index: (f.length, f.sliding) for f in facts if f.length is not None}
+        view.kv = {f.index: (f.length, f.sliding) for f in facts if f.length is not None}
         found = _checks.end_of_forward(
             facts, step=ctx.step, view=view.name, model=view.model or "the model", q=ctx.q,
             cache_cls=st.cls_name, skipped=st.skipped, repeated=st.repeated, skew=st.skew)
@@ -1153,6 +1154,25 @@ class HFRecorder:
                 cm.__exit__(None, None, None)
             else:
                 cm.__exit__(type(error), error, error.__traceback__)
+
+
+def _lengths_line(lengths: dict[int, tuple[int, bool]] | None) -> str:
+    """``KV tokens per layer after the last forward: 6 full-attention layers x 21 (skew 0)``, or
+    each layer's length when they differ (the first 12)."""
+    if not lengths:
+        return ""
+    parts, spread = [], []
+    for sliding, kind in ((False, "full-attention"), (True, "sliding-window")):
+        ns = {i: n for i, (n, s) in lengths.items() if s is sliding}
+        if not ns:
+            continue
+        spread.append(max(ns.values()) - min(ns.values()))
+        if len(set(ns.values())) == 1:
+            parts.append(f"{len(ns)} {kind} layer(s) x {next(iter(ns.values()))}")
+        else:
+            shown = ", ".join(f"{i}: {n}" for i, n in sorted(ns.items())[:12])
+            parts.append(f"{kind} layers {shown}{' ...' if len(ns) > 12 else ''}")
+    return f"KV tokens per layer after the last forward: {'; '.join(parts)} (skew {max(spread)})"
 
 
 def _quiet() -> bool:
