@@ -227,5 +227,9 @@ def _decode(ns: argparse.Namespace, model: Any, model_desc: str, rec: Any, view:
         from .hf import inject_faults
         inject = lambda: inject_faults(ns.fault, model)   # noqa: E731
     loop.run(generate_once, inject, fault_events, (IndexError, KeyError, RuntimeError), "generate")
-    return loop.finish(_shape(model), model_desc, view, prompt, list(rec.violations),
-                       {"backend": "hf", "measured_only": rec.measured_only})
+    lengths = rec.layer_lengths().get(view.name) or {}
+    line = rec.layer_summary(view.name)
+    return loop.finish(_shape(model), model_desc, view, prompt, list(rec.violations), {
+        "backend": "hf", "measured_only": rec.measured_only,
+        "layer_kv_tokens": {str(i): n for i, (n, _) in sorted(lengths.items())},
+        "notes": [line] if line else []})

@@ -710,6 +710,7 @@ def _print_human(ns: argparse.Namespace, cache: Any, s: dict[str, Any], violatio
         for f in s["faults_not_fired"]:
             out.append(f"fault {f} did not fire (its step did not come, or it had nothing to act on)")
         out.append(cache.report())
+        out.extend(f"  {line}" for line in s.get("notes", ()))
         out.append(f"  peak queue depth: {s['peak_queue_depth']}   peak bytes held: "
                    f"{format_bytes(s['peak_bytes']['logical'])} logical / "
                    f"{format_bytes(s['peak_bytes']['storage'])} storage")

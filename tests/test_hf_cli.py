@@ -79,6 +79,8 @@ def test_human_summary(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, *HF)
     assert rc == 0
     assert "preset tiny (hf)" in out and "tokens/s" in out and "summary for cache 'hf'" in out
+    # the tiny preset: 4 layers; the last forward's cache holds the prompt (8) and 3 new tokens
+    assert "KV tokens per layer after the last forward: 4 full-attention layer(s) x 11 (skew 0)" in out
     assert out.rstrip().endswith("result: no violations")
 
 
@@ -96,6 +98,8 @@ def test_planted_bug_exits_1_with_its_report(capsys: pytest.CaptureFixture[str],
     assert s["violations"][0]["kind"] == "owner_mismatch" and s["violations"][0]["queue"] == "layer_0"
     assert "gpt_neox.layers.1.attention" in s["violations"][0]["report"]
     assert {"owner_mismatch", "layer_repeated", "layer_skipped"} <= set(s["violations_by_kind"])
+    # layer 0 holds both modules' tokens: two 3-token rows per forward; layer 1 nothing
+    assert s["layer_kv_tokens"] == {"0": 2 * (3 + 3), "1": 0, "2": 3 + 3}
 
 
 def test_fault_fires_and_is_reported(capsys: pytest.CaptureFixture[str]) -> None:

@@ -228,6 +228,12 @@ class HFRecorder:
             out[v.name] = lengths
         return out
 
+    def layer_summary(self, view: str) -> str:
+        """One line on the KV tokens per layer of ``view`` after its last forward (``3
+        full-attention layer(s) x 8 (skew 0)``, or each layer's length when they differ); empty
+        before its first completed forward."""
+        return _lengths_line(self.layer_lengths().get(view))
+
     def report(self) -> str:
         """The run summary of every view (steps, ops, bytes, violations) and what was measured only."""
         parts = [f"cachescope hf summary: {len(self._views)} model view(s), "
