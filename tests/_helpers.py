@@ -66,3 +66,51 @@ def save_tiny_neox_checkpoint(path: Path) -> Path:
     torch.manual_seed(0)
     transformers.GPTNeoXForCausalLM(config).eval().save_pretrained(path)
     return path
+
+
+
+def serve_scrape_and_stop(args: list[str], cwd: Any, env: dict[str, str], until: str,
+                          timeout: float = 60) -> tuple[int, str, str, str]:
+    """Run ``python -m cachescope run ... --serve --metrics-port 0`` (``args``), read the port it
+    announces on stderr, scrape its ``/metrics`` until a line matches the regex ``until``, then
+    SIGTERM it. Returns ``(exit status, stdout, stderr, the last page scraped)``; the process is
+    killed if anything fails on the way."""
+    import re
+    import selectors
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    serving = re.compile(r"cachescope: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+    proc = subprocess.Popen([sys.executable, "-m", "cachescope", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        seen = ""
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            if sel.select(timeout=1):
+                line = proc.stderr.readline()
+                seen += line
+                m = serving.search(line)
+                port = int(m.group(1)) if m else None
+        assert port, f"no serving line; stderr so far: {seen!r}"
+        body = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            if re.search(until, body):
+                break
+            time.sleep(0.2)
+        assert re.search(until, body), f"no line matching {until!r} in /metrics:\n{body[:2000]}"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out, err, body

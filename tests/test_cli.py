@@ -5,14 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
-import signal
 import socket
 import subprocess
 import sys
-import time
 import types
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +19,7 @@ import cachescope
 from cachescope.cli import main
 from cachescope.faults import FAULTS
 
-from _helpers import save_tiny_neox_checkpoint
+from _helpers import save_tiny_neox_checkpoint, serve_scrape_and_stop
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVING = re.compile(r"cachescope: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
@@ -276,40 +272,11 @@ def test_metrics_served_during_a_run(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_serve_exposes_metrics_and_stops_on_sigterm() -> None:
     """``--serve --metrics-port 0`` serves cachescope_ metrics on 127.0.0.1 and exits 0 on SIGTERM."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cachescope", "run", "--serve", "--metrics-port", "0",
-         "--max-new-tokens", "4", "--fault", "swap@1"],
-        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        port = None
-        seen = ""
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            if sel.select(timeout=1):
-                line = proc.stderr.readline()
-                seen += line
-                m = SERVING.search(line)
-                port = int(m.group(1)) if m else None
-        assert port, f"no serving line; stderr so far: {seen!r}"
-        body = ""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                body = resp.read().decode()
-            if re.search(r'cachescope_violations_total\{[^}]*kind="owner_mismatch"[^}]*\} [1-9]', body):
-                break
-            time.sleep(0.2)
-        assert "cachescope_ops_total" in body and "cachescope_decode_tokens_total" in body
-        assert re.search(r'cachescope_violations_total\{[^}]*kind="owner_mismatch"[^}]*\} [1-9]', body)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    rc, out, err, body = serve_scrape_and_stop(
+        ["run", "--serve", "--metrics-port", "0", "--max-new-tokens", "4", "--fault", "swap@1"],
+        ROOT, env(), r'cachescope_violations_total\{[^}]*kind="owner_mismatch"[^}]*\} [1-9]')
+    assert "cachescope_ops_total" in body and "cachescope_decode_tokens_total" in body
+    assert rc == 0, err
     assert "result:" in out and "owner_mismatch" in out
     assert "Traceback" not in err
 

@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import selectors
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +17,9 @@ import cachescope.hf  # noqa: E402
 from cachescope import _hfrun  # noqa: E402
 from cachescope.cli import main  # noqa: E402
 from _hf_models import dup_layer_idx, neox  # noqa: E402
+from _helpers import serve_scrape_and_stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING = re.compile(r"cachescope: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
 HF = ["run", "--backend", "hf", "--max-new-tokens", "4"]
 
 
@@ -210,38 +203,9 @@ def test_serve_exposes_metrics_and_stops_on_sigterm() -> None:
     """``--backend hf --serve --metrics-port 0`` serves the hf view's metrics and exits 0 on SIGTERM."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cachescope", *HF, "--serve", "--metrics-port", "0"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        port = None
-        seen = ""
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            if sel.select(timeout=1):
-                line = proc.stderr.readline()
-                seen += line
-                m = SERVING.search(line)
-                port = int(m.group(1)) if m else None
-        assert port, f"no serving line; stderr so far: {seen!r}"
-        body = ""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-                body = resp.read().decode()
-            if re.search(r'cachescope_ops_total\{[^}]*cache="hf"[^}]*\} [1-9]', body):
-                break
-            time.sleep(0.2)
-        assert re.search(r'cachescope_ops_total\{[^}]*cache="hf"[^}]*\} [1-9]', body), body[:2000]
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
+    rc, out, err, _ = serve_scrape_and_stop([*HF, "--serve", "--metrics-port", "0"], ROOT, env,
+                                            r'cachescope_ops_total\{[^}]*cache="hf"[^}]*\} [1-9]')
+    assert rc == 0, err
     assert "generation(s)" in out and "result: no violations" in out
     assert "Traceback" not in err
 
