@@ -619,6 +619,32 @@ def test_cachescope_failures_never_reach_the_model(monkeypatch: pytest.MonkeyPat
     assert str(instrumented.value) == str(plain.value)
 
 
+def test_a_failing_update_check_leaves_the_others_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal failure while checking one noted update is counted and logged once; the
+    forward's other updates are still checked and applied, no violation is made up from the
+    missing one, and tokens are unchanged."""
+    from cachescope.hf import _recorder
+
+    model = neox(3)
+    expected = model.generate(ids(), max_new_tokens=4).tolist()
+    rec = _install()
+    original = _recorder.HFRecorder._update
+
+    def flaky(self: Any, ctx: Any, view: Any, st: Any, cache: Any, idx: int, *rest: Any) -> None:
+        if idx == 1 and ctx is not None and ctx.step >= 1:
+            raise RuntimeError("cachescope bug")
+        original(self, ctx, view, st, cache, idx, *rest)
+
+    monkeypatch.setattr(_recorder.HFRecorder, "_update", flaky)
+    assert model.generate(ids(), max_new_tokens=4).tolist() == expected
+    assert rec.telemetry_errors == 3          # layer 1 in each of the 3 decode steps
+    (view,) = rec.views.values()
+    pushes = {(r.step, r.queue) for r in view.timeline() if r.op == "push"}
+    assert {(s, q) for s in (1, 2, 3) for q in ("layer_0", "layer_2")} <= pushes
+    assert not any(q == "layer_1" and s >= 1 for s, q in pushes)
+    assert rec.violations == []
+
+
 def test_docs_example_prints_what_the_docs_say(capsys: pytest.CaptureFixture[str]) -> None:
     """The first example of docs/hf.md finds the three violations it shows, with that report."""
     from pathlib import Path

@@ -817,8 +817,16 @@ class HFRecorder:
         if ctx.start is None:
             ctx.start = self._start_lengths(cache, pending)
         update = self._update
+        n_layers = len(cache.layers)
         for idx, k, cp, p, by in pending:
-            update(ctx, view, st, cache, idx, None if k is None else int(k), cp, p, by)
+            if not 0 <= idx < n_layers:   # (as an update the slow path does not understand)
+                self._measured[f"{st.cls_name} (update call not understood)"] += 1
+                continue
+            try:
+                update(ctx, view, st, cache, idx, None if k is None else int(k), cp, p, by)
+            except Exception:             # one update's check failing leaves the others checked
+                self._failed("the update check")
+                ctx.disturbed = True      # (and no end-of-forward verdict on counts it lacks)
 
     def _flush_all(self) -> None:
         """Apply every pending view op on this thread (a violation is about to be reported: its
