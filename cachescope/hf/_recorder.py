@@ -687,7 +687,9 @@ class HFRecorder:
                 self._measured[f"{ctx.state.cls_name} (update call not understood)"] += 1
                 return
             cp, p = self._pos_source(args, kwargs)
-            ctx.pending.append((idx, k, cp, p, ctx.view.cache.attributor.lookup(0)))
+            # depth 2: the frame that called Cache.update, past this one and the update wrapper
+            # (looking it up directly spares materialising their frame objects)
+            ctx.pending.append((idx, k, cp, p, ctx.view.cache.attributor.lookup(2)))
             return
         st = ctx.state if ctx is not None and ctx.cache is cache else None
         if st is None:
@@ -719,7 +721,7 @@ class HFRecorder:
             if not ctx.orphan and not self.strict:
                 ctx.fast = cache                       # this forward's next updates: noted
                 cp, p = self._pos_source(args, kwargs)
-                ctx.pending.append((idx, k, cp, p, ctx.view.cache.attributor.lookup(0)))
+                ctx.pending.append((idx, k, cp, p, ctx.view.cache.attributor.lookup(2)))
                 return
         cp, p = self._pos_source(args, kwargs)
         self._update(ctx, ctx.view if ctx is not None else self._loose_view(), st, cache, idx, k,
