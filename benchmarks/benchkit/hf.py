@@ -134,13 +134,15 @@ def bench_hf(preset: str, tokens: int, reps: int, seed: int) -> dict[str, Any]:
             "transformers": transformers.__version__, "lockstep": lock}
 
 
-def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int) -> dict[str, Any]:
+def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
+                watch: bool = False) -> dict[str, Any]:
     """Forward by forward, in lockstep: three copies of ``model`` decode the same greedy tokens,
     each with its own ``DynamicCache``; per token, in rotating order, the ``checked`` copy runs
     under ``cachescope.hf`` (installed, default mode) and the ``plain`` and ``plain-aa`` copies run
     inside ``cachescope.hf.paused()`` (the patched functions only read a flag). Per-token paired
     ratios checked/plain (and plain-aa/plain: the design's A/A control), median with a bootstrap
-    CI over every token of every repetition."""
+    CI over every token of every repetition. ``watch``: owners named by ``cachescope.hf.watch``
+    (forward hooks on every attention module) instead of the stack look-up."""
     import copy
 
     import cachescope.hf as cshf
@@ -151,6 +153,8 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int) -> dict
     same = True
     rec = cshf.install(registry=_registry())
     try:
+        if watch:
+            cshf.watch(arms["checked"])
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arms["checked"].generate(ids, max_new_tokens=2, do_sample=False)   # its view, hooks
