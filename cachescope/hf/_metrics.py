@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 
+from ._state import layer_skew
+
 __all__ = ["MAX_LAYER_LABELS", "export_layers", "unexport_layers"]
 
 #: layers exported with their own ``layer`` label; the rest are ``layer="other"``
@@ -76,18 +78,15 @@ class _LayerCollector:
                 continue
             for view, lengths in sorted(views.items()):
                 other: dict[bool, int] = {}
-                kinds: dict[bool, list[int]] = {False: [], True: []}
                 for layer, (n, sliding) in sorted(lengths.items()):
-                    kinds[sliding].append(n)
                     if layer < MAX_LAYER_LABELS:
                         tokens.add_metric([view, *const, str(layer), _kind(sliding)], n)
                     else:
                         other[sliding] = max(n, other.get(sliding, 0))
                 for sliding, n in sorted(other.items()):
                     tokens.add_metric([view, *const, "other", _kind(sliding)], n)
-                spread = [max(ns) - min(ns) for ns in kinds.values() if ns]
-                if spread:
-                    skew.add_metric([view, *const], max(spread))
+                if lengths:
+                    skew.add_metric([view, *const], layer_skew(lengths))
         yield tokens
         yield skew
 

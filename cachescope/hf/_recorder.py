@@ -29,7 +29,7 @@ from .._instrumented import InstrumentedCache
 from .._records import Violation
 from . import _checks
 from ._checks import HFCacheError
-from ._state import CacheState, Forward, LayerKV, TokenTrail, digest_tokens, layer_queue
+from ._state import CacheState, Forward, LayerKV, TokenTrail, digest_tokens, layer_queue, layer_skew
 
 __all__ = ["HFRecorder", "HFCacheError", "HFWatch"]
 
@@ -810,8 +810,8 @@ class HFRecorder:
             q.pop_push(name, name, kv, by)   # the owner rule: popped by its writer?
 
     def _flush(self, ctx: Forward | None) -> None:
-        """Check and apply the updates a forward has noted so far (at its end, or before anything
-        else reports a violation or reads its lengths)."""
+        """Check and apply the updates a forward has noted so far (at its end, or before a
+        structural op on its cache)."""
         if ctx is None or not ctx.pending:
             return
         pending, ctx.pending = ctx.pending, []
@@ -831,15 +831,14 @@ class HFRecorder:
                 ctx.disturbed = True      # (and no end-of-forward verdict on counts it lacks)
 
     def _flush_all(self) -> None:
-        """Apply every pending view op on this thread (a violation is about to be reported: its
-        timeline and order must include them)."""
+        """Check and apply the updates noted on this thread (a structural op is about to change
+        the layers' lengths and to be reported: its timeline and order must include them)."""
         for ctx in self._stack():
             if ctx.pending:
                 self._flush(ctx)
 
     def _cross_model(self, view: _View, idx: int, writer: Any, st: CacheState, step: int,
                      by: Any = None) -> None:
-        self._flush_all()
         owner, site = by if by is not None else view.cache.attributor.lookup(0)
         v = _checks.cross_model(idx, step=step, view=view.name, consumer=owner, site=site,
                                 writer=writer, cache_cls=st.cls_name,
@@ -861,7 +860,6 @@ class HFRecorder:
             if d in ctx.gap_skews:
                 return
             ctx.gap_skews.add(d)
-        self._flush_all()
         owner, site = by if by is not None else view.cache.attributor.lookup(0)
         writer = st.writers.get(idx)
         v = _checks.position_gap(
@@ -1177,18 +1175,18 @@ def _lengths_line(lengths: dict[int, tuple[int, bool]] | None) -> str:
     each layer's length when they differ (the first 12)."""
     if not lengths:
         return ""
-    parts, spread = [], []
+    parts = []
     for sliding, kind in ((False, "full-attention"), (True, "sliding-window")):
         ns = {i: n for i, (n, s) in lengths.items() if s is sliding}
         if not ns:
             continue
-        spread.append(max(ns.values()) - min(ns.values()))
         if len(set(ns.values())) == 1:
             parts.append(f"{len(ns)} {kind} layer(s) x {next(iter(ns.values()))}")
         else:
             shown = ", ".join(f"{i}: {n}" for i, n in sorted(ns.items())[:12])
             parts.append(f"{kind} layers {shown}{' ...' if len(ns) > 12 else ''}")
-    return f"KV tokens per layer after the last forward: {'; '.join(parts)} (skew {max(spread)})"
+    return (f"KV tokens per layer after the last forward: {'; '.join(parts)} "
+            f"(skew {layer_skew(lengths)})")
 
 
 def _quiet() -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._values import TensorPair
 
-__all__ = ["layer_queue", "LayerKV", "TokenTrail", "CacheState", "Forward"]
+__all__ = ["layer_queue", "layer_skew", "LayerKV", "TokenTrail", "CacheState", "Forward"]
 
 _MASK = (1 << 63) - 1
 #: interned queue names of the first layers (``layer_3``); larger indices are made on use
@@ -27,6 +27,17 @@ _NAMES = tuple(f"layer_{i}" for i in range(256))
 def layer_queue(layer: int) -> str:
     """The queue of layer ``layer`` in a model's view: ``layer_3`` (family ``layer``)."""
     return _NAMES[layer] if 0 <= layer < len(_NAMES) else f"layer_{layer}"
+
+
+def layer_skew(lengths: dict[int, tuple[int, bool]]) -> int:
+    """Longest minus shortest layer of ``{layer: (tokens, sliding)}``, full-attention and sliding
+    layers each among themselves (the larger of the two); 0 for none."""
+    spread = 0
+    for sliding in (False, True):
+        ns = [n for n, s in lengths.values() if s is sliding]
+        if ns:
+            spread = max(spread, max(ns) - min(ns))
+    return spread
 
 
 class LayerKV(TensorPair):
