@@ -16,7 +16,6 @@ catalogue, so only ``skip`` passes it today). ``--record FILE`` records the view
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -186,13 +185,7 @@ def run(ns: argparse.Namespace) -> int:
             recorder.close()
         cachescope.hf.uninstall()
         rec.close()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                server.shutdown()
-                server.server_close()
-        if provider is not None:
-            from . import _sdk
-            _sdk.shutdown(provider)
+        cli.stop_telemetry(server, provider)
 
 
 def _decode(ns: argparse.Namespace, model: Any, model_desc: str, rec: Any, view: Any,

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from . import _report
 
-__all__ = ["OPS", "OpRecord", "StepInfo", "KINDS", "RANK_KINDS", "Violation", "PopOrderError", "PopEmptyError",
+__all__ = ["OPS", "OpRecord", "StepInfo", "KINDS", "RANK_KINDS", "HF_KINDS", "Violation", "PopOrderError", "PopEmptyError",
            "PopMissingError", "strict_error"]
 
 OPS = ("push", "pop", "set", "get", "clear", "clear_all")
@@ -91,6 +91,9 @@ KINDS: dict[str, str] = {
 
 #: The kinds found by comparing ranks (``cachescope.distributed``), not by one cache's ops.
 RANK_KINDS = ("rank_divergence", "rank_stalled")
+#: The kinds of ``cachescope.hf``'s own checks (lengths, positions, structural ops, reuse).
+HF_KINDS = ("layer_skipped", "layer_repeated", "seq_len_mismatch", "position_gap",
+            "structural_op_mid_step", "stale_reuse")
 
 
 @dataclass

@@ -439,6 +439,18 @@ def serve_metrics(ns: argparse.Namespace, metrics_mod: Any) -> Any:
     return server
 
 
+def stop_telemetry(server: Any, provider: Any) -> None:
+    """The end of a run: stop the ``/metrics`` server and flush and shut down the tracer provider
+    the run made (either may be None); never raises for the server."""
+    if server is not None:
+        with contextlib.suppress(Exception):
+            server.shutdown()
+            server.server_close()
+    if provider is not None:
+        from . import _sdk
+        _sdk.shutdown(provider)
+
+
 def open_recorder(ns: argparse.Namespace, cache: Any, run_info: dict[str, Any]) -> Any:
     """``--record FILE``: a ``cachescope.record.Recorder`` attached to ``cache`` (one-line
     UsageErrors for a missing module or a file that cannot be written)."""
@@ -535,13 +547,7 @@ def _cmd_run(ns: argparse.Namespace) -> int:
         if recorder is not None:
             recorder.close()
         cachescope.uninstall()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                server.shutdown()
-                server.server_close()
-        if provider is not None:
-            from . import _sdk
-            _sdk.shutdown(provider)
+        stop_telemetry(server, provider)
         for sink in (cache.metrics, cache.tracer):
             close = getattr(sink, "close", None)
             if close is not None:

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 from . import _install, _instrumented
 from ._instrumented import InstrumentedCache
 from ._owners import WatchHandle, watch
-from ._records import OPS, OpRecord
+from ._records import HF_KINDS, OPS, OpRecord
 from ._testing_dist import (RankContext, RankFailed, RankResults, RanksTimedOut, RankViolation,
                             run_ranks)
 from ._values import format_bytes
@@ -54,9 +54,6 @@ DEFAULT_MAX_OPS = 200_000
 _FULL_REPORTS = 5      # full violation reports in a failure message; the rest get one line each
 _SUMMARY_LINES = 20
 _NO_MODULE = "<no module>"
-#: Kinds of cachescope.hf's own checks (docs/hf.md); the other kinds break the queue rule.
-_HF_KINDS = frozenset(("layer_skipped", "layer_repeated", "seq_len_mismatch", "position_gap",
-                       "structural_op_mid_step", "stale_reuse"))
 #: Probe options that cachescope.hf.install takes too, with the same meaning.
 _HF_SHARED_OPTIONS = ("strict", "const_labels", "timeline_size", "max_violations", "attribution")
 
@@ -194,14 +191,14 @@ def _owner(name: str | None) -> str:
 
 def _what(violations: Sequence[Any]) -> str:
     """'pop-order violation(s)' when only the queue rule was broken, else 'violation(s)'."""
-    if any(v.kind in _HF_KINDS for v in violations):
+    if any(v.kind in HF_KINDS for v in violations):
         return "violation(s)"
     return "pop-order violation(s)"
 
 
 def _violation_meaning(violations: Sequence[Any]) -> str:
     """One sentence on what the violations mean, for a failure message."""
-    if any(v.kind in _HF_KINDS for v in violations):
+    if any(v.kind in HF_KINDS for v in violations):
         return ("Each means a layer of the KV cache was extended, skipped, resized or reused out "
                 "of turn: the reports below name the step, the layer and the modules involved.")
     return ("Each means a layer read another layer's keys/values (or found nothing to read): "

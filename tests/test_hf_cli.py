@@ -77,14 +77,19 @@ def test_human_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.rstrip().endswith("result: no violations")
 
 
-def test_planted_bug_exits_1_with_its_report(capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model with a copied layer_idx exits 1 with owner_mismatch reported (kind, queue, report)."""
+@pytest.fixture
+def copied_layer_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every preset becomes a 3-layer GPT-NeoX whose layer 1 keeps layer 0's layer_idx."""
     def buggy(_name: str) -> Any:
         model = neox(3)
         dup_layer_idx(model, 0, 1)
         return model
     monkeypatch.setattr(_hfrun, "hf_model_from_preset", buggy)
+
+
+def test_planted_bug_exits_1_with_its_report(capsys: pytest.CaptureFixture[str],
+                                             copied_layer_preset: None) -> None:
+    """A model with a copied layer_idx exits 1 with owner_mismatch reported (kind, queue, report)."""
     rc, out, _ = run(capsys, *HF, "--json", "--prompt-ids", "5,6,7")
     s = json.loads(out)
     assert rc == 1 and s["exit_code"] == 1
@@ -116,13 +121,8 @@ def test_fault_leaves_the_model_clean_after_the_run(capsys: pytest.CaptureFixtur
 
 
 def test_strict_stops_at_the_first_violation(capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             copied_layer_preset: None) -> None:
     """``--strict`` ends the generate at the first violation, reports it and exits 1."""
-    def buggy(_name: str) -> Any:
-        model = neox(3)
-        dup_layer_idx(model, 0, 1)
-        return model
-    monkeypatch.setattr(_hfrun, "hf_model_from_preset", buggy)
     rc, out, _ = run(capsys, *HF, "--strict", "--cache-name", "demo")
     assert rc == 1
     assert "stopped at the first violation (--strict)" in out and "owner_mismatch" in out
