@@ -297,6 +297,71 @@ class InstrumentedCache(Cache, CheckerFront):
                 raise strict_error(violation)
         return popped
 
+    def pop_push_many(self, ops: Any) -> None:
+        """``pop_push(pop_name, push_name, value, by)`` for each ``(pop_name, push_name, value,
+        by)`` of ``ops``, in order: the same ops, checks, counters, records and violations as
+        those calls, under one lock acquisition (``by`` as for ``pop_push``; None: the caller of
+        this method). For a front end that applies a forward's worth of ops at once
+        (``cachescope.hf``). A failed pop raises as ``pop_push`` does, after the ops before it
+        took effect; in strict mode the first violation raises and the ops after it are not made.
+        Returns nothing (the popped items are dropped)."""
+        sinks = self._sinks
+        if sinks.op or sinks.needs_values:        # sinks that see each op: one call per op
+            for pop_name, push_name, value, by in ops:
+                self.pop_push(pop_name, push_name, value, by)
+            return
+        checker = self._checker
+        cpop, cpush = checker.pop, checker.push
+        found: list[Violation] = []
+        failed = None
+        default_by = None
+        with self._lock:
+            cache = self._cache
+            for pop_name, push_name, value, by in ops:
+                if by is None:
+                    if default_by is None:
+                        try:
+                            default_by = self._lookup(1)
+                        except Exception:
+                            default_by = (None, None)
+                    by = default_by
+                owner, site = by
+                logical, storage, storages = measure_bytes(value)
+                try:
+                    queue = cache[pop_name]
+                    popped = queue.pop(0)         # the seed's pop
+                except KeyError as exc:
+                    if pop_name in cache:
+                        raise
+                    failed = (checker.pop_failed("pop_missing", pop_name, owner, site), exc)
+                    break
+                except IndexError as exc:
+                    if type(cache.get(pop_name)) is not list:
+                        raise
+                    failed = (checker.pop_failed("pop_empty", pop_name, owner, site), exc)
+                    break
+                violation = cpop(pop_name, owner, site,
+                                 len(queue) if type(queue) is list else None, popped)
+                target = cache.get(push_name, _MISSING)
+                if target is _MISSING:            # the seed's push
+                    target = cache[push_name] = []
+                    existed = False
+                else:
+                    existed = True
+                target.append(value)
+                cpush(push_name, owner, site, existed,
+                      len(target) if type(target) is list else None, logical, storage, storages)
+                if violation is not None:
+                    found.append(violation)
+                    if self.strict:
+                        break
+        for v in found:
+            sinks.emit(self, "on_violation", v)
+        if failed is not None:
+            self._after_failed_pop(*failed)       # raises the seed's error
+        if found and self.strict:
+            raise strict_error(found[0])
+
     def _after_failed_pop(self, v: Violation, exc: BaseException) -> None:
         if self._sinks.op:
             self._emit_op()

@@ -24,7 +24,7 @@ from transformers import cache_utils  # noqa: E402
 from transformers.generation.utils import GenerationMixin  # noqa: E402
 
 import cachescope.hf as hf  # noqa: E402
-from cachescope import PopOrderError  # noqa: E402
+from cachescope import InstrumentedCache, PopOrderError  # noqa: E402
 from _hf_models import (CACHE_KW, TRANSFORMERS, dup_layer_idx, extra_tokens_on, ids,  # noqa: E402
                         llama, neox, on_layer_at, prune, returned_cache, skip_layer_at)
 from _helpers import plugin_autoloaded  # noqa: E402
@@ -619,6 +619,70 @@ def test_cachescope_failures_never_reach_the_model(monkeypatch: pytest.MonkeyPat
     assert str(instrumented.value) == str(plain.value)
 
 
+def test_the_one_pass_forward_applies_what_the_per_update_path_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean decode forward is checked and applied in one pass (``_flush_fast``); the view's ops
+    (order, queues, owners, steps) and the verdicts equal those of the per-update path."""
+    from cachescope.hf import _recorder
+
+    calls: list[bool] = []
+    original = _recorder.HFRecorder._flush_fast
+
+    def counted(self: Any, ctx: Any, pending: Any) -> bool:
+        calls.append(original(self, ctx, pending))
+        return calls[-1]
+
+    def run() -> list[tuple[Any, ...]]:
+        model = neox(3)
+        rec = _install()
+        try:
+            model.generate(ids(), max_new_tokens=6)
+            (view,) = rec.views.values()
+            assert rec.violations == []
+            return [(r.step, r.op, r.queue, r.owner, r.depth) for r in view.timeline()
+                    if r.op in ("push", "pop")]
+        finally:
+            hf.uninstall()
+
+    with monkeypatch.context() as m:
+        m.setattr(_recorder.HFRecorder, "_flush_fast", lambda *a: False)
+        per_update = run()
+    monkeypatch.setattr(_recorder.HFRecorder, "_flush_fast", counted)
+    assert run() == per_update
+    assert calls.count(True) == 5       # the 5 decode forwards (the prompt's: per update)
+
+
+def test_a_failing_one_pass_check_falls_back_to_the_per_update_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An internal failure in the one-pass check is counted and logged once; the forward is then
+    checked update by update (every op applied, no violation made up), tokens unchanged; a
+    failure applying the ops is counted and no end-of-forward verdict is made from them."""
+    from cachescope.hf import _recorder
+
+    model = neox(3)
+    expected = model.generate(ids(), max_new_tokens=4).tolist()
+    rec = _install()
+
+    def broken(self: Any, ctx: Any, pending: Any) -> bool:
+        raise RuntimeError("cachescope bug")
+
+    monkeypatch.setattr(_recorder.HFRecorder, "_flush_fast", broken)
+    assert model.generate(ids(), max_new_tokens=4).tolist() == expected
+    assert rec.telemetry_errors == 4 and rec.violations == []    # the prompt's forward too
+    (view,) = rec.views.values()
+    pushes = {(r.step, r.queue) for r in view.timeline() if r.op == "push"}
+    assert {(s, f"layer_{i}") for s in (1, 2, 3) for i in range(3)} <= pushes
+    monkeypatch.undo()
+
+    def failing_apply(self: Any, ops: Any) -> None:
+        raise RuntimeError("cachescope bug")
+
+    monkeypatch.setattr(InstrumentedCache, "pop_push_many", failing_apply)
+    errors = rec.telemetry_errors
+    assert model.generate(ids(), max_new_tokens=4).tolist() == expected
+    assert rec.telemetry_errors == errors + 3 and rec.violations == []
+
+
 def test_a_failing_update_check_leaves_the_others_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """An internal failure while checking one noted update is counted and logged once; the
     forward's other updates are still checked and applied, no violation is made up from the
@@ -636,6 +700,8 @@ def test_a_failing_update_check_leaves_the_others_checked(monkeypatch: pytest.Mo
         original(self, ctx, view, st, cache, idx, *rest)
 
     monkeypatch.setattr(_recorder.HFRecorder, "_update", flaky)
+    # (the per-update path: a forward that fails the one-pass check is checked update by update)
+    monkeypatch.setattr(_recorder.HFRecorder, "_flush_fast", lambda *a: False)
     assert model.generate(ids(), max_new_tokens=4).tolist() == expected
     assert rec.telemetry_errors == 3          # layer 1 in each of the 3 decode steps
     (view,) = rec.views.values()

@@ -136,44 +136,62 @@ def bench_hf(preset: str, tokens: int, reps: int, seed: int) -> dict[str, Any]:
 
 def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
                 watch: bool = False) -> dict[str, Any]:
-    """Forward by forward, in lockstep: three copies of ``model`` decode the same greedy tokens,
-    each with its own ``DynamicCache``; per token, in rotating order, the ``checked`` copy runs
-    under ``cachescope.hf`` (installed, default mode) and the ``plain`` and ``plain-aa`` copies run
-    inside ``cachescope.hf.paused()`` (the patched functions only read a flag). Per-token paired
-    ratios checked/plain (and plain-aa/plain: the design's A/A control), median with a bootstrap
-    CI over every token of every repetition. ``watch``: owners named by ``cachescope.hf.watch``
-    (forward hooks on every attention module) instead of the stack look-up."""
-    import copy
-
+    """Forward by forward, in lockstep, on ONE model: three ``DynamicCache``s decode the same
+    greedy tokens; per token, in rotating order, the ``checked`` cache's forward runs under
+    ``cachescope.hf`` (installed, default mode, the model's step hooks in place) and the ``plain``
+    and ``plain-aa`` caches' forwards run inside ``cachescope.hf.paused()`` with the model's step
+    hooks taken off (put back, untimed, before the next checked forward), so a plain forward runs
+    exactly as without cachescope but for the patched functions' flag check. One model for all
+    arms: copies of it would put each arm's weights at different addresses, a bias between arms
+    (up to 1-2 % here) that an A/A control of two plain arms does not show. Per-token paired
+    ratios checked/plain (and plain-aa/plain: the A/A control), median with a bootstrap CI over
+    every token of every repetition. ``watch``: owners named by ``cachescope.hf.watch`` (forward
+    hooks on every attention module, also taken off for the plain arms) instead of the stack
+    look-up."""
     import cachescope.hf as cshf
     from transformers import DynamicCache
 
-    arms = {"plain": model, "checked": copy.deepcopy(model), "plain-aa": copy.deepcopy(model)}
+    arms = ("plain", "checked", "plain-aa")
     times: dict[str, list[float]] = {a: [] for a in arms}
     same = True
     rec = cshf.install(registry=_registry())
+    hooked = [True]
+
+    def hooks(on: bool) -> None:
+        # the step hooks (and watch()'s) of the model's view: off for a plain forward
+        if on == hooked[0]:
+            return
+        if on:
+            rec._view_for(model)
+            if watch:
+                cshf.watch(model)
+        else:
+            rec.unhook()
+        hooked[0] = on
+
     try:
         if watch:
-            cshf.watch(arms["checked"])
+            cshf.watch(model)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arms["checked"].generate(ids, max_new_tokens=2, do_sample=False)   # its view, hooks
+            model.generate(ids, max_new_tokens=2, do_sample=False)   # its view, hooks
             for rep in range(reps):
-                caches = {a: DynamicCache(config=m.config) for a, m in arms.items()}
+                caches = {a: DynamicCache(config=model.config) for a in arms}
                 nxt: dict[str, Any] = {}
-                for a, m in arms.items():          # prefill (not timed)
+                for a in arms:                     # prefill (not timed)
+                    hooks(a == "checked")
                     with (cshf.paused() if a != "checked" else contextlib.nullcontext()):
-                        out = m(input_ids=ids, cache=caches[a], use_cache=True)
+                        out = model(input_ids=ids, cache=caches[a], use_cache=True)
                     nxt[a] = out.logits[:, -1:].argmax(-1)
                 order = list(arms)
                 random.Random(seed + rep).shuffle(order)
                 for t in range(tokens):
                     k = t % len(order)
                     for a in order[k:] + order[:k]:
-                        m = arms[a]
+                        hooks(a == "checked")
                         with (cshf.paused() if a != "checked" else contextlib.nullcontext()):
                             t0 = PERF()
-                            out = m(input_ids=nxt[a], cache=caches[a], use_cache=True)
+                            out = model(input_ids=nxt[a], cache=caches[a], use_cache=True)
                             nxt[a] = out.logits[:, -1:].argmax(-1)
                             times[a].append(PERF() - t0)
                     same = same and nxt["checked"].tolist() == nxt["plain"].tolist()

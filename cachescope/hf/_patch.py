@@ -40,10 +40,28 @@ def _wrap_update(orig: Callable[..., Any]) -> Callable[..., Any]:
         if rec is None or _quiet():
             return orig(self, *args, **kwargs)
         out = orig(self, *args, **kwargs)
+        # The hot path, inline: in a forward whose updates are noted (``Forward.fast``), a call
+        # ``update(key_states, value_states, layer_idx)`` with an int layer index and keys of
+        # two or more dimensions is noted as (layer, keys added, no position source, owner);
+        # anything else goes to ``_on_update``, which understands every form.
+        noted = False
         try:
-            rec._on_update(self, args, kwargs)
+            stack = rec._local.__dict__.get("stack")
+            if stack and stack[-1].fast is self and len(args) == 3 and not kwargs \
+                    and type(args[2]) is int:
+                shape = args[0].shape
+                if len(shape) >= 2:
+                    ctx = stack[-1]
+                    ctx.pending.append((args[2], shape[-2], None, None,
+                                        ctx.lookup(1)))   # (the frame that called update)
+                    noted = True
         except Exception:
-            rec._failed("Cache.update")
+            pass
+        if not noted:
+            try:
+                rec._on_update(self, args, kwargs)
+            except Exception:
+                rec._failed("Cache.update")
         if rec.strict:
             rec._raise_pending()
         return out

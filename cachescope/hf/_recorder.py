@@ -524,7 +524,9 @@ class HFRecorder:
         known = self._known_layers
         start = ctx.start or {}
         if not (st.skipped or st.repeated or st.skew):
-            uniform = self._uniform(cache.layers, ctx.counts, start, ctx.added)
+            uniform = ctx.uniform
+            if uniform is None:
+                uniform = self._uniform(cache.layers, ctx.counts, start, ctx.added)
             if uniform is not None:   # the usual forward: every layer once, lengths agree
                 full, sliding = uniform
                 kinds = st.kinds       # (the report and the per-layer metrics read view.kv)
@@ -815,6 +817,12 @@ class HFRecorder:
         if ctx is None or not ctx.pending:
             return
         pending, ctx.pending = ctx.pending, []
+        if ctx.start is None and not ctx.counts:
+            try:
+                if self._flush_fast(ctx, pending):
+                    return
+            except Exception:              # (nothing applied yet: each update checked below)
+                self._failed("the one-pass update check")
         view, st, cache = ctx.view, ctx.state, ctx.cache
         if ctx.start is None:
             ctx.start = self._start_lengths(cache, pending)
@@ -829,6 +837,89 @@ class HFRecorder:
             except Exception:             # one update's check failing leaves the others checked
                 self._failed("the update check")
                 ctx.disturbed = True      # (and no end-of-forward verdict on counts it lacks)
+
+    def _flush_fast(self, ctx: Forward, pending: list[Any]) -> bool:
+        """The usual forward in one pass: every layer of a known type updated once, in order, by
+        the view that wrote it, lengths agreeing and positions continuing them. Checks all of it
+        first and, only if it all holds, applies the ops (one ``pop_push_many``) and leaves the
+        forward's verdict in ``ctx.uniform``; else changes nothing and returns False (``_update``
+        then checks each update and reports what broke)."""
+        st, cache, view = ctx.state, ctx.cache, ctx.view
+        if (st is None or not st.checked or ctx.disturbed or ctx.orphan or st.skipped
+                or st.repeated or st.skew or st.gap or st.view is not view):
+            return False
+        layers = cache.layers
+        n = len(layers)
+        if len(pending) != n:
+            return False
+        known, length_of, writers, kvs = self._known_layers, self._length_of, st.writers, st.kv
+        vname, q = view.name, view.cache
+        q_size = q.q_size
+        positions = self._positions
+        tensor = torch.Tensor
+        full = sliding = None
+        ops = []
+        added = {}
+        start = {}
+        for i in range(n):
+            idx, k, cp, p, by = pending[i]
+            if idx != i or type(k) is not int:
+                return False
+            layer = layers[i]
+            lt = type(layer)
+            is_sliding = known.get(lt)
+            if is_sliding is None:
+                return False
+            how = length_of.get(lt)
+            if how == "keys":
+                keys = layer.keys
+                now = 0 if keys is None or keys.dim() < 2 else int(keys.shape[-2])
+            else:
+                if how == "static" and isinstance(getattr(layer, "cumulative_length", None), tensor) \
+                        and layer.cumulative_length.device.type != "cpu":
+                    return False          # (read all at once by the full path)
+                now = self._length(layer)
+                if now is None:
+                    return False
+            if is_sliding:
+                if sliding is None:
+                    sliding = now
+                elif sliding != now:
+                    return False
+            elif full is None:
+                full = now
+            elif full != now:
+                return False
+            w = writers.get(i)
+            if w is None or w[0] != vname:
+                return False
+            kv = kvs.get(i)
+            if kv is None or kv._ref() is not layer:
+                return False
+            before = now - k
+            pos = positions(ctx, cp, p, before)
+            if pos is not None and pos[1]:
+                return False              # a gap: reported by the full path
+            name = layer_queue(i)
+            if not q_size(name):
+                return False
+            ops.append((name, name, kv, by))
+            added[i] = k
+            start[i] = before
+        if full is None and sliding is None:
+            return False
+        with self._lock:
+            st.view = view
+            ctx.counts = dict.fromkeys(range(n), 1)
+            ctx.added = added
+            ctx.start = start
+            ctx.uniform = (full, sliding)
+            try:
+                q.pop_push_many(ops)
+            except Exception:
+                self._failed("applying a forward's updates")
+                ctx.disturbed = True      # (no end-of-forward verdict on what was not applied)
+        return True
 
     def _flush_all(self) -> None:
         """Check and apply the updates noted on this thread (a structural op is about to change

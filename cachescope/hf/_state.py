@@ -191,7 +191,7 @@ class Forward:
 
     __slots__ = ("view", "step", "cache", "state", "explicit", "orphan", "depth", "batch", "q",
                  "input_ids", "position_ids", "mask", "counts", "added", "start", "pos_memo",
-                 "gap_skews", "disturbed", "first_layer", "pending", "fast")
+                 "gap_skews", "disturbed", "first_layer", "pending", "fast", "uniform", "lookup")
 
     def __init__(self, view: Any, step: int, *, orphan: bool = False) -> None:
         self.view = view
@@ -217,6 +217,10 @@ class Forward:
         #: (layer, keys added, cache_position, position_ids, (owner, site))
         self.pending: list[Any] = []
         self.fast: Any = None           # the cache whose updates are noted (set at its first)
+        #: (full, sliding) lengths when the updates were applied in one pass (``_flush_fast``)
+        self.uniform: tuple[int | None, int | None] | None = None
+        #: the view's owner look-up (``Attributor.lookup``), for the update wrapper's hot path
+        self.lookup: Any = view.cache.attributor.lookup if view is not None else None
 
     def drop_inputs(self) -> None:
         self.input_ids = self.position_ids = self.mask = None
