@@ -296,6 +296,34 @@ def test_one_layer_with_extra_tokens_is_seq_len_mismatch() -> None:
     assert "layer 1: 7" in rec.violations[0].detail
 
 
+def test_hook_makes_the_first_forward_a_checked_step() -> None:
+    """``HFRecorder.hook(model)``: a loop that calls the model's forward itself gets its first
+    forward checked as a whole step (found from the stack instead, it has no end-of-forward
+    checks); ``unhook()`` takes the hooks off."""
+    def first_forward_with_an_extra_token(hook: bool) -> list[tuple[str, int, str]]:
+        model = neox(3)
+        rec = _install()
+        try:
+            if hook:
+                assert rec.hook(model, name="mine") is rec.view(model)
+                assert list(rec.views) == ["mine"]
+            cache = DynamicCache(config=model.config)
+            extra_tokens_on(cache, 1)
+            model(ids(), **{CACHE_KW: cache}, use_cache=True)
+            return _found(rec)
+        finally:
+            hf.uninstall()
+
+    assert first_forward_with_an_extra_token(False) == []
+    assert first_forward_with_an_extra_token(True) == [("seq_len_mismatch", 0, "layer_1")]
+    model = neox(2)
+    rec = _install()
+    rec.hook(model)
+    assert len(model._forward_pre_hooks) == 1
+    rec.unhook()
+    assert len(model._forward_pre_hooks) == 0
+
+
 def _layer_series(registry: Any) -> dict[tuple[str, str], float]:
     """``{(layer, attention): tokens}`` and ``{("skew", ""): tokens}`` of the hf view."""
     out = {}

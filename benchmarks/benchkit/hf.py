@@ -162,7 +162,7 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
         if on == hooked[0]:
             return
         if on:
-            rec._view_for(model)
+            rec.hook(model)
             if watch:
                 cshf.watch(model)
         else:

@@ -441,6 +441,13 @@ class HFRecorder:
 
         return cachescope_forward_start, cachescope_forward_end
 
+    def hook(self, model: Any, name: str | None = None) -> InstrumentedCache:
+        """Make each forward of ``model`` a step of its view from now on (forward hooks on its
+        root; ``generate()`` does this for the models it runs, a loop that calls the model's
+        forward itself can do it first); ``name``: the view's name, for a model seen for the
+        first time. Returns the view. Undone by ``unhook()``."""
+        return self._view_for(model, name=name).cache
+
     def unhook(self) -> None:
         """Remove every forward hook the recorder put on models (``watch()``'s too)."""
         with self._lock:
