@@ -142,8 +142,9 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
     and ``plain-aa`` caches' forwards run inside ``cachescope.hf.paused()`` with the model's step
     hooks taken off (put back, untimed, before the next checked forward), so a plain forward runs
     exactly as without cachescope but for the patched functions' flag check. One model for all
-    arms: copies of it would put each arm's weights at different addresses, a bias between arms
-    (up to 1-2 % here) that an A/A control of two plain arms does not show. Per-token paired
+    arms, so that the arms differ in nothing but cachescope (copies of the model also differ in
+    where their weights lie; session 8's design, whose A/A control of two copies showed no bias
+    from it, used three). Per-token paired
     ratios checked/plain (and plain-aa/plain: the A/A control), median with a bootstrap CI over
     every token of every repetition. ``watch``: owners named by ``cachescope.hf.watch`` (forward
     hooks on every attention module, also taken off for the plain arms) instead of the stack
