@@ -244,10 +244,11 @@ def render(hf: dict[str, Any], w: Callable[[str], None]) -> None:
     lock = hf.get("lockstep")
     if lock:
         ms = lock["ms"]
-        w(f"**Forward by forward, in lockstep** (three copies of the model decode the same greedy "
-          f"tokens with their own `DynamicCache`, {lock['reps']} x {lock['tokens']} tokens, "
-          f"rotating order; `checked` under `cachescope.hf.install()` in default mode, `plain` and "
-          f"`plain-aa` inside `cachescope.hf.paused()`): median forward "
+        w(f"**Forward by forward, in lockstep** (one model, three `DynamicCache`s decoding the same "
+          f"greedy tokens, {lock['reps']} x {lock['tokens']} tokens, rotating order; the `checked` "
+          f"cache's forwards under `cachescope.hf.install()` in default mode, the `plain` and "
+          f"`plain-aa` caches' forwards inside `cachescope.hf.paused()` with the model's step hooks "
+          f"taken off): median forward "
           f"{ms['plain']:.2f} ms plain, {ms['checked']:.2f} ms checked; overhead "
           f"**{lock['overhead'] * 100:+.2f} %** [{lock['overhead_lo'] * 100:+.2f} %, "
           f"{lock['overhead_hi'] * 100:+.2f} %] (median of per-token paired ratios), A/A control "

@@ -105,8 +105,8 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"default-mode overhead of `cachescope.hf`, forward by forward in lockstep, "
             f"`{hf['preset']}` shapes (issue #20)", "<= 1%",
             f"{o * 100:+.2f}% [{lo * 100:+.2f}%, {hi * 100:+.2f}%]", o <= 0.01,
-            f"median of per-token paired ratios, {lock['reps']} x {lock['tokens']} tokens, three "
-            f"model copies in rotating order; A/A {lock['aa'] * 100:+.2f}% "
+            f"median of per-token paired ratios, {lock['reps']} x {lock['tokens']} tokens, one model "
+            f"and three caches in rotating order; A/A {lock['aa'] * 100:+.2f}% "
             f"[{lock['aa_lo'] * 100:+.2f}%, {lock['aa_hi'] * 100:+.2f}%]; "
             f"{lock['violations']} violations, same tokens: {'yes' if lock['same_tokens'] else 'no'}")
     mem = res.get("memory")

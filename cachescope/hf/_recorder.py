@@ -1036,6 +1036,8 @@ class HFRecorder:
         if mask.dim() == 2:
             if mask.shape[-1] < before + 1:
                 return None
+            if bool(mask.all()):       # no padding (generate's usual mask): one tensor op
+                return [before] * int(mask.shape[0])
             m = mask[:, :before + 1]
             real = m[:, :before].sum(-1).tolist()
             valid = (m[:, before] != 0).tolist()
