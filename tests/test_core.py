@@ -822,6 +822,54 @@ def test_pop_push_strict_raises_poporder_error_after_both_ops():
     assert c.q_size("kv_0") == 1
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_pop_push_many_is_pop_push_for_each(kind, sink):
+    """``pop_push_many(ops)`` leaves the same records, counters, queues and violations (in the same
+    order) as one ``pop_push`` per op, with or without a sink that sees every op; ``by=None``
+    takes the caller's owner."""
+    results = []
+    for many in (False, True):
+        c = construct(kind)
+        seen = []
+        if sink:
+            c.add_sink(type("S", (), {"on_op": lambda self, cache, rec: seen.append(rec.op)})())
+        for i in range(3):
+            with c.owner(f"layers.{i}"):
+                c.push(f"kv_{i}", (torch.zeros(2, i + 1), torch.zeros(2, i + 1)))
+        ops = [(f"kv_{i}", f"kv_{i}", (torch.ones(3), torch.ones(3)),
+                ("layers.1" if i == 2 else f"layers.{i}", f"x.py:{i}")) for i in range(3)]
+        ops.append(("kv_0", "kv_0", (torch.ones(1), torch.ones(1)), None))
+        with c.owner("layers.0"):
+            if many:
+                assert c.pop_push_many(ops) is None
+            else:
+                for op in ops:
+                    c.pop_push(*op)
+        results.append((_ops(c), [(v.kind, v.queue, v.consumer, v.producer, v.seq) for v in c.violations],
+                        c.queues(), c.stats.family("kv").logical, seen))
+    assert results[0] == results[1]
+    assert [v[:4] for v in results[1][1]] == [("owner_mismatch", "kv_2", "layers.1", "layers.2")]
+
+
+def test_pop_push_many_failed_pop_raises_after_the_ops_before_it():
+    """A failed pop raises the seed's error (recorded as for ``pop_push``); the ops before it took
+    effect, the ones after it were not made. Strict mode raises at the first violation."""
+    c = make_cache()
+    c.push("kv_0", 1)
+    with pytest.raises(KeyError):
+        c.pop_push_many([("kv_0", "kv_0", 2, ("a", None)), ("kv_9", "kv_9", 3, ("a", None)),
+                         ("kv_0", "kv_0", 4, ("a", None))])
+    assert c.queues() == {"kv_0": 1} and c.get_quiet("kv_0") == [2]
+    assert [v.kind for v in c.violations] == ["pop_missing"]
+    s = make_cache(strict=True)
+    with s.owner("a"):
+        s.push("kv_0", 1)
+        s.push("kv_1", 1)
+    with pytest.raises(PopOrderError):
+        s.pop_push_many([("kv_0", "kv_0", 2, ("b", None)), ("kv_1", "kv_1", 2, ("b", None))])
+    assert s.get_quiet("kv_0") == [2] and s.get_quiet("kv_1") == [1]
+
+
 def test_leftover_counts_only_items_pushed_before_the_step(kind):
     """A queue popped then pushed in one step (a layer's slot) leaves no leftover; an older item
     still there is a leftover, and only it is counted."""
