@@ -6,6 +6,9 @@ private methods of ``cachescope.hf`` (which the benchmarks, on the public API on
 
     .venv/bin/python scripts/hf_costs.py [--rounds 6] [--json benchmarks/results-hf-costs.json]
 
+Each configuration must still decode the same tokens as the plain arms and find no violation;
+the script exits 1 if one does not (a stub that broke the run would measure nothing useful).
+
 Configurations, each measured ``--rounds`` times, interleaved (ABBA order across rounds):
   full            the default mode as shipped
   no-end-work     the checks and the view's ops at the forward's end skipped (updates still noted)
@@ -83,6 +86,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=48, help="tokens per repetition")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--json", default=None)
+    p.add_argument("--tiny", action="store_true",
+                   help="a toy shape (vocab 256, hidden 32, 2 layers): the smoke test, not a figure")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -91,10 +96,15 @@ def main() -> int:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
-                        num_attention_heads=8, intermediate_size=2048, max_position_embeddings=2048)
+    if args.tiny:
+        cfg = GPTNeoXConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=256)
+    else:   # pythia-70m's shape
+        cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
+                            num_attention_heads=8, intermediate_size=2048,
+                            max_position_embeddings=2048)
     model = GPTNeoXForCausalLM(cfg).eval()
-    ids = torch.randint(0, 50304, (1, 16))
+    ids = torch.randint(0, cfg.vocab_size, (1, 16))
     names = [n for n in args.configs.split(",") if n]
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     t0 = time.time()
@@ -105,6 +115,7 @@ def main() -> int:
             runs[n].append(out)
             print(f"round {r} {n:15s} {out['overhead'] * 100:+.2f} % (A/A {out['aa'] * 100:+.2f} %)",
                   flush=True)
+    broken = [n for n in names for x in runs[n] if not x["same_tokens"] or x["violations"]]
     rows = []
     print("\n| configuration | overhead, median of rounds | rounds (min..max) | A/A, median | plain ms/forward |")
     print("|---|---|---|---|---|")
@@ -120,9 +131,13 @@ def main() -> int:
     if args.json:
         import transformers
         Path(args.json).write_text(json.dumps(
-            {"rounds": args.rounds, "reps": args.reps, "tokens": args.tokens, "rows": rows,
+            {"shape": "tiny" if args.tiny else "pythia-70m", "rounds": args.rounds,
+             "reps": args.reps, "tokens": args.tokens, "rows": rows,
              "transformers": transformers.__version__, "torch": torch.__version__,
              "python": sys.version.split()[0], "elapsed_s": time.time() - t0}, indent=1))
+    if broken:
+        print(f"configurations that changed tokens or found violations: {sorted(set(broken))}")
+        return 1
     return 0
 
 

@@ -210,3 +210,19 @@ def test_no_private_cachescope_names() -> None:
     for path in [BENCH, *sorted((ROOT / "benchmarks" / "benchkit").glob("*.py"))]:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             assert not pattern.search(line), f"{path.name}:{n}: {line.strip()}"
+
+
+def test_hf_costs_script(tmp_path: Path) -> None:
+    """``scripts/hf_costs.py`` (the cost attribution RESULTS.md cites) runs every configuration,
+    each decoding the plain arms' tokens without violations, and writes its table and JSON."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "costs.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "hf_costs.py"), "--tiny",
+                        "--rounds", "1", "--reps", "1", "--tokens", "3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["config"] for x in rows] == ["full", "no-end-work", "const-owner", "no-update-work",
+                                           "interception"]
+    assert "| interception |" in r.stdout
+
