@@ -138,6 +138,10 @@ def test_other_sections(quick_run: Run) -> None:
     assert res["loop"]["rows"][0]["same_tokens"]
     if "skipped" not in res["hf"]:
         assert res["hf"]["same_tokens"]
+        lock = res["hf"]["lockstep"]
+        # the checked arm was checked: no violation, and every update seen by the checker (a
+        # cache argument the model does not take would leave its own cache measured only)
+        assert lock["same_tokens"] and lock["violations"] == 0 and lock["measured_only"] == {}
     # correctness checks made by the benchmark (not timings)
     for mode, w in res["memory"]["weakref"].items():
         assert w["tracked"] > 0 and w["alive"] == 0, (mode, w)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import io
 import os
 import random
@@ -155,6 +156,9 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
     arms = ("plain", "checked", "plain-aa")
     times: dict[str, list[float]] = {a: [] for a in arms}
     same = True
+    # the forward's cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before
+    # (an unknown keyword would be swallowed by ``**kwargs``: the model would make its own cache)
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rec = cshf.install(registry=_registry())
     hooked = [True]
 
@@ -182,7 +186,7 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
                 for a in arms:                     # prefill (not timed)
                     hooks(a == "checked")
                     with (cshf.paused() if a != "checked" else contextlib.nullcontext()):
-                        out = model(input_ids=ids, cache=caches[a], use_cache=True)
+                        out = model(input_ids=ids, **{kw: caches[a]}, use_cache=True)
                     nxt[a] = out.logits[:, -1:].argmax(-1)
                 order = list(arms)
                 random.Random(seed + rep).shuffle(order)
@@ -192,7 +196,7 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
                         hooks(a == "checked")
                         with (cshf.paused() if a != "checked" else contextlib.nullcontext()):
                             t0 = PERF()
-                            out = model(input_ids=nxt[a], cache=caches[a], use_cache=True)
+                            out = model(input_ids=nxt[a], **{kw: caches[a]}, use_cache=True)
                             nxt[a] = out.logits[:, -1:].argmax(-1)
                             times[a].append(PERF() - t0)
                     same = same and nxt["checked"].tolist() == nxt["plain"].tolist()
@@ -204,6 +208,7 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
     lo, hi = bootstrap_ci(checked, statistics.median)
     alo, ahi = bootstrap_ci(aa, statistics.median)
     return {"reps": reps, "tokens": tokens, "violations": len(rec.violations),
+            "measured_only": dict(rec.measured_only),
             "ms": {a: statistics.median(v) * 1e3 for a, v in times.items()},
             "overhead": statistics.median(checked) - 1, "overhead_lo": lo - 1, "overhead_hi": hi - 1,
             "aa": statistics.median(aa) - 1, "aa_lo": alo - 1, "aa_hi": ahi - 1,
