@@ -8,16 +8,16 @@
    the same tokens, no violation, no telemetry error.
 2. Faults on CUDA: prune, dup-layer-idx, skip@2 and partial-crop@2 give their kinds, steps and
    layers (the same as the CPU tests expect).
-3. Overhead at pythia-70m shapes on the GPU: forward by forward in lockstep (one model, three
-   caches, the checked cache's forwards under cachescope.hf, the plain ones paused with the step
-   hooks off; ``torch.cuda.synchronize()`` before each clock read), and whole ``generate()`` calls
-   interleaved ABBA.
+3. Overhead at pythia-70m shapes on the GPU: forward by forward in lockstep (the benchmark's
+   ``lockstep_hf``: one model, three caches, the checked cache's forwards under cachescope.hf, the
+   plain ones paused with the step hooks off; ``torch.cuda.synchronize()`` before each clock
+   read), and whole ``generate()`` calls interleaved ABBA (checked cells installed, plain cells
+   not).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import statistics
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 
@@ -138,13 +138,6 @@ def faults() -> dict[str, Any]:
     return out
 
 
-def cache_kwarg(model: Any) -> str:
-    """The forward's cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before
-    (an unknown keyword is swallowed by ``**kwargs`` and the model makes a cache of its own)."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _median_ci(xs: list[float]) -> tuple[float, float, float]:
     rng = random.Random(0)
     meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(2000))
@@ -152,7 +145,8 @@ def _median_ci(xs: list[float]) -> tuple[float, float, float]:
 
 
 def overhead(tokens: int, reps: int) -> dict[str, Any]:
-    from transformers import DynamicCache, GPTNeoXConfig, GPTNeoXForCausalLM
+    from benchkit.hf import lockstep_hf
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(vocab_size=50304, hidden_size=512, num_hidden_layers=6,
                         num_attention_heads=8, intermediate_size=2048, max_position_embeddings=2048)
@@ -161,79 +155,35 @@ def overhead(tokens: int, reps: int) -> dict[str, Any]:
     model.generation_config.pad_token_id = 0
     ids = torch.randint(0, cfg.vocab_size, (1, 16), device=DEV)
     sync = torch.cuda.synchronize if DEV == "cuda" else (lambda: None)
-    kw = cache_kwarg(model)
-    rec = hf.install(registry=_registry())
-    arms = ("plain", "checked", "plain-aa")
-    times: dict[str, list[float]] = {a: [] for a in arms}
-    hooked = [True]
-
-    def hooks(on: bool) -> None:
-        if on != hooked[0]:
-            rec.hook(model) if on else rec.unhook()
-            hooked[0] = on
-
-    same = True
-    try:
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=4, do_sample=False)
-            for rep in range(reps):
-                caches = {a: DynamicCache(config=cfg) for a in arms}
-                nxt: dict[str, Any] = {}
-                for a in arms:
-                    hooks(a == "checked")
-                    with (hf.paused() if a != "checked" else contextlib.nullcontext()):
-                        out = model(input_ids=ids, **{kw: caches[a]}, use_cache=True)
-                    nxt[a] = out.logits[:, -1:].argmax(-1)
-                order = list(arms)
-                random.Random(rep).shuffle(order)
-                for t in range(tokens):
-                    k = t % 3
-                    for a in order[k:] + order[:k]:
-                        hooks(a == "checked")
-                        with (hf.paused() if a != "checked" else contextlib.nullcontext()):
-                            sync()
-                            t0 = time.perf_counter()
-                            out = model(input_ids=nxt[a], **{kw: caches[a]}, use_cache=True)
-                            nxt[a] = out.logits[:, -1:].argmax(-1)
-                            sync()
-                            times[a].append(time.perf_counter() - t0)
-                    same = same and nxt["checked"].tolist() == nxt["plain"].tolist()
-            lock_violations = len(rec.violations)
-            measured_only = dict(rec.measured_only)
-            hooks(True)
-            # whole generate() calls, ABBA: checked cells under install(), plain ones paused
-            gen: dict[str, list[float]] = {"plain": [], "checked": []}
-            for rep in range(reps * 2):
-                for a in (("plain", "checked") if rep % 2 == 0 else ("checked", "plain")):
-                    with (hf.paused() if a == "plain" else contextlib.nullcontext()):
-                        sync()
-                        t0 = time.perf_counter()
-                        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
-                                       do_sample=False)
-                        sync()
-                        gen[a].append((time.perf_counter() - t0) / tokens)
-    finally:
-        hf.uninstall()
-    ratio = [c / p for c, p in zip(times["checked"], times["plain"])]
-    aa = [c / p for c, p in zip(times["plain-aa"], times["plain"])]
+    with torch.inference_mode():
+        res = lockstep_hf(model, ids, tokens, reps, 0, sync=sync)
+        # whole generate() calls, ABBA: checked cells under install(), plain ones uninstalled
+        gen: dict[str, list[float]] = {"plain": [], "checked": []}
+        for rep in range(reps * 2):
+            for a in (("plain", "checked") if rep % 2 == 0 else ("checked", "plain")):
+                if a == "checked":
+                    hf.install(registry=_registry())
+                try:
+                    sync()
+                    t0 = time.perf_counter()
+                    model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens,
+                                   do_sample=False)
+                    sync()
+                    gen[a].append((time.perf_counter() - t0) / tokens)
+                finally:
+                    hf.uninstall()
     g = [c / p for c, p in zip(gen["checked"], gen["plain"])]
-    o, lo, hi = _median_ci(ratio)
-    a_, alo, ahi = _median_ci(aa)
     go, glo, ghi = _median_ci(g)
-    res = {"device": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "tokens": tokens, "reps": reps,
-           "ms": {a: statistics.median(v) * 1e3 for a, v in times.items()},
-           "overhead": o - 1, "overhead_lo": lo - 1, "overhead_hi": hi - 1,
-           "aa": a_ - 1, "aa_lo": alo - 1, "aa_hi": ahi - 1, "same_tokens": same,
-           "violations": lock_violations, "measured_only": measured_only,
-           "generate_ms": {a: statistics.median(v) * 1e3 for a, v in gen.items()},
-           "generate_overhead": go - 1, "generate_lo": glo - 1, "generate_hi": ghi - 1}
+    res.update({"device": torch.cuda.get_device_name() if DEV == "cuda" else DEV,
+                "generate_ms": {a: statistics.median(v) * 1e3 for a, v in gen.items()},
+                "generate_overhead": go - 1, "generate_lo": glo - 1, "generate_hi": ghi - 1})
     print(f"lockstep on {res['device']}: plain {res['ms']['plain']:.2f} ms, checked "
-          f"{res['ms']['checked']:.2f} ms per forward: {o - 1:+.2%} [{lo - 1:+.2%}, {hi - 1:+.2%}], "
-          f"A/A {a_ - 1:+.2%}; generate {res['generate_ms']['plain']:.2f} -> "
-          f"{res['generate_ms']['checked']:.2f} ms/token: {go - 1:+.2%} [{glo - 1:+.2%}, "
-          f"{ghi - 1:+.2%}]", flush=True)
-    check(same and lock_violations == 0 and not measured_only,
-          f"overhead runs: same tokens, no violation, every update checked ({measured_only})")
+          f"{res['ms']['checked']:.2f} ms per forward: {res['overhead']:+.2%} "
+          f"[{res['overhead_lo']:+.2%}, {res['overhead_hi']:+.2%}], A/A {res['aa']:+.2%}; "
+          f"generate {res['generate_ms']['plain']:.2f} -> {res['generate_ms']['checked']:.2f} "
+          f"ms/token: {go - 1:+.2%} [{glo - 1:+.2%}, {ghi - 1:+.2%}]", flush=True)
+    check(res["same_tokens"] and res["violations"] == 0 and not res["measured_only"],
+          f"overhead runs: same tokens, no violation, every update checked ({res['measured_only']})")
     return res
 
 

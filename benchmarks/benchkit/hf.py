@@ -136,7 +136,7 @@ def bench_hf(preset: str, tokens: int, reps: int, seed: int) -> dict[str, Any]:
 
 
 def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
-                watch: bool = False) -> dict[str, Any]:
+                watch: bool = False, sync: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Forward by forward, in lockstep, on ONE model: three ``DynamicCache``s decode the same
     greedy tokens; per token, in rotating order, the ``checked`` cache's forward runs under
     ``cachescope.hf`` (installed, default mode, the model's step hooks in place) and the ``plain``
@@ -149,7 +149,8 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
     ratios checked/plain (and plain-aa/plain: the A/A control), median with a bootstrap CI over
     every token of every repetition. ``watch``: owners named by ``cachescope.hf.watch`` (forward
     hooks on every attention module, also taken off for the plain arms) instead of the stack
-    look-up."""
+    look-up. ``sync``: called before each clock read (``torch.cuda.synchronize`` for a model on
+    a GPU, whose forward only queues work)."""
     import cachescope.hf as cshf
     from transformers import DynamicCache
 
@@ -195,9 +196,13 @@ def lockstep_hf(model: Any, ids: Any, tokens: int, reps: int, seed: int,
                     for a in order[k:] + order[:k]:
                         hooks(a == "checked")
                         with (cshf.paused() if a != "checked" else contextlib.nullcontext()):
+                            if sync is not None:
+                                sync()
                             t0 = PERF()
                             out = model(input_ids=nxt[a], **{kw: caches[a]}, use_cache=True)
                             nxt[a] = out.logits[:, -1:].argmax(-1)
+                            if sync is not None:
+                                sync()
                             times[a].append(PERF() - t0)
                     same = same and nxt["checked"].tolist() == nxt["plain"].tolist()
     finally:
