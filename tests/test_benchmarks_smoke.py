@@ -230,3 +230,18 @@ def test_hf_costs_script(tmp_path: Path) -> None:
                                            "interception"]
     assert "| interception |" in r.stdout
 
+
+
+def test_hf_gpu_check_script_dry_run(tmp_path: Path) -> None:
+    """``scripts/hf_gpu_check.py`` (run on a GPU when a session is lent one; CI has none) passes
+    every check in its CPU dry run, so it does not rot between GPU sessions."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "hf_gpu_check.py"), "--device", "cpu",
+                        "--tokens", "2", "--reps", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["failed"] == [] and res["overhead"]["measured_only"] == {}
+    assert {"neox/greedy", "llama/beam", "neox/static"} <= set(res["correct"])
+    assert res["faults"]["neox/skip@2:layer=1"] == [["layer_skipped", 2, "layer_1"]]
