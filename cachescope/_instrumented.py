@@ -256,37 +256,12 @@ class InstrumentedCache(Cache, CheckerFront):
         else:
             m = None
             logical, storage, storages = measure_bytes(value)
-        checker = self._checker
         with self._lock:
-            cache = self._cache
-            try:
-                queue = cache[pop_name]
-                popped = queue.pop(0)             # the seed's pop
-            except KeyError as exc:
-                if pop_name in cache:
-                    raise
-                failed, error = checker.pop_failed("pop_missing", pop_name, owner, site), exc
-            except IndexError as exc:
-                if type(cache.get(pop_name)) is not list:
-                    raise
-                failed, error = checker.pop_failed("pop_empty", pop_name, owner, site), exc
-            else:
-                failed = None
-                violation = checker.pop(pop_name, owner, site,
-                                        len(queue) if type(queue) is list else None, popped)
-                popped_rec = checker.timeline.last() if sinks.op else None
-                target = cache.get(push_name, _MISSING)
-                if target is _MISSING:            # the seed's push
-                    target = cache[push_name] = []
-                    existed = False
-                else:
-                    existed = True
-                target.append(value)
-                checker.push(push_name, owner, site, existed,
-                             len(target) if type(target) is list else None, logical, storage,
-                             storages, m)
+            popped, violation, failed, popped_rec = self._pop_push_locked(
+                pop_name, push_name, value, owner, site, logical, storage, storages, m,
+                bool(sinks.op))
         if failed is not None:
-            self._after_failed_pop(failed, error)   # raises the seed's error
+            self._after_failed_pop(*failed)       # raises the seed's error
         if sinks.op:
             if popped_rec is not None:
                 sinks.emit(self, "on_op", popped_rec)
@@ -296,6 +271,39 @@ class InstrumentedCache(Cache, CheckerFront):
             if self.strict:
                 raise strict_error(violation)
         return popped
+
+    def _pop_push_locked(self, pop_name: str, push_name: str, value: Any, owner: str | None,
+                         site: str | None, logical: int, storage: int, storages: Any, m: Any,
+                         pop_record: bool) -> tuple[Any, Any, Any, Any]:
+        """``pop_push``'s two ops on the seed's dict and the checker, under the cache's lock:
+        ``(popped, violation, failed, popped_record)``; ``failed`` is ``(the pop's violation, the
+        seed's error)`` when the pop failed (then nothing was pushed); ``popped_record`` (with
+        ``pop_record``) is the pop's ``OpRecord``, for sinks that see every op."""
+        cache, checker = self._cache, self._checker
+        try:
+            queue = cache[pop_name]
+            popped = queue.pop(0)                 # the seed's pop
+        except KeyError as exc:
+            if pop_name in cache:
+                raise
+            return None, None, (checker.pop_failed("pop_missing", pop_name, owner, site), exc), None
+        except IndexError as exc:
+            if type(cache.get(pop_name)) is not list:
+                raise
+            return None, None, (checker.pop_failed("pop_empty", pop_name, owner, site), exc), None
+        violation = checker.pop(pop_name, owner, site, len(queue) if type(queue) is list else None,
+                                popped)
+        popped_rec = checker.timeline.last() if pop_record else None
+        target = cache.get(push_name, _MISSING)
+        if target is _MISSING:                    # the seed's push
+            target = cache[push_name] = []
+            existed = False
+        else:
+            existed = True
+        target.append(value)
+        checker.push(push_name, owner, site, existed, len(target) if type(target) is list else None,
+                     logical, storage, storages, m)
+        return popped, violation, None, popped_rec
 
     def pop_push_many(self, ops: Any) -> None:
         """``pop_push(pop_name, push_name, value, by)`` for each ``(pop_name, push_name, value,
@@ -310,13 +318,11 @@ class InstrumentedCache(Cache, CheckerFront):
             for pop_name, push_name, value, by in ops:
                 self.pop_push(pop_name, push_name, value, by)
             return
-        checker = self._checker
-        cpop, cpush = checker.pop, checker.push
+        locked = self._pop_push_locked
         found: list[Violation] = []
         failed = None
         default_by = None
         with self._lock:
-            cache = self._cache
             for pop_name, push_name, value, by in ops:
                 if by is None:
                     if default_by is None:
@@ -325,32 +331,11 @@ class InstrumentedCache(Cache, CheckerFront):
                         except Exception:
                             default_by = (None, None)
                     by = default_by
-                owner, site = by
                 logical, storage, storages = measure_bytes(value)
-                try:
-                    queue = cache[pop_name]
-                    popped = queue.pop(0)         # the seed's pop
-                except KeyError as exc:
-                    if pop_name in cache:
-                        raise
-                    failed = (checker.pop_failed("pop_missing", pop_name, owner, site), exc)
+                _, violation, failed, _ = locked(pop_name, push_name, value, by[0], by[1],
+                                                 logical, storage, storages, None, False)
+                if failed is not None:
                     break
-                except IndexError as exc:
-                    if type(cache.get(pop_name)) is not list:
-                        raise
-                    failed = (checker.pop_failed("pop_empty", pop_name, owner, site), exc)
-                    break
-                violation = cpop(pop_name, owner, site,
-                                 len(queue) if type(queue) is list else None, popped)
-                target = cache.get(push_name, _MISSING)
-                if target is _MISSING:            # the seed's push
-                    target = cache[push_name] = []
-                    existed = False
-                else:
-                    existed = True
-                target.append(value)
-                cpush(push_name, owner, site, existed,
-                      len(target) if type(target) is list else None, logical, storage, storages)
                 if violation is not None:
                     found.append(violation)
                     if self.strict:

@@ -785,6 +785,9 @@ def test_pop_push_is_pop_then_push(kind, mismatch):
     results = []
     for fused in (False, True):
         c = construct(kind)
+        seen: list = []     # a sink that sees every op gets the same records, in order
+        c.add_sink(type("S", (), {"on_op": lambda self, cache, rec: seen.append(
+            (rec.seq, rec.op, rec.queue, rec.owner, rec.violation))})())
         first, new = (torch.zeros(2, 3), torch.zeros(2, 3)), (torch.ones(4), torch.ones(4))
         with c.owner("layers.0"):
             c.push("kv_0", first)
@@ -793,7 +796,7 @@ def test_pop_push_is_pop_then_push(kind, mismatch):
         assert got is first
         fs = c.stats.family("kv")
         results.append((_ops(c), [(v.kind, v.queue, v.consumer, v.producer) for v in c.violations],
-                        (fs.push, fs.pop, fs.logical), c.queues()))
+                        (fs.push, fs.pop, fs.logical), c.queues(), seen))
     assert results[0] == results[1]
     assert [k for k, *_ in results[1][1]] == (["owner_mismatch"] if mismatch else [])
 

@@ -864,7 +864,6 @@ class HFRecorder:
         q_size = q.q_size
         positions = self._positions
         tensor = torch.Tensor
-        full = sliding = None
         ops = []
         added = {}
         start = {}
@@ -874,8 +873,7 @@ class HFRecorder:
                 return False
             layer = layers[i]
             lt = type(layer)
-            is_sliding = known.get(lt)
-            if is_sliding is None:
+            if lt not in known:
                 return False
             how = length_of.get(lt)
             if how == "keys":
@@ -888,15 +886,6 @@ class HFRecorder:
                 now = self._length(layer)
                 if now is None:
                     return False
-            if is_sliding:
-                if sliding is None:
-                    sliding = now
-                elif sliding != now:
-                    return False
-            elif full is None:
-                full = now
-            elif full != now:
-                return False
             w = writers.get(i)
             if w is None or w[0] != vname:
                 return False
@@ -913,14 +902,16 @@ class HFRecorder:
             ops.append((name, name, kv, by))
             added[i] = k
             start[i] = before
-        if full is None and sliding is None:
+        counts = dict.fromkeys(range(n), 1)
+        uniform = self._uniform(layers, counts, start, added)
+        if uniform is None:               # lengths disagree: reported by the full path
             return False
         with self._lock:
             st.view = view
-            ctx.counts = dict.fromkeys(range(n), 1)
+            ctx.counts = counts
             ctx.added = added
             ctx.start = start
-            ctx.uniform = (full, sliding)
+            ctx.uniform = uniform
             try:
                 q.pop_push_many(ops)
             except Exception:
